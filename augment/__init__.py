@@ -1,0 +1,1 @@
+"""Dihedral and colour augmentations of ARC tasks, and the compact augmented dataset built from them."""

@@ -1,0 +1,1 @@
+"""Kaggle ARC Prize submission files: build, validate, score."""
