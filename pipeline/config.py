@@ -118,7 +118,13 @@ def _convert(text: str, kind: Any, key: str) -> Any:
             return False
         raise ValueError(f"--set {key}: expected true/false, got {text!r}")
     if kind in (int, "int"):
-        return int(float(text)) if text.replace("e", "").replace(".", "").replace("-", "").isdigit() else int(text)
+        try:
+            return int(text)
+        except ValueError:
+            value = float(text)  # accept "1e5"
+            if not value.is_integer():
+                raise ValueError(f"--set {key}: expected an integer, got {text!r}") from None
+            return int(value)
     if kind in (float, "float"):
         return float(text)
     return text
