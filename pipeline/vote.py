@@ -1,0 +1,136 @@
+"""Rank the distinct candidate grids of every held-out test input.
+
+A selector is a plain function `selector(predictions, top_k=None) -> dict[(task_id, test_index), list[Ranked]]`
+(best first; a test input with no valid candidate is absent). All of them share one grouping step: identical
+grids of the same (task, test input) are merged into one group with its vote count and q statistics; a selector
+only decides the order of the groups.
+
+- `vote` (default, the reference's rule): most votes first; ties broken by the higher mean q.
+- `q_weighted`: highest sum of q first, i.e. each candidate votes with its confidence instead of 1; ties by votes.
+  Differs from `vote` when a popular answer is one the model itself doubts.
+- `max_q`: the group holding the single most confident candidate first; ties by votes. Trusts the halting head
+  over agreement between augmentations; mainly a diagnostic of whether q carries information.
+
+A likelihood re-scoring selector (re-run the model on each distinct group) needs the model, so it belongs in a
+module that imports it; it can reuse `group_candidates` and `rank_groups` and be added to a table at that level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline.predictions import Predictions
+
+
+@dataclass(frozen=True)
+class Ranked:
+    grid: np.ndarray  # uint8 (h, w)
+    votes: int  # number of candidates (augmentation variants) that produced this grid
+    mean_q: float  # mean sigmoid(q_halt) over those candidates
+    score: float  # the selector's primary ranking key (votes for `vote`, sum of q for `q_weighted`, ...)
+
+
+Key = tuple[str, int]  # (task id, test index)
+Selector = Callable[..., dict[Key, list[Ranked]]]
+
+
+@dataclass
+class CandidateGroups:
+    """One entry per distinct grid per (task, test input); all columns have shape (G,)."""
+
+    task: np.ndarray  # int32, index into predictions.task_ids
+    test_index: np.ndarray  # int32
+    row: np.ndarray  # int64, first candidate row holding this grid (its representative)
+    votes: np.ndarray  # int64, candidates in the group
+    q_sum: np.ndarray  # float64
+    q_max: np.ndarray  # float64
+
+    @property
+    def mean_q(self) -> np.ndarray:
+        return self.q_sum / self.votes
+
+
+def group_candidates(predictions: Predictions) -> CandidateGroups:
+    """Merge identical valid grids per (task, test input). Invalid rows are ignored.
+
+    Keys are the raw grid bytes plus the shape in a Python dict: exact (no hash collisions) and measured at
+    about 1 s per 400k candidates on one core (benchmarks/bench_vote.py), far below the model's cost.
+    """
+    rows = np.flatnonzero(predictions.valid)
+    task = predictions.task[rows].tolist()
+    test = predictions.test_index[rows].tolist()
+    height = predictions.height[rows].tolist()
+    width = predictions.width[rows].tolist()
+    start = predictions.offset[rows].tolist()
+    cells = predictions.cells.tobytes()
+    group_of: dict[tuple, int] = {}
+    first: list[int] = []  # first position (into `rows`) of each group, in creation order
+    group = np.empty(len(rows), np.int64)
+    for k in range(len(rows)):
+        h, w, s = height[k], width[k], start[k]
+        key = (task[k], test[k], h, w, cells[s : s + h * w])
+        g = group_of.get(key)
+        if g is None:
+            g = group_of[key] = len(first)
+            first.append(k)
+        group[k] = g
+    num_groups = len(first)
+    q = predictions.q[rows].astype(np.float64)
+    by_group = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[by_group], np.arange(num_groups))
+    q_max = np.maximum.reduceat(q[by_group], starts) if num_groups else np.zeros(0)
+    first_rows = rows[np.array(first, np.int64)]
+    return CandidateGroups(
+        task=predictions.task[first_rows],
+        test_index=predictions.test_index[first_rows],
+        row=first_rows.astype(np.int64),
+        votes=np.bincount(group, minlength=num_groups).astype(np.int64),
+        q_sum=np.bincount(group, weights=q, minlength=num_groups),
+        q_max=q_max,
+    )
+
+
+def rank_groups(
+    predictions: Predictions,
+    groups: CandidateGroups,
+    primary: np.ndarray,
+    secondary: np.ndarray,
+    top_k: int | None = None,
+) -> dict[Key, list[Ranked]]:
+    """Order groups within each (task, test input) by primary, then secondary (both descending), then by first
+    appearance, and return the best `top_k` (all if None) per test input."""
+    order = np.lexsort((groups.row, -secondary, -primary, groups.test_index, groups.task))
+    mean_q = groups.mean_q
+    out: dict[Key, list[Ranked]] = {}
+    for g in order.tolist():
+        key = (predictions.task_ids[groups.task[g]], int(groups.test_index[g]))
+        ranked = out.setdefault(key, [])
+        if top_k is not None and len(ranked) >= top_k:
+            continue
+        grid = predictions.grid(int(groups.row[g])).copy()
+        ranked.append(Ranked(grid=grid, votes=int(groups.votes[g]), mean_q=float(mean_q[g]), score=float(primary[g])))
+    return out
+
+
+def vote(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """The reference's rule: most votes first, ties broken by mean q."""
+    groups = group_candidates(predictions)
+    return rank_groups(predictions, groups, groups.votes.astype(np.float64), groups.mean_q, top_k)
+
+
+def q_weighted(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """Each candidate votes with its q: highest sum of q first, ties by vote count."""
+    groups = group_candidates(predictions)
+    return rank_groups(predictions, groups, groups.q_sum, groups.votes.astype(np.float64), top_k)
+
+
+def max_q(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """The group holding the most confident single candidate first, ties by vote count."""
+    groups = group_candidates(predictions)
+    return rank_groups(predictions, groups, groups.q_max, groups.votes.astype(np.float64), top_k)
+
+
+SELECTORS: dict[str, Selector] = {"vote": vote, "q_weighted": q_weighted, "max_q": max_q}
+DEFAULT_SELECTOR = "vote"

@@ -1,0 +1,220 @@
+"""Score a submission against known solutions, the way Kaggle and the ARC Prize / TRM paper do.
+
+Two averages, which differ whenever tasks have several test inputs:
+- over test outputs (the Kaggle leaderboard figure): right test outputs / all test outputs;
+- per task (the ARC Prize / paper convention): each task scores the fraction of its test outputs solved, averaged
+  over tasks.
+A test output is solved at pass@2 when either attempt equals the truth exactly, at pass@1 when attempt_1 does.
+Tasks missing from the submission, and malformed attempts, score as wrong (and are named).
+
+With the candidate store the oracle figure shows what a perfect selector would reach (the right grid is among the
+valid candidates), and the rank of the right grid under the default selector: oracle - pass@2 is the cost of voting.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.data import Task
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.predictions import Predictions
+from pipeline.vote import SELECTORS, Selector, vote
+from submissions.write import build_submission
+
+
+@dataclass
+class TaskScore:
+    task_id: str
+    n_test: int
+    solved: int  # test outputs right at pass@2
+    solved_attempt_1: int  # test outputs right with attempt_1 alone
+    oracle: int | None  # test outputs whose truth is among the valid candidates (None: no predictions given)
+    truth_rank: list[int | None] | None  # per test output: 1-based rank of the truth under the selector, None if absent
+    missing: bool  # the task is absent from the submission
+
+    @property
+    def score(self) -> float:
+        return self.solved / self.n_test
+
+
+@dataclass
+class ScoreReport:
+    num_tasks: int
+    num_test_outputs: int
+    kaggle_score: float  # pass@2 over test outputs
+    task_score: float  # pass@2, per-task average
+    pass1_score: float  # attempt_1 only, over test outputs
+    pass1_task_score: float  # attempt_1 only, per-task average
+    tasks_solved: int  # tasks with every test output right at pass@2
+    missing_tasks: list[str] = field(default_factory=list)  # scored as wrong
+    extra_tasks: list[str] = field(default_factory=list)  # in the submission but without solutions; not scored
+    malformed: list[str] = field(default_factory=list)  # attempts that are not grids (scored as wrong)
+    oracle_score: float | None = None  # truth among candidates, over test outputs
+    oracle_task_score: float | None = None  # same, per-task average
+    rows: list[TaskScore] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows"] = [dict(asdict(r), score=r.score) for r in self.rows]
+        return out
+
+
+def _as_grid(obj: Any) -> np.ndarray | None:
+    """A submitted attempt as an int grid, or None when it is not a rectangular 2-D grid of numbers."""
+    if not isinstance(obj, list) or not obj or not all(isinstance(row, list) for row in obj):
+        return None
+    try:
+        grid = np.array(obj)
+    except (ValueError, TypeError):
+        return None
+    if grid.ndim != 2 or grid.size == 0 or grid.dtype.kind not in "iu":
+        return None
+    return grid
+
+
+def _same(a: np.ndarray | None, b: np.ndarray) -> bool:
+    return a is not None and a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+def _truth_ranks(
+    predictions: Predictions, solutions: Mapping[str, Sequence[np.ndarray]], selector: Selector
+) -> dict[tuple[str, int], int | None]:
+    ranked = selector(predictions)
+    ranks: dict[tuple[str, int], int | None] = {}
+    for task_id, outputs in solutions.items():
+        for i, truth in enumerate(outputs):
+            truth = np.asarray(truth)
+            ranks[(task_id, i)] = next(
+                (k + 1 for k, r in enumerate(ranked.get((task_id, i), ())) if _same(r.grid, truth)), None
+            )
+    return ranks
+
+
+def score_submission(
+    submission: Mapping[str, Any],
+    solutions: Mapping[str, Sequence[np.ndarray]],
+    predictions: Predictions | None = None,
+    selector: Selector = vote,
+) -> ScoreReport:
+    """Score every task of `solutions`; `predictions` (optional) adds the oracle and truth ranks under `selector`."""
+    ranks = _truth_ranks(predictions, solutions, selector) if predictions is not None else None
+    rows: list[TaskScore] = []
+    missing: list[str] = []
+    malformed: list[str] = []
+    for task_id, outputs in solutions.items():
+        entries = submission.get(task_id)
+        is_missing = not isinstance(entries, list)
+        if is_missing:
+            missing.append(task_id)
+            entries = []
+        solved = solved_1 = 0
+        for i, truth in enumerate(outputs):
+            truth = np.asarray(truth)
+            entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}
+            if not is_missing and not entry:
+                malformed.append(f"task {task_id} test {i}: no entry")
+            attempts = []
+            for key in ("attempt_1", "attempt_2"):
+                grid = _as_grid(entry.get(key))
+                if grid is None and entry:
+                    malformed.append(f"task {task_id} test {i} {key}: not a grid")
+                attempts.append(grid)
+            right_1 = _same(attempts[0], truth)
+            solved_1 += right_1
+            solved += right_1 or _same(attempts[1], truth)
+        task_ranks = [ranks[(task_id, i)] for i in range(len(outputs))] if ranks is not None else None
+        rows.append(
+            TaskScore(
+                task_id=task_id,
+                n_test=len(outputs),
+                solved=solved,
+                solved_attempt_1=solved_1,
+                oracle=sum(r is not None for r in task_ranks) if task_ranks is not None else None,
+                truth_rank=task_ranks,
+                missing=is_missing,
+            )
+        )
+    num_outputs = sum(r.n_test for r in rows)
+    report = ScoreReport(
+        num_tasks=len(rows),
+        num_test_outputs=num_outputs,
+        kaggle_score=sum(r.solved for r in rows) / num_outputs if num_outputs else 0.0,
+        task_score=_mean([r.score for r in rows]),
+        pass1_score=sum(r.solved_attempt_1 for r in rows) / num_outputs if num_outputs else 0.0,
+        pass1_task_score=_mean([r.solved_attempt_1 / r.n_test for r in rows]),
+        tasks_solved=sum(r.solved == r.n_test for r in rows),
+        missing_tasks=missing,
+        extra_tasks=sorted(t for t in submission if t not in solutions),
+        malformed=malformed,
+        rows=rows,
+    )
+    if ranks is not None:
+        report.oracle_score = sum(r.oracle for r in rows) / num_outputs if num_outputs else 0.0
+        report.oracle_task_score = _mean([r.oracle / r.n_test for r in rows])
+    return report
+
+
+def compare_selectors(
+    predictions: Predictions,
+    tasks: Sequence[Task],
+    solutions: Mapping[str, Sequence[np.ndarray]],
+    selectors: Mapping[str, Selector] = SELECTORS,
+) -> dict[str, ScoreReport]:
+    """Score the submission each selector would make from the same candidates (which rule to ship?)."""
+    reports = {}
+    for name, selector in selectors.items():
+        ranked = selector(predictions, top_k=2)
+        submission, _ = build_submission(tasks, ranked)
+        reports[name] = score_submission(submission, solutions, predictions, selector=selector)
+    return reports
+
+
+CSV_COLUMNS = ("task_id", "n_test", "solved", "solved_attempt_1", "score", "oracle", "truth_rank", "missing")
+
+
+def per_task_csv(report: ScoreReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in report.rows:
+        rank = "" if r.truth_rank is None else ";".join("-" if k is None else str(k) for k in r.truth_rank)
+        oracle = "" if r.oracle is None else r.oracle
+        writer.writerow([r.task_id, r.n_test, r.solved, r.solved_attempt_1, f"{r.score:.4f}", oracle, rank, int(r.missing)])
+    return buffer.getvalue()
+
+
+def write_score(report: ScoreReport, out_dir: str | os.PathLike) -> None:
+    """score.json (everything) and score_per_task.csv (one row per task, truth ranks joined by ';')."""
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "score.json", report.to_json())
+    atomic_write_text(out_dir / "score_per_task.csv", per_task_csv(report))
+
+
+def format_score(report: ScoreReport) -> str:
+    """A short table for the terminal."""
+    lines = [
+        f"{report.num_tasks} tasks, {report.num_test_outputs} test outputs, {report.tasks_solved} tasks fully solved",
+        f"{'':24}{'test outputs':>14}{'per task':>10}",
+        f"{'pass@2 (submission)':24}{report.kaggle_score:>14.4f}{report.task_score:>10.4f}",
+        f"{'pass@1 (attempt_1)':24}{report.pass1_score:>14.4f}{report.pass1_task_score:>10.4f}",
+    ]
+    if report.oracle_score is not None:
+        lines.append(f"{'oracle (any candidate)':24}{report.oracle_score:>14.4f}{report.oracle_task_score:>10.4f}")
+    if report.missing_tasks:
+        shown = ", ".join(report.missing_tasks[:8]) + (" ..." if len(report.missing_tasks) > 8 else "")
+        lines.append(f"missing tasks (scored wrong): {len(report.missing_tasks)}: {shown}")
+    if report.malformed:
+        lines.append(f"malformed attempts (scored wrong): {len(report.malformed)}, e.g. {report.malformed[0]}")
+    if report.extra_tasks:
+        lines.append(f"tasks without solutions (not scored): {len(report.extra_tasks)}")
+    return "\n".join(lines)
