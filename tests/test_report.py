@@ -1,0 +1,65 @@
+import json
+import re
+
+import numpy as np
+
+from pipeline.data import Task
+from submissions.report import PALETTE, grid_svg, read_metrics, write_report
+from submissions.score import score_submission
+
+
+def _tasks():
+    rng = np.random.default_rng(0)
+    return [
+        Task(f"task{k:03d}", [], [rng.integers(0, 10, (3, 4), dtype=np.uint8)], [rng.integers(0, 10, (2, 2), dtype=np.uint8)], "x")
+        for k in range(5)
+    ]
+
+
+def test_grid_svg_draws_every_colour_run():
+    g = np.array([[0, 0, 3], [4, 4, 4]])
+    svg = grid_svg(g)
+    assert svg.startswith("<svg") and 'viewBox="0 0 3 2"' in svg
+    assert PALETTE[3] in svg and PALETTE[4] in svg
+    # 4 is the commonest colour: it is the background rect; the other runs are paths.
+    assert f'<rect width="3" height="2" fill="{PALETTE[4]}"/>' in svg
+    assert f'<path fill="{PALETTE[0]}" d="M0 0h2v1h-2z"/>' in svg and f'<path fill="{PALETTE[3]}" d="M2 0h1v1h-1z"/>' in svg
+    assert "M0 1h3v1h-3z" not in svg
+    assert "not a grid" in grid_svg([[1, 2], [3]]) and "not a grid" in grid_svg("x")
+
+
+def test_read_metrics_skips_broken_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1 / (s + 1), "exact_accuracy": s / 10, "tag": "x", "flag": True}) for s in range(10)]
+    path.write_text("\n".join(lines) + '\n{"step": 10, "lo')
+    series, skipped = read_metrics(path)
+    assert set(series) == {"loss", "exact_accuracy"} and len(series["loss"]) == 10 and skipped == 1
+
+
+def test_write_report(tmp_path):
+    tasks = _tasks()
+    truths = {t.id: t.test_outputs for t in tasks}
+    submission = {t.id: [{"attempt_1": t.test_outputs[0].tolist(), "attempt_2": [[0]]}] for t in tasks[:3]}
+    submission["task003"] = [{"attempt_1": [[1]], "attempt_2": [[2]]}]  # wrong; task004 missing
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 2.0 - s / 100}) + "\n" for s in range(3000)))
+    path = tmp_path / "report.html"
+    write_report(path, tasks, submission, truths, score_submission(submission, truths), metrics)
+    page = path.read_text()
+    for t in tasks:
+        assert f'id="t-{t.id}"' in page
+    # per task: test input + 2 attempts + truth, except the missing task (input + truth); + grid-line defs + 1 curve
+    assert page.count("<svg") == 4 * 4 + 2 + 1 + 1
+    assert page.count('<div class="task ok"') == 3 and page.count('<div class="task bad"') == 2
+    assert "missing from submission" in page and "0.6000" in page  # 3 of 5 solved
+    assert "<polyline" in page and "loss" in page
+    points = re.search(r'<polyline[^>]*points="([^"]*)"', page).group(1).split()
+    assert len(points) <= 1500
+
+
+def test_report_without_truth(tmp_path):
+    tasks = [Task("hidden", [], [np.zeros((2, 2), np.uint8)], None, "x")]
+    path = tmp_path / "r.html"
+    write_report(path, tasks, {"hidden": [{"attempt_1": [[1]], "attempt_2": [[1]]}]})
+    page = path.read_text()
+    assert 'class="task unk"' in page and page.count("<svg") == 1 + 3
