@@ -1,0 +1,389 @@
+"""Optimisers, weight averaging and the learning-rate schedule used to train TRM-Att.
+
+Four pieces, each matching what the TRM reference trains with:
+
+* `AdamAtan2` — the dense-weight optimiser. The reference installs the `adam-atan2` package from PyPI
+  (v0.0.3, a compiled CUDA extension); this is the same update in plain torch so that it also runs on CPU.
+* `SignSGD` — the sparse update of the puzzle-embedding table (a buffer with up to ~1.3M rows), which
+  touches only the rows a batch used and keeps no per-row optimiser state.
+* `EMA` — a float32 exponential moving average of the dense parameters, evaluated in place of the weights.
+* `lr_at` — linear warm-up, then constant or cosine decay.
+
+AdamAtan2, exactly (what the published package computes; checked against its source, adam_atan2-0.0.3,
+csrc/adam_atan2.cu and its own consistency test). At step t = 1, 2, ... for every parameter p with gradient g:
+
+    p ← p · (1 − lr·wd)                                   decoupled weight decay, on the pre-update weight
+    m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+    p ← p − a · lr / (1 − β1^t) · atan2(m, b · √v / √(1 − β2^t))
+
+with a = b = 1 (the package has no a/b arguments: they are implicitly 1). Note where the first-moment bias
+correction sits: it scales the step *outside* atan2, like torch's Adam folds it into its step size. The
+paper that proposed Adam-atan2 ("Scaling Exponents Across Parameterizations and Optimizers", Everett et al.
+2024, arXiv 2407.05872) writes the update as a · atan2(m̂, b·√v̂) with m̂ = m/(1 − β1^t) *inside* atan2 and
+a = 1.27, b = 1 (also the defaults of the separate `adam-atan2-pytorch` package); `first_moment_correction=
+"inside"` with `a=1.27` gives that form. The two agree once β1^t ≈ 0 (a few dozen steps) except for the
+constant a; they differ in the first steps (the package form's step can reach lr·π/2/(1 − β1^t)).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "AdamAtan2",
+    "SignSGD",
+    "sign_sgd_update_",
+    "EMA",
+    "lr_at",
+    "build_dense_optimizer",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AdamAtan2
+# ---------------------------------------------------------------------------------------------------------
+
+class AdamAtan2(torch.optim.Optimizer):
+    """Adam with atan2(m, √v) in place of m / (√v + ε): no ε, and each coordinate moves at most a·lr·π/2.
+
+    Defaults are the ones TRM trains with (lr 1e-4, betas (0.9, 0.95), weight decay 0.1); the update itself
+    is the published package's (see the module docstring). `lr` is a plain float in `param_groups[i]["lr"]`
+    that a scheduler may overwrite before every step. State per parameter: `step` (int), `exp_avg` and
+    `exp_avg_sq` (tensors shaped and typed like the parameter).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        a: float = 1.0,
+        b: float = 1.0,
+        first_moment_correction: Literal["step_size", "inside"] = "step_size",
+    ) -> None:
+        _check_float("lr", lr, minimum=0.0)
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamAtan2: betas must lie in [0, 1), got {betas}")
+        _check_float("weight_decay", weight_decay, minimum=0.0)
+        _check_float("a", a, minimum=0.0)
+        _check_float("b", b, minimum=0.0)
+        if first_moment_correction not in ("step_size", "inside"):
+            raise ValueError(
+                f"AdamAtan2: first_moment_correction must be 'step_size' or 'inside', got {first_moment_correction!r}"
+            )
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b,
+                        first_moment_correction=first_moment_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("AdamAtan2: param_groups[...]['lr'] must be a Python float, not a tensor")
+        beta1, beta2 = group["betas"]
+        weight_decay, a, b = group["weight_decay"], group["a"], group["b"]
+
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        exp_avgs: list[torch.Tensor] = []
+        exp_avg_sqs: list[torch.Tensor] = []
+        steps: list[int] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamAtan2 does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = int(state["step"]) + 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+        # denominators b·√v̂, turned in place into the atan2 directions below
+        directions = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_mul_(directions, [b / math.sqrt(1.0 - beta2 ** t) for t in steps])
+        if group["first_moment_correction"] == "inside":
+            numerators = torch._foreach_mul(exp_avgs, [1.0 / (1.0 - beta1 ** t) for t in steps])
+            step_sizes = [a * lr for _ in steps]
+        else:
+            numerators = exp_avgs
+            step_sizes = [a * lr / (1.0 - beta1 ** t) for t in steps]
+        for numerator, direction in zip(numerators, directions):
+            torch.atan2(numerator, direction, out=direction)  # atan2(0, 0) = 0: a zero state never NaNs
+        torch._foreach_mul_(directions, [-s for s in step_sizes])
+        torch._foreach_add_(params, directions)
+
+
+def _check_float(name: str, value: float, minimum: float) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite Python number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def build_dense_optimizer(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    name: Literal["adam_atan2", "adamw"] = "adam_atan2",
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.1,
+) -> torch.optim.Optimizer:
+    """The optimiser for every dense weight: the reference's AdamAtan2, or torch's AdamW for comparison."""
+    if name == "adam_atan2":
+        return AdamAtan2(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"unknown dense optimizer {name!r}; expected 'adam_atan2' or 'adamw'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SignSGD for the puzzle-embedding table
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sign_sgd_update_(
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grads: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+) -> torch.Tensor:
+    """Apply w ← w·(1 − lr·wd) − lr·sign(Σ g) to the rows named in `ids`, in place; return those unique ids.
+
+    weights: (N, D) the embedding table. ids: (B,) integer row per gradient row (repeats allowed: the
+    gradients of a repeated id are summed before the sign). grads: (B, D). Rows not in `ids` are left
+    exactly as they are, not even decayed — that is what makes the update sparse.
+    """
+    if weights.ndim != 2:
+        raise ValueError(f"SignSGD: the table must be (N, D), got shape {tuple(weights.shape)}")
+    if ids.ndim != 1 or grads.ndim != 2 or grads.shape != (ids.shape[0], weights.shape[1]):
+        raise ValueError(
+            f"SignSGD: expected ids (B,) and grads (B, {weights.shape[1]}), "
+            f"got ids {tuple(ids.shape)} and grads {tuple(grads.shape)}"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"SignSGD: ids must be integers, got {ids.dtype}")
+    if ids.numel() == 0:
+        return ids.new_empty(0, dtype=torch.long)
+    ids = ids.to(device=weights.device, dtype=torch.long)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= weights.shape[0]:
+        raise IndexError(f"SignSGD: puzzle identifiers must lie in [0, {weights.shape[0]}), got min {low} max {high}")
+
+    unique_ids, position = torch.unique(ids, return_inverse=True)
+    summed = torch.zeros(unique_ids.shape[0], weights.shape[1], dtype=torch.float32, device=weights.device)
+    summed.index_add_(0, position, grads.to(device=weights.device, dtype=torch.float32))
+    rows = weights.index_select(0, unique_ids)
+    rows.mul_(1.0 - lr * weight_decay).sub_(torch.sign(summed).to(rows.dtype), alpha=lr)
+    weights.index_copy_(0, unique_ids, rows)
+    return unique_ids
+
+
+class SignSGD:
+    """Sparse SignSGD with decoupled weight decay for the puzzle-embedding table (defaults lr 1e-2, wd 0.1).
+
+    The table is a buffer, not a Parameter, so this is not a torch Optimizer: each step is handed the batch's
+    identifiers and the gradient of the embedding rows the model looked up. With torch.distributed running
+    and more than one process, every process's (ids, grads) are all-gathered first, so every process applies
+    the identical update to its own copy of the table; every process must pass the same number of rows.
+
+    Identifier 0 (the blank row) gets no special case, as in the reference: if it appears in a batch it is
+    decayed and moved like any other row.
+
+    `param_groups` (one group holding lr and weight_decay) mirrors torch optimisers so that the same
+    scheduler loop can set the learning rate of every optimiser; there is no other state.
+    """
+
+    def __init__(self, weights: torch.Tensor, lr: float = 1e-2, weight_decay: float = 0.1) -> None:
+        if weights.ndim != 2:
+            raise ValueError(f"SignSGD: the table must be (N, D), got shape {tuple(weights.shape)}")
+        _check_float("lr", lr, minimum=0.0)
+        _check_float("weight_decay", weight_decay, minimum=0.0)
+        self.weights = weights
+        self.param_groups: list[dict[str, float]] = [{"lr": float(lr), "weight_decay": float(weight_decay)}]
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["weight_decay"]
+
+    @torch.no_grad()
+    def step(self, local_ids: torch.Tensor, local_grads: torch.Tensor,
+             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Update the rows of this step's batch (gathered over all processes); return the unique ids touched.
+
+        local_ids: (B,) this process's puzzle identifiers. local_grads: (B, D) their embedding gradients.
+        """
+        ids, grads = local_ids, local_grads
+        world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if world_size > 1:
+            ids = _all_gather_rows(local_ids.contiguous(), world_size, group)
+            grads = _all_gather_rows(local_grads.contiguous(), world_size, group)
+        return sign_sgd_update_(self.weights, ids, grads, self.lr, self.weight_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"param_groups": [dict(g) for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = state.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != 1 or set(groups[0]) != {"lr", "weight_decay"}:
+            raise ValueError(f"SignSGD.load_state_dict: expected one group with lr and weight_decay, got {state!r}")
+        self.param_groups = [{"lr": float(groups[0]["lr"]), "weight_decay": float(groups[0]["weight_decay"])}]
+
+
+def _all_gather_rows(local: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every process's tensor along dim 0, in rank order (same shape required everywhere)."""
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EMA of the dense weights
+# ---------------------------------------------------------------------------------------------------------
+
+class EMA:
+    """A float32 moving average of a module's weights: shadow ← decay·shadow + (1 − decay)·weight per update.
+
+    Tracks the parameters that require grad (as the reference does); floating-point buffers too when
+    `include_buffers` is set. The shadow starts as a copy of the weights and lives on their device. Pass the
+    plain module (not a DDP / torch.compile wrapper, whose names carry a prefix).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, include_buffers: bool = False) -> None:
+        _check_float("decay", decay, minimum=0.0)
+        if decay > 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.include_buffers = include_buffers
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            name: tensor.detach().to(torch.float32, copy=True) for name, tensor in self._tracked(model)
+        }
+
+    def _tracked(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        tracked = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self.include_buffers:
+            tracked += [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+        return tracked
+
+    def _matched(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tracked = self._tracked(model)
+        names = [name for name, _ in tracked]
+        if set(names) != set(self.shadow):
+            missing = sorted(set(self.shadow) - set(names))[:5]
+            extra = sorted(set(names) - set(self.shadow))[:5]
+            raise ValueError(f"EMA: module does not match the averaged weights (missing {missing}, unexpected {extra})")
+        return [self.shadow[name] for name in names], [t for _, t in tracked]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the module's current weights into the average (call after every optimiser step)."""
+        shadows, weights = self._matched(model)
+        weights = [w.detach().to(device=s.device, dtype=torch.float32) for s, w in zip(shadows, weights)]
+        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the module's weights with the average (for good: see `swap` to get them back)."""
+        shadows, weights = self._matched(model)
+        for shadow, weight in zip(shadows, weights):
+            weight.copy_(shadow)
+
+    @contextmanager
+    def swap(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Evaluate with the averaged weights inside the block; the trained weights come back on exit."""
+        _, weights = self._matched(model)
+        with torch.no_grad():
+            saved = [w.detach().clone() for w in weights]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for weight, original in zip(weights, saved):
+                    weight.copy_(original)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "include_buffers": self.include_buffers,
+                "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shadow = state.get("shadow")
+        if not isinstance(shadow, dict) or set(shadow) != set(self.shadow):
+            got = sorted(shadow)[:5] if isinstance(shadow, dict) else type(shadow).__name__
+            raise ValueError(f"EMA.load_state_dict: saved weights do not match this model (got {got} ...)")
+        for name, tensor in shadow.items():
+            if tensor.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA.load_state_dict: {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(self.shadow[name].shape)}")
+            self.shadow[name].copy_(tensor)
+        self.decay = float(state["decay"])
+        self.include_buffers = bool(state.get("include_buffers", self.include_buffers))
+        self.num_updates = int(state.get("num_updates", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------------------
+
+def lr_at(
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 1.0,
+    schedule: Literal["constant", "cosine"] = "cosine",
+) -> float:
+    """The learning rate for optimiser step `step` (1 for the first update, as the reference counts).
+
+    Linear warm-up base_lr·step/warmup_steps, then `cosine`: base_lr·(min_ratio + (1 − min_ratio)·½(1 +
+    cos(π·progress))) with progress = (step − warmup)/(total − warmup), held at the floor past total_steps;
+    or `constant`: base_lr. The reference's "cosine with lr_min_ratio 1.0" is therefore constant.
+    """
+    if step < 0 or warmup_steps < 0 or total_steps < 0:
+        raise ValueError(f"lr_at: step, warmup_steps and total_steps must be >= 0, got {step}, {warmup_steps}, {total_steps}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"lr_at: min_ratio must be in [0, 1], got {min_ratio}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_at: schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant":
+        return float(base_lr)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_ratio + max(0.0, (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))))
