@@ -41,16 +41,16 @@ def _is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _rot90(x: Any, k: int) -> Any:
-    if _is_torch(x):
-        return x.rot90(k, dims=(-2, -1))
-    return np.rot90(x, k, axes=(-2, -1))
+def dihedral_view(grid: np.ndarray, tid: int) -> np.ndarray:
+    """Dihedral transform `tid` of the last two axes of a numpy array, as a view (no copy, no checks).
 
-
-def _flip(x: Any, axis: int) -> Any:
-    if _is_torch(x):
-        return x.flip(axis)
-    return np.flip(x, axis)
+    Cheap enough to call thousands of times while building a dataset; do not write into the result."""
+    if tid == 0:
+        return grid
+    if tid in (2, 4, 5):
+        return grid[..., ::-1, ::-1] if tid == 2 else grid[..., :, ::-1] if tid == 4 else grid[..., ::-1, :]
+    t = np.swapaxes(grid, -1, -2)
+    return t[..., ::-1, :] if tid == 1 else t[..., :, ::-1] if tid == 3 else t if tid == 6 else t[..., ::-1, ::-1]
 
 
 def dihedral(grid: Any, tid: int) -> Any:
@@ -58,23 +58,21 @@ def dihedral(grid: Any, tid: int) -> Any:
 
     numpy input gives a contiguous copy (never a view that could alias the caller's array); torch gives a tensor.
     """
-    if tid == 0:
-        out = grid
-    elif tid in (1, 2, 3):
-        out = _rot90(grid, tid)
-    elif tid == 4:
-        out = _flip(grid, -1)
-    elif tid == 5:
-        out = _flip(grid, -2)
-    elif tid == 6:
-        out = grid.transpose(-2, -1) if _is_torch(grid) else np.swapaxes(grid, -2, -1)
-    elif tid == 7:
-        out = _flip(_rot90(grid, 1), -1)
-    else:
+    if not (isinstance(tid, (int, np.integer)) and 0 <= tid < NUM_DIHEDRAL):
         raise ValueError(f"dihedral id must be 0..7, got {tid!r}")
-    if _is_torch(out):
-        return out.contiguous() if tid else out.clone()
-    return np.ascontiguousarray(out) if tid else np.array(out, copy=True)
+    if not _is_torch(grid):
+        return np.array(dihedral_view(np.asarray(grid), int(tid)), copy=True, order="C")
+    if tid == 0:
+        return grid.clone()
+    if tid in (1, 2, 3):
+        return grid.rot90(int(tid), dims=(-2, -1)).contiguous()
+    if tid == 4:
+        return grid.flip(-1)
+    if tid == 5:
+        return grid.flip(-2)
+    if tid == 6:
+        return grid.transpose(-2, -1).contiguous()
+    return grid.rot90(1, dims=(-2, -1)).flip(-1)
 
 
 def transformed_shape(h: int, w: int, tid: int) -> tuple[int, int]:
