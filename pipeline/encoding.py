@@ -145,7 +145,7 @@ def encode_many(
     index = (np.arange(n, dtype=np.int64) * 12)[:, None, None] + value
     if out is None:
         out = np.empty((n, canvas * canvas), dtype=np.int32)
-    np.take(table.reshape(-1), index.reshape(n, -1), out=out)
+    np.take(table.reshape(-1), index.reshape(n, canvas * canvas), out=out)
     return out
 
 
