@@ -21,7 +21,8 @@ G = lambda rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 @pytest.fixture(scope="module")
 def arc_tasks() -> list[Task]:
     tasks = load_tasks("arc-agi-1/training").tasks
-    return tasks[:6]
+    # the first few, plus three whose training pairs are augmentations of one another
+    return tasks[:6] + [t for t in tasks if t.id in ("0d3d703e", "a9f96cdd", "dc433765")]
 
 
 def symmetric_tasks() -> list[Task]:
@@ -33,28 +34,38 @@ def symmetric_tasks() -> list[Task]:
         Task("flip_is_swap", [(G([[1, 2]]), G([[2, 1]]))], [G([[1, 2]])], [G([[2, 1]])], "synthetic"),
         # fully symmetric, two colours, background 0 present
         Task("cross", [(G([[0, 5, 0], [5, 7, 5], [0, 5, 0]]), G([[7]]))], [G([[5]])], None, "synthetic"),
-        # only the background colour: every variant is the original
+        # the second pair is the first with colours 1 and 2 swapped: swapping them only reorders the pairs
+        Task("pair_swap", [(G([[1, 2]]), G([[1]])), (G([[2, 1]]), G([[2]]))], [G([[1, 2]])], None, "synthetic"),
+        # only the background colour
         Task("blank", [(G([[0, 0], [0, 0]]), G([[0]]))], [G([[0, 0]])], [G([[0]])], "synthetic"),
     ]
 
 
-def _visible(task: Task, is_eval: bool) -> list[np.ndarray]:
-    grids = [g for pair in task.train for g in pair] + list(task.test_inputs)
-    return grids + ([] if is_eval else list(task.test_outputs or []))
+def _seen_by_model(task: Task, is_eval: bool) -> tuple[list, list]:
+    """(training pairs, held-out test inputs): what deduplication compares."""
+    pairs = list(task.train)
+    if not is_eval and task.test_outputs is not None:
+        pairs += list(zip(task.test_inputs, task.test_outputs))
+    return pairs, (list(task.test_inputs) if is_eval else [])
 
 
-def _brute_force(grids: list[np.ndarray], num_aug: int, seed: int) -> list[tuple[int, tuple[int, ...]]]:
-    """The reference's procedure, literally: materialise each candidate, keep it if no kept puzzle equals it."""
+def _content(pairs: list, held_out: list, aug: Augmentation) -> tuple:
+    def b(g):
+        a = aug.apply(g)
+        return bytes(a.shape) + a.tobytes()
 
-    def materialise(aug: Augmentation) -> bytes:
-        return b"".join(np.array(aug.apply(g).shape).tobytes() + aug.apply(g).tobytes() for g in grids)
+    return tuple(sorted(b(i) + b(o) for i, o in pairs)), tuple(b(g) for g in held_out)
 
+
+def _brute_force(pairs: list, held_out: list, num_aug: int, seed: int) -> list[tuple[int, tuple[int, ...]]]:
+    """The reference's procedure, literally: materialise each draw, keep it if no kept puzzle has the same
+    set of training pairs (and the same held-out inputs)."""
     tids, colours = _draw_candidates(RETRIES_FACTOR * num_aug, np.random.default_rng(seed))
-    seen = {materialise(Augmentation.identity())}
+    seen = {_content(pairs, held_out, Augmentation.identity())}
     kept = []
     for t, c in zip(tids, colours):
         aug = Augmentation(int(t), tuple(c.tolist()))
-        key = materialise(aug)
+        key = _content(pairs, held_out, aug)
         if key not in seen:
             seen.add(key)
             kept.append((aug.dihedral, aug.colours))
@@ -67,10 +78,10 @@ def _brute_force(grids: list[np.ndarray], num_aug: int, seed: int) -> list[tuple
 def test_dedup_matches_brute_force(arc_tasks, num_aug):
     for task in arc_tasks + symmetric_tasks():
         for is_eval in (False, True):
-            grids = _visible(task, is_eval)
-            tids, colours = _draw_variants(grids, num_aug, np.random.default_rng(7))
+            pairs, held_out = _seen_by_model(task, is_eval)
+            tids, colours = _draw_variants(pairs, held_out, num_aug, np.random.default_rng(7))
             got = [(int(t), tuple(c.tolist())) for t, c in zip(tids, colours)]
-            assert got == _brute_force(grids, num_aug, 7), task.id
+            assert got == _brute_force(pairs, held_out, num_aug, 7), task.id
 
 
 def test_symmetric_puzzles_fall_short_exactly():
@@ -87,20 +98,28 @@ def test_symmetric_puzzles_fall_short_exactly():
         assert len(variants) == 1 + short.get(task.id, 100)
         seen = set()
         for v in variants:
-            aug = ds.augmentation(int(v))
-            grids = [aug.apply(g) for g in _visible(task, task.id == "cross")]
-            key = b"".join(g.tobytes() + bytes(g.shape) for g in grids)
+            key = _content(*_seen_by_model(task, task.id == "cross"), ds.augmentation(int(v)))
             assert key not in seen
             seen.add(key)
         assert ds.augmentation(int(variants[0])).is_identity
+
+
+def test_reordered_pairs_count_as_equal():
+    pairs, held_out = _seen_by_model(symmetric_tasks()[2], is_eval=False)
+    tids, colours = _draw_variants(pairs, held_out, 400, np.random.default_rng(0))
+    kept = {(int(t), tuple(c.tolist())) for t, c in zip(tids, colours)}
+    swap = (0, 2, 1, 3, 4, 5, 6, 7, 8, 9)
+    assert len(kept) > 0 and (0, swap) not in kept
+    # by hand: row images (t in 0,2,4,5) of {([[a,b]],[[a]]), ([[b,a]],[[b]])} are fixed by the unordered {a, b}
+    # (36 sets), likewise columns: 72 distinct puzzles, 71 besides the original
+    assert len(kept) == 71
 
 
 def test_flip_is_swap_count_by_hand():
     # Colours {1, 2}; a candidate is (t, s(1), s(2)): 8 * 72. A 1-row grid under t in {0, 2, 4, 5} stays a row,
     # either as is or reversed, and reversing [[1,2]] is the same as swapping the colours; likewise columns under
     # {1, 3, 6, 7}. So the distinct puzzles are 72 rows + 72 columns = 144, i.e. 143 besides the original.
-    grids = _visible(symmetric_tasks()[1], is_eval=False)
-    tids, _ = _draw_variants(grids, 400, np.random.default_rng(0))
+    tids, _ = _draw_variants(*_seen_by_model(symmetric_tasks()[1], is_eval=False), 400, np.random.default_rng(0))
     assert len(tids) == 143
 
 
