@@ -24,12 +24,14 @@ Accepted reference prefixes: "inner." (the ACT model itself), "model.inner." (it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from pipeline.model import ModelConfig, TRM
+from pipeline.io import atomic_write_with
+from pipeline.model import TRM, Carry, ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference key names
@@ -181,3 +183,163 @@ def load_reference_state_dict(
             raise ValueError(f"on_puzzle_mismatch must be 'error', 'resize' or 'keep_model', not {on_puzzle_mismatch!r}")
     model.load_state_dict(ours, strict=True)
     return ReferenceLoadReport(ckpt_rows, model_rows, action)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training checkpoints: one file per checkpoint (`checkpoints/step_00001000.pt`), written atomically, holding
+# everything a resumed run needs to continue exactly: weights, EMA, both optimizers, the sampler position,
+# the ACT carry of every row of the global batch, the RNG states, the step and the resolved config.
+# ---------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PATTERN = "step_*.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).stem.split("_", 1)[1])
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.glob(CHECKPOINT_PATTERN):
+        try:
+            checkpoint_step(p)
+        except (IndexError, ValueError):
+            continue
+        found.append(p)
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_training_state(path: str | Path, state: dict[str, Any], keep: int = 2) -> None:
+    """Write atomically, then drop all but the newest `keep` checkpoints (0 keeps all)."""
+    path = Path(path)
+    atomic_write_with(path, lambda f: torch.save(state, f))
+    if keep > 0:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Sum gradients over processes with one collective on a flat buffer."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+def gather_carries(carries: list[Carry], gather_rows: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """The ACT carry of the whole global batch (rows in global order: process-major, then micro-batch), on CPU."""
+    def field(get: Callable[[Carry], Tensor]) -> Tensor:
+        return gather_rows(torch.cat([get(c) for c in carries])).cpu()
+
+    out = {name: field(lambda c, n=name: getattr(c, n)) for name in ("z_H", "z_L", "steps", "halted")}
+    for key in carries[0].current_data:
+        out["data." + key] = field(lambda c, k=key: c.current_data[k])
+    return out
+
+
+def carries_from_state(
+    state: dict[str, Tensor], rank: int, world: int, micro_batches: int, device: torch.device | str
+) -> list[Carry]:
+    """This process's micro-batch carries, cut from a saved global carry (any split of the same global batch)."""
+    rows = state["halted"].shape[0]
+    local = rows // world
+    carries = []
+    for i in range(micro_batches):
+        lo = rank * local + i * (local // micro_batches)
+        sl = slice(lo, lo + local // micro_batches)
+        data = {k[5:]: v[sl].to(device) for k, v in state.items() if k.startswith("data.")}
+        carries.append(Carry(state["z_H"][sl].to(device), state["z_L"][sl].to(device), state["steps"][sl].to(device),
+                             state["halted"][sl].to(device), data))
+    return carries
+
+
+def _dense_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
+    """Our checkpoint's model state, with the EMA shadow in place of the live weights when asked and present."""
+    weights = dict(state["model"])
+    if use_ema and state.get("ema") is not None:
+        weights.update(state["ema"]["shadow"])
+    return weights
+
+
+def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(state dict in our naming, our saved run config or None) from our training checkpoint or a reference
+    checkpoint / state dict (any of its key prefixes)."""
+    state = load_training_state(path)
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        return _dense_weights(state, use_ema), state["config"]
+    if isinstance(state, dict) and any(k.startswith(REFERENCE_PREFIXES) for k in state):
+        return from_reference_state_dict(state), None
+    raise ValueError(f"{path}: neither a checkpoint of this project nor a reference TRM state dict")
+
+
+def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> None:
+    """Fine-tuning start: dense weights (EMA when saved) from a checkpoint trained on other puzzles; every row of
+    the model's puzzle table (the new dataset's variants) set to the mean of the checkpoint's trained rows
+    (row 0, the blank, left out). The reference does the same when shapes differ; random rows were measured
+    to hurt. If the tables have the same shape the checkpoint's table is taken as it is."""
+    weights, _ = read_weights(path, use_ema=True)
+    key = "puzzle_emb.weights"
+    own = model.state_dict()
+    mismatched = [k for k in own if k != key and (k not in weights or weights[k].shape != own[k].shape)]
+    if mismatched:
+        raise ValueError(f"{path}: does not fit this model config; mismatched or missing: {', '.join(mismatched[:8])}")
+    if key in own:
+        old = weights[key]
+        if old.shape == own[key].shape:
+            how = "loaded as is (same shape)"
+        else:
+            trained = old[1:] if old.shape[0] > 1 else old
+            weights = dict(weights)
+            weights[key] = trained.mean(0, keepdim=True).expand_as(own[key]).clone()
+            how = f"{own[key].shape[0]} rows set to the mean of the checkpoint's {trained.shape[0]} rows"
+    else:
+        how = "none"
+    model.load_state_dict({k: weights[k] for k in own}, strict=True)
+    if verbose:
+        print(f"init from {path}: dense weights loaded; puzzle table {how}")
+
+
+def load_model_for_inference(path: str | Path, use_ema: bool = True) -> TRM:
+    """The model of one of our training checkpoints, with its EMA weights unless use_ema is False."""
+    state = load_training_state(path)
+    if not (isinstance(state, dict) and "config" in state and "model" in state):
+        raise ValueError(f"{path}: not a training checkpoint of this project (no config/model inside)")
+    model = TRM(ModelConfig(**state["config"]["model"]))
+    model.load_state_dict(_dense_weights(state, use_ema), strict=True)
+    return model

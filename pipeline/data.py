@@ -25,7 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -386,3 +386,19 @@ def load_solutions(spec: str) -> dict[str, list[np.ndarray]]:
                 raise TaskError(part, task_id, None, "duplicate task id in solutions")
             solutions[task_id] = grids
     return solutions
+
+
+def select_tasks(tasks: Sequence[Task], max_side: int = 0, max_tasks: int = 0) -> list[Task]:
+    """Keep tasks whose every grid side is <= max_side (0: any), then at most max_tasks per source (0: all).
+    For small CPU demos; the order of `tasks` is kept."""
+    kept: list[Task] = []
+    per_source: dict[str, int] = {}
+    for task in tasks:
+        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
+        if max_side and any(max(g.shape) > max_side for g in grids):
+            continue
+        if max_tasks and per_source.get(task.source, 0) >= max_tasks:
+            continue
+        per_source[task.source] = per_source.get(task.source, 0) + 1
+        kept.append(task)
+    return kept

@@ -71,7 +71,7 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     return Runtime(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.device)
 
 
@@ -249,7 +249,7 @@ def train(
     bar = tqdm(total=steps_total, initial=step, disable=not (progress and rt.is_main), desc="train", dynamic_ncols=True)
     lo_global = rt.rank * local_batch
     while step < steps_total:
-        lr_scale = lr_at(step, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
+        lr_scale = lr_at(step + 1, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
         explore_u, explore_k = exploration_draws(cfg.seed, step, cfg.global_batch_size, cfg.model.halt_max_steps)
         local_ids, local_grads = [], []
         for i in range(len(carries)):  # micro-batches (grad_accum_steps of them)
@@ -267,14 +267,14 @@ def train(
             sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach() for k in METRIC_KEYS])
             bad |= ~torch.isfinite(loss.detach())
 
-        ckpt.all_reduce_gradients(dense, lambda t: _all_reduce_sum(rt, t))
+        ckpt.all_reduce_gradients(dense, rt.world)
         train_dense = step >= cfg.freeze_weights_steps
         if train_dense:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_scale
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        table.lr = cfg.puzzle_emb_lr * lr_scale
+        model.zero_grad(set_to_none=True)
+        table.param_groups[0]["lr"] = cfg.puzzle_emb_lr * lr_scale
         table.step(torch.cat(local_ids), torch.cat(local_grads))
         if ema is not None and train_dense:
             ema.update(model)

@@ -1,0 +1,126 @@
+"""Stage `predict`: run the model on every augmented view of every held-out test input, decode each answer,
+undo the view's augmentation and record it as a candidate (pipeline.predictions) for voting.
+
+Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates); `early_stop` ends a batch
+as soon as every row's q_halt > 0. With several processes, each takes a contiguous share of the rows and
+rank 0 joins the shards.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from augment.dataset import AugmentedDataset
+from pipeline.config import PredictConfig
+from pipeline.encoding import IGNORE_LABEL, decode_grids
+from pipeline.model import TRM
+from pipeline.predictions import Predictions, PredictionsWriter
+
+
+def eval_task_ids(dataset: AugmentedDataset) -> list[str]:
+    return [p["task_id"] for p in dataset.puzzles if p["is_eval"]]
+
+
+@torch.inference_mode()
+def predict(
+    model: TRM,
+    dataset: AugmentedDataset,
+    cfg: PredictConfig,
+    *,
+    device: torch.device | str = "cpu",
+    autocast: Any = None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> Predictions:
+    """Candidates for this process's share of the held-out rows (all rows when world == 1)."""
+    model.eval()
+    rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
+    n = len(rows["variant"])
+    share = math.ceil(n / world)
+    lo, hi = rank * share, min(n, (rank + 1) * share)
+    task_ids = eval_task_ids(dataset)
+    task_of_puzzle = {p: i for i, p in enumerate(i for i, q in enumerate(dataset.puzzles) if q["is_eval"])}
+    writer = PredictionsWriter(task_ids)
+    canvas = dataset.canvas
+    steps = model.config.halt_max_steps
+    bar = tqdm(total=hi - lo, disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    for start in range(lo, hi, cfg.batch_size):
+        sl = slice(start, min(hi, start + cfg.batch_size))
+        variant = rows["variant"][sl]
+        inputs = dataset.encode_grids(rows["grid"][sl], variant)
+        batch = {
+            "inputs": torch.from_numpy(inputs).to(device),
+            "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
+            "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
+        }
+        carry = model.initial_carry(batch)
+        with autocast if autocast is not None else nullcontext():
+            for _ in range(steps):
+                carry, outputs = model(carry, batch)
+                if cfg.early_stop and bool((outputs["q_halt_logits"] > 0).all()):
+                    break
+        preds = outputs["preds"].cpu().numpy()
+        q = torch.sigmoid(outputs["q_halt_logits"].float()).cpu().numpy()
+        grids = decode_grids(preds, canvas)
+        answers = [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
+        writer.add(
+            np.array([task_of_puzzle[int(p)] for p in rows["puzzle_index"][sl]], dtype=np.int32),
+            rows["test_index"][sl], variant, q, answers,
+        )
+        bar.update(len(variant))
+    bar.close()
+    return writer.finish()
+
+
+def predict_to_file(
+    dataset_dir: str | Path,
+    checkpoint_path: str | Path,
+    out_path: str | Path,
+    cfg: PredictConfig,
+    progress: bool = True,
+) -> Path:
+    """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file."""
+    from accelerate import Accelerator
+
+    from pipeline.checkpoint import load_model_for_inference
+
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
+    dataset = AugmentedDataset.load(dataset_dir)
+    model = load_model_for_inference(checkpoint_path, use_ema=cfg.use_ema).to(accelerator.device)
+    if model.config.seq_len != dataset.canvas**2:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
+            f"the dataset {dataset_dir} uses {dataset.canvas}"
+        )
+    if model.config.num_puzzle_identifiers < dataset.num_puzzle_identifiers:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} has {model.config.num_puzzle_identifiers} puzzle embeddings but the "
+            f"dataset {dataset_dir} needs {dataset.num_puzzle_identifiers}: predict with the dataset it was trained on"
+        )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    part = predict(
+        model, dataset, cfg, device=accelerator.device, autocast=accelerator.autocast(),
+        rank=rank, world=world, progress=progress and accelerator.is_main_process,
+    )
+    out_path = Path(out_path)
+    if world == 1:
+        part.save(out_path)
+        return out_path
+    shard = out_path.with_name(f"{out_path.stem}.rank{rank}.npz")
+    part.save(shard)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shards = [out_path.with_name(f"{out_path.stem}.rank{r}.npz") for r in range(world)]
+        Predictions.concatenate([Predictions.load(s) for s in shards]).save(out_path)
+        for s in shards:
+            s.unlink()
+    accelerator.wait_for_everyone()
+    return out_path

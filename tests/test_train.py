@@ -1,0 +1,171 @@
+"""The trainer: it runs and logs, resumes exactly after SIGKILL, splits over 2 processes without changing the
+result, fine-tunes from a checkpoint on new puzzles, and stops cleanly on a non-finite loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.model import TRM
+from tiny import build_tiny_dataset, tiny_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT.parent / "shared" / "golden" / "trm_parity"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "dataset")
+
+
+def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.run", "--stage", "train", "--data", str(data), "--out", str(out),
+            "--quiet", *extra]
+
+
+def _final_state(out: Path) -> dict:
+    return ckpt.load_training_state(ckpt.latest_checkpoint(out / "checkpoints"))
+
+
+def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=atol, rtol=0, msg=f"model {key}")
+    for key in a["ema"]["shadow"]:
+        torch.testing.assert_close(a["ema"]["shadow"][key], b["ema"]["shadow"][key], atol=atol, rtol=0)
+    for key in ("z_H", "z_L", "steps", "halted", "data.inputs", "data.puzzle_identifiers"):
+        torch.testing.assert_close(a["carry"][key], b["carry"][key], atol=atol, rtol=0, msg=f"carry {key}")
+    assert a["sampler"] == b["sampler"]
+
+
+def test_train_runs_logs_and_keeps_checkpoints(tiny_data: Path, tmp_path: Path):
+    from pipeline.train import train
+
+    last = train(tiny_config(), tiny_data, tmp_path, progress=False)
+    assert last == tmp_path / "checkpoints" / "step_00000012.pt"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000008.pt", "step_00000012.pt"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    for key in ("loss", "lm_loss", "q_halt_loss", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lr",
+                "examples_per_s"):
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    state = ckpt.load_training_state(last)
+    assert state["final"] and state["step"] == 12
+    assert state["carry"]["z_H"].shape[0] == 8  # the whole global batch's carry
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["seq_len"] == 36
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path):
+    steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0)
+    whole = _run_cli(_train_args(tiny_data, tmp_path / "whole", *steps))
+    out = tmp_path / "killed"
+    victim = _run_cli(_train_args(tiny_data, out, *steps))
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(out / "checkpoints") is None or ckpt.checkpoint_step(
+        ckpt.latest_checkpoint(out / "checkpoints")) < 10:
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints"))
+    assert killed_at < 40, "the run finished before it could be killed"
+    resumed = _run_cli(_train_args(tiny_data, out, "--resume", *steps))
+    log = resumed.communicate(timeout=180)[0]
+    assert resumed.returncode == 0, log
+    assert f"at step {killed_at}" in log
+    assert whole.wait(timeout=180) == 0, whole.communicate()[0]
+    _assert_same_state(_final_state(tmp_path / "whole"), _final_state(out), atol=1e-6)
+
+
+def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path):
+    steps = tiny_overrides(max_steps=6, checkpoint_every=6, log_every=3)
+    one = _run_cli(_train_args(tiny_data, tmp_path / "one", *steps))
+    two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+                    *_train_args(tiny_data, tmp_path / "two", *steps)[1:]])
+    log_two = two.communicate(timeout=240)[0]
+    assert two.returncode == 0, log_two
+    assert "on 2 process(es)" in log_two
+    assert one.wait(timeout=240) == 0, one.communicate()[0]
+    a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+    assert b["world"] == 2
+    for key in a["model"]:  # dense weights and the puzzle-embedding table
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=0, msg=key)
+    torch.testing.assert_close(a["carry"]["halted"], b["carry"]["halted"])
+    # only rank 0 writes: one metrics line per logging step, not two
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path: Path):
+    from augment.dataset import AugmentedDataset
+    from pipeline.train import train
+
+    base = train(tiny_config(max_steps=4), tiny_data, tmp_path / "base", progress=False)
+    other = build_tiny_dataset(tmp_path / "other", num_tasks=3, num_aug=2, offset=6)
+    ds = AugmentedDataset.load(other)
+    cfg = tiny_config(max_steps=2, freeze_weights_steps=2)
+    cfg.model.seq_len, cfg.model.num_puzzle_identifiers = 36, ds.num_puzzle_identifiers
+    model = TRM(cfg.model)
+    ckpt.init_from_checkpoint(model, base, verbose=False)
+    saved = ckpt.load_training_state(base)
+    old_rows = saved["model"]["puzzle_emb.weights"][1:]
+    expected = old_rows.mean(0).expand(ds.num_puzzle_identifiers, -1)
+    torch.testing.assert_close(model.puzzle_emb.weights, expected)
+    for name, w in saved["ema"]["shadow"].items():  # fine-tuning starts from the EMA weights
+        torch.testing.assert_close(dict(model.named_parameters())[name], w)
+
+    last = train(cfg, other, tmp_path / "ft", init_checkpoint=base, progress=False)
+    state = ckpt.load_training_state(last)
+    for name, w in saved["ema"]["shadow"].items():  # frozen for the first 2 steps: dense weights unchanged
+        torch.testing.assert_close(state["model"][name], w)
+    assert not torch.allclose(state["model"]["puzzle_emb.weights"], expected)  # the rows did train
+
+
+def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
+    if not GOLDEN.exists():
+        pytest.skip(f"the golden fixture is not in this checkout ({GOLDEN})")
+    from pipeline.checkpoint import config_from_reference
+
+    cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
+    cfg.num_puzzle_identifiers = 25  # a new dataset with other puzzles than the checkpoint's 10 rows
+    sd = torch.load(GOLDEN / "state_dict.pt")
+    path = tmp_path / "ref.pt"
+    torch.save({"_orig_mod.model." + k: v for k, v in sd.items()}, path)
+    model = TRM(cfg)
+    ckpt.init_from_checkpoint(model, path, verbose=False)
+    torch.testing.assert_close(model.puzzle_emb.weights, sd["inner.puzzle_emb.weights"][1:].mean(0).expand(25, -1))
+    torch.testing.assert_close(model.lm_head.weight, sd["inner.lm_head.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
+    import pipeline.train as train_mod
+
+    real = train_mod.act_loss
+    calls = {"n": 0}
+
+    def poisoned(outputs, carry):
+        loss, metrics = real(outputs, carry)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 5 else loss), metrics
+
+    monkeypatch.setattr(train_mod, "act_loss", poisoned)
+    with pytest.raises(train_mod.NonFiniteLossError, match="last good checkpoint is .*step_00000004.pt"):
+        train_mod.train(tiny_config(checkpoint_every=2, log_every=1, max_steps=10), tiny_data, tmp_path, progress=False)
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.checkpoint_step(last) == 4
+    state = ckpt.load_training_state(last)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())

@@ -1,0 +1,57 @@
+"""A tiny augmented dataset and run config that train in seconds on a CPU, shared by the trainer/chain tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from augment.dataset import build_dataset
+from pipeline.config import RunConfig, preset
+from pipeline.data import load_tasks, select_tasks
+
+CANVAS = 6
+
+
+def build_tiny_dataset(out: Path, num_tasks: int = 6, num_aug: int = 3, offset: int = 0) -> Path:
+    """ARC-AGI-1 tasks whose grids are all <= 6x6: `num_tasks` training tasks (from `offset` on) plus 2
+    evaluation tasks held out."""
+    train = select_tasks(load_tasks("arc-agi-1/training").tasks, max_side=CANVAS)[offset:offset + num_tasks]
+    evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:2]
+    dataset = build_dataset(train + evals, {t.id for t in evals}, num_aug=num_aug, seed=0, canvas=CANVAS, progress=False)
+    dataset.save(out)
+    return out
+
+
+def tiny_config(**overrides) -> RunConfig:
+    cfg = preset("demo")
+    cfg.model.hidden_size = 32
+    cfg.model.num_heads = 2
+    cfg.model.puzzle_emb_ndim = 32
+    cfg.model.puzzle_emb_len = 2
+    cfg.model.H_cycles = 2
+    cfg.model.L_cycles = 1
+    cfg.model.halt_max_steps = 3
+    cfg.model.halt_exploration_prob = 0.5
+    cfg.global_batch_size = 8
+    cfg.max_steps = 12
+    cfg.lr = 1e-3
+    cfg.lr_warmup_steps = 2
+    cfg.checkpoint_every = 4
+    cfg.log_every = 2
+    cfg.ema_rate = 0.9
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_overrides(**extra: object) -> list[str]:
+    """The same settings as --set arguments, for runs through the command line."""
+    sets = {
+        "model.hidden_size": 32, "model.num_heads": 2, "model.puzzle_emb_ndim": 32, "model.puzzle_emb_len": 2,
+        "model.H_cycles": 2, "model.L_cycles": 1, "model.halt_max_steps": 3, "model.halt_exploration_prob": 0.5,
+        "global_batch_size": 8, "max_steps": 12, "lr": 1e-3, "lr_warmup_steps": 2, "checkpoint_every": 4,
+        "log_every": 2, "ema_rate": 0.9,
+    }
+    sets.update(extra)
+    out = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
