@@ -154,9 +154,22 @@ def swiglu_width(width: int, expansion: float) -> int:
 # Layers
 
 
-def rms_norm(h: Tensor, eps: float) -> Tensor:
-    """Weightless RMS norm over the last dimension, computed in float32, returned in h's dtype."""
-    return F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+# Fast paths. Most of the work runs without autograd (the T-1 no-gradient cycles, and evaluation); there the
+# helpers below write into temporaries they own instead of allocating new ones. With autograd (the last
+# cycle) or autocast (mixed dtypes) they take the plain out-of-place route. Both compute the same values.
+
+
+def _in_place_ok(*tensors: Tensor) -> bool:
+    return not torch.is_grad_enabled() and all(t.dtype == torch.float32 for t in tensors)
+
+
+def add_rms_norm(h: Tensor, update: Tensor, eps: float) -> Tensor:
+    """rms(h + update): weightless RMS norm over the last axis, in float32, returned in h's dtype.
+    `update` must be a temporary the caller no longer needs (it may be overwritten)."""
+    if not _in_place_ok(h, update):
+        return F.rms_norm((h + update).float(), (h.shape[-1],), eps=eps).to(h.dtype)
+    s = update.add_(h)
+    return s.mul_(torch.rsqrt(s.square().mean(-1, keepdim=True).add_(eps)))
 
 
 class RotaryTables(nn.Module):
@@ -168,15 +181,19 @@ class RotaryTables(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
+        half = head_dim // 2
+        sin = angles.sin()
         self.register_buffer("cos", angles.cos()[:, None, :], persistent=False)
-        self.register_buffer("sin", angles.sin()[:, None, :], persistent=False)
+        # sin with the first half negated, so that rotation needs no separate negation pass
+        self.register_buffer("sin_signed", torch.cat((-sin[:, :half], sin[:, half:]), -1)[:, None, :], persistent=False)
 
     def rotate(self, v: Tensor) -> Tensor:
-        """v (B, S, heads, head_dim) -> v rotated by its position, in float32 then back to v's dtype."""
+        """v (B, S, heads, head_dim) -> v rotated by its position: v*cos + (-v2, v1)*sin with (v1, v2) the
+        halves of v; in float32, returned in v's dtype."""
         half = v.shape[-1] // 2
         vf = v.float()
-        rotated_half = torch.cat((-vf[..., half:], vf[..., :half]), dim=-1)
-        return (vf * self.cos + rotated_half * self.sin).to(v.dtype)
+        swapped = torch.cat((vf[..., half:], vf[..., :half]), dim=-1)  # a new tensor: safe to modify in place
+        return swapped.mul_(self.sin_signed).addcmul_(vf, self.cos).to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -211,6 +228,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
+        if _in_place_ok(gate):
+            return self.down(F.silu(gate, inplace=True).mul_(up))
         return self.down(F.silu(gate) * up)
 
 
@@ -230,10 +249,10 @@ class Block(nn.Module):
     def forward(self, h: Tensor, rope: RotaryTables | None) -> Tensor:
         if hasattr(self, "token_mlp"):
             t = h.transpose(1, 2)  # (B, D, S)
-            h = rms_norm(t + self.token_mlp(t), self.eps).transpose(1, 2)
+            h = add_rms_norm(t, self.token_mlp(t), self.eps).transpose(1, 2)
         else:
-            h = rms_norm(h + self.attn(h, rope), self.eps)
-        return rms_norm(h + self.mlp(h), self.eps)
+            h = add_rms_norm(h, self.attn(h, rope), self.eps)
+        return add_rms_norm(h, self.mlp(h), self.eps)
 
 
 class PuzzleEmbedding(nn.Module):
