@@ -45,9 +45,7 @@ def predict(
     n = len(rows["variant"])
     share = math.ceil(n / world)
     lo, hi = rank * share, min(n, (rank + 1) * share)
-    task_ids = eval_task_ids(dataset)
-    task_of_puzzle = {p: i for i, p in enumerate(i for i, q in enumerate(dataset.puzzles) if q["is_eval"])}
-    writer = PredictionsWriter(task_ids)
+    writer = PredictionsWriter(eval_task_ids(dataset))
     canvas = dataset.canvas
     steps = model.config.halt_max_steps
     bar = tqdm(total=hi - lo, disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
@@ -71,7 +69,7 @@ def predict(
         grids = decode_grids(preds, canvas)
         answers = [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
         writer.add(
-            np.array([task_of_puzzle[int(p)] for p in rows["puzzle_index"][sl]], dtype=np.int32),
+            [dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][sl]],
             rows["test_index"][sl], variant, q, answers,
         )
         bar.update(len(variant))

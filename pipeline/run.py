@@ -96,13 +96,16 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
 def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from augment.dataset import AugmentedDataset
+    from pipeline.predictions import Predictions
     from submissions.report import write_report
+    from submissions.score import score_submission
 
     dataset = AugmentedDataset.load(out / "dataset")
     tasks = dataset.eval_tasks()
     submission = json.loads((out / "submission.json").read_text())
     solutions = {t.id: t.test_outputs for t in tasks if t.test_outputs is not None}
-    score = json.loads((out / "score.json").read_text()) if (out / "score.json").exists() else None
+    predictions = Predictions.load(out / "predictions.npz") if (out / "predictions.npz").exists() else None
+    score = score_submission(submission, solutions, predictions) if solutions else None
     metrics = out / "metrics.jsonl"
     write_report(out / "report.html", tasks, submission, solutions or None, score, metrics if metrics.exists() else None)
     print(f"report: {out / 'report.html'}")

@@ -204,7 +204,7 @@ def format_score(report: ScoreReport) -> str:
     """A short table for the terminal."""
     lines = [
         f"{report.num_tasks} tasks, {report.num_test_outputs} test outputs, {report.tasks_solved} tasks fully solved",
-        f"{'':24}{'test outputs':>14}{'per task':>10}",
+        f"{'':24}{'test outputs':>14}{'per task':>10}   (Kaggle figure: test outputs; paper: per task)",
         f"{'pass@2 (submission)':24}{report.kaggle_score:>14.4f}{report.task_score:>10.4f}",
         f"{'pass@1 (attempt_1)':24}{report.pass1_score:>14.4f}{report.pass1_task_score:>10.4f}",
     ]

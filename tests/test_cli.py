@@ -1,0 +1,84 @@
+"""The command line: every stage by itself, the whole chain with `--stage all`, and re-runs that skip work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.run import STAGES, build_parser, main
+from submissions.validate import validate_submission
+from tiny import tiny_overrides
+
+SMALL = ["--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6", "--set", "data.max_tasks=4",
+         "--canvas", "6", "--num-aug", "3", "--quiet"]
+
+
+def test_help_lists_the_stages(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for stage in STAGES + ("all",):
+        assert stage in text
+
+
+def test_augment_writes_dataset_and_manifest(tmp_path: Path):
+    assert main(["--stage", "augment", "--out", str(tmp_path), *SMALL]) == 0
+    manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
+    for key in ("sources", "seed", "num_aug", "num_puzzles", "num_variants", "num_train_examples",
+                "num_test_inputs", "short_puzzles", "skipped"):
+        assert key in manifest
+    assert manifest["num_puzzles"] == 8 and manifest["num_aug"] == 3
+    assert manifest["num_test_inputs"] > 0  # the 4 evaluation tasks' test inputs are held out
+
+
+def test_augment_reports_bad_tasks_and_strict_stops(tmp_path: Path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    good = {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1]], "output": [[2]]}]}
+    (folder / "good.json").write_text(json.dumps(good))
+    (folder / "bad.json").write_text(json.dumps({"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": []}))
+    out = tmp_path / "run"
+    assert main(["--stage", "augment", "--out", str(out), "--data", str(folder), "--eval-set", str(folder),
+                 "--canvas", "6", "--num-aug", "2", "--quiet"]) == 0
+    skipped = json.loads((out / "dataset" / "manifest.json").read_text())["skipped"]
+    assert len(skipped) == 1 and skipped[0]["task_id"] == "bad"
+    from pipeline.data import TaskError
+
+    with pytest.raises(TaskError, match="bad"):
+        main(["--stage", "augment", "--out", str(out), "--data", str(folder), "--strict", "--quiet"])
+
+
+def test_whole_chain_then_rerun_skips_and_force_redoes(tmp_path: Path, capsys):
+    args = ["--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=6),
+            "--set", "predict.max_variants=3"]
+    assert main(args) == 0
+    for name in ("dataset/manifest.json", "config.json", "metrics.jsonl", "predictions.npz", "submission.json",
+                 "score.json", "score_per_task.csv", "report.html"):
+        assert (tmp_path / name).exists(), name
+    out = capsys.readouterr().out
+    assert "kaggle" in out.lower()  # the printed score table
+
+    from augment.dataset import AugmentedDataset
+
+    tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
+    submission = json.loads((tmp_path / "submission.json").read_text())
+    assert validate_submission(submission, tasks) == []
+    assert len(submission) == 4
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipping") == len(STAGES)
+
+    before = (tmp_path / "score.json").stat().st_mtime_ns
+    assert main(args + ["--force", "submit", "--selector", "q_weighted"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] already done" in out and "[submit]" in out
+    assert (tmp_path / "score.json").stat().st_mtime_ns != before
+    assert json.loads((tmp_path / "submission_report.json").read_text())["selector"] == "q_weighted"
+
+    # scoring an outside submission file against a built-in set
+    assert main(["--stage", "score", "--submission", str(tmp_path / "submission.json"),
+                 "--solutions", "arc-agi-1/evaluation", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "missing" in out.lower()  # 396 evaluation tasks are not in this small submission
