@@ -33,6 +33,8 @@ class PredictConfig:
     selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
     early_stop: bool = False  # stop a batch once every row's q_halt > 0 (saves time, may cost accuracy)
     use_ema: bool = True
+    time_budget_s: float = 0.0  # stop predicting after this many seconds (0 = no limit); views run round-robin
+    # over test inputs (every input's 1st view, then every input's 2nd, ...) so a cut-off run still covers all
 
 
 @dataclass

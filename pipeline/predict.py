@@ -2,12 +2,14 @@
 undo the view's augmentation and record it as a candidate (pipeline.predictions) for voting.
 
 Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates); `early_stop` ends a batch
-as soon as every row's q_halt > 0. With several processes, each takes a contiguous share of the rows and
-rank 0 joins the shards.
+as soon as every row's q_halt > 0. Rows go round-robin over the test inputs (each input's first view, then
+each input's second view, ...), so a run cut short by its time budget still has candidates for every input.
+With several processes, each takes an interleaved share of the rows and rank 0 joins the shards.
 """
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,12 @@ def predict(
 ) -> Predictions:
     """Candidates for this process's share of the held-out rows (all rows when world == 1)."""
     model.eval()
+    start_time = time.perf_counter()
     rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
-    n = len(rows["variant"])
-    share = math.ceil(n / world)
-    lo, hi = rank * share, min(n, (rank + 1) * share)
+    view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]  # 0 = the original
+    order = np.lexsort((np.arange(len(view)), view))[rank::world]  # round-robin over inputs; this rank's share
+    rows = {k: v[order] for k, v in rows.items()}
+    lo, hi = 0, len(order)
     writer = PredictionsWriter(eval_task_ids(dataset))
     canvas = dataset.canvas
     steps = model.config.halt_max_steps
@@ -73,6 +77,10 @@ def predict(
             rows["test_index"][sl], variant, q, answers,
         )
         bar.update(len(variant))
+        if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
+            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {start + len(variant) - lo} "
+                      f"of {hi - lo} rows")
+            break
     bar.close()
     return writer.finish()
 
