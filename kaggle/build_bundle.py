@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import platform
 import re
@@ -65,13 +66,17 @@ def pinned(name: str) -> str:
 
 
 def build_project_wheel(wheels: Path, project_root: Path = PROJECT_ROOT) -> Path:
-    """`pip wheel --no-deps` of a clean copy of the project (no build isolation: works offline)."""
+    """`pip wheel --no-deps` of a clean copy of the project: with the installed setuptools (works offline), or,
+    when that is missing or fails (too old to build wheels alone), in pip's isolated build environment."""
+    before = set(wheels.glob("*.whl"))
     with tempfile.TemporaryDirectory(prefix="trm_wheel_src_") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(project_root, src, ignore=_SOURCE_IGNORE)
-        before = set(wheels.glob("*.whl"))
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--wheel-dir", str(wheels), str(src)], check=True)
+        pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(wheels), str(src)]
+        offline = importlib.util.find_spec("setuptools") is not None
+        if not offline or subprocess.run(pip_wheel + ["--no-build-isolation"]).returncode != 0:
+            print("building the wheel in an isolated environment (pip fetches setuptools)")
+            subprocess.run(pip_wheel, check=True)
     built = sorted(set(wheels.glob("trm_arc-*.whl")) - before)
     if len(built) != 1:
         raise RuntimeError(f"expected one new trm_arc wheel in {wheels}, found {[p.name for p in built]}")

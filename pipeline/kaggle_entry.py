@@ -23,7 +23,6 @@ less a reserve for the final submit, is split: `train_fraction` for fine-tuning,
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -114,7 +113,7 @@ class KaggleSettings:
 
 
 def _convert_setting(name: str, text: str) -> Any:
-    if name in ("num_gpus",):
+    if name == "num_gpus":
         return int(text)
     if name == "progress":
         return text.strip().lower() in ("1", "true", "yes", "on")
@@ -159,8 +158,6 @@ def settings_from_env(started_at: float | None = None, env: Mapping[str, str] | 
     if "bundle" not in values:
         values["bundle"] = find_bundle(input_root)
     values.setdefault("run_dir", working / "trm_run")
-    if isinstance(values.get("overrides"), str):
-        values["overrides"] = shlex.split(values["overrides"])
     if started_at is not None:
         values["started_at"] = started_at
     return KaggleSettings(working=working, **values)
