@@ -112,7 +112,7 @@ def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
     return submission
 
 
-def test_notebook_end_to_end_fine_tunes_within_budget_and_submits(tmp_path, monkeypatch, kaggle_input):
+def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_too_big_tasks_fallbacks(tmp_path, monkeypatch, kaggle_input):
     """Fine-tuning is stopped by its share of a 40 s budget (max_steps is unlimited in the kaggle preset), then
     prediction, voting and a merged submission: the model's tasks + fallback entries for the malformed and
     the too-big task."""
@@ -300,7 +300,9 @@ def _fake_wheel(folder: Path, stem: str) -> Path:
     return path
 
 
-def test_reference_checkpoint_with_its_arch_config(tmp_path, pretrained):
+def test_reference_checkpoint_with_its_arch_config(tmp_path, pretrained, monkeypatch):
+    """A reference state dict + its model config: resolved to our ModelConfig, bundled together, and the bundle's
+    sha256 catches a broken upload."""
     state = load_training_state(pretrained)
     ref = tmp_path / "ref.pt"
     torch.save(to_reference_state_dict(state["model"], prefix="_orig_mod.model.inner."), ref)
@@ -316,3 +318,13 @@ def test_reference_checkpoint_with_its_arch_config(tmp_path, pretrained):
     assert kind == "reference" and asdict(config) == expected
     with pytest.raises(ValueError, match="model config"):
         ke.checkpoint_model_config(ref)
+
+    monkeypatch.setattr(build_bundle, "build_project_wheel", lambda wheels: _fake_wheel(wheels, "trm_arc-0.1.0"))
+    build_bundle.build_bundle(tmp_path / "b", ref, arch_config=tmp_path / "arch.json", dependency_wheels=False)
+    run = ke.KaggleRun(_settings(tmp_path, bundle=tmp_path / "b"))
+    checkpoint, arch_path = run._pretrained()
+    assert ke.checkpoint_model_config(checkpoint, arch_path) == (config, "reference")
+    with open(checkpoint, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        run._pretrained()
