@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -53,9 +54,9 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def bench_one(name: str, repeats: int, compile_model: bool) -> dict:
+def bench_one(name: str, repeats: int, compile_model: bool, threads: int) -> dict:
     """Runs in a subprocess: times one configuration, returns seconds per example and peak RSS."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     overrides, batch_size, _ = CONFIGS[name]
     config = ModelConfig.paper_arc(num_puzzle_identifiers=64, **overrides)
@@ -88,19 +89,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append", help="configuration(s) to run")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default: per configuration)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(model) (minutes of compilation on CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as the reference figures)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         name, repeats, compiled = args.child.split(":")
-        print(json.dumps(bench_one(name, int(repeats), compiled == "1")))
+        print(json.dumps(bench_one(name, int(repeats), compiled == "1", args.threads)))
         return
 
+    # Other processes on the machine distort timings badly (2 threads on 2 shared cores): say how busy it was.
+    print(f"load average before: {os.getloadavg()[0]:.2f} (timings are only comparable on an idle machine)")
     rows = []
     for name in args.only or list(CONFIGS):
         for compiled in ([False, True] if args.compile else [False]):
             repeats = args.repeats or CONFIGS[name][2]
-            child = [sys.executable, __file__, "--child", f"{name}:{repeats}:{int(compiled)}"]
+            child = [sys.executable, __file__, "--child", f"{name}:{repeats}:{int(compiled)}", "--threads", str(args.threads)]
             out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"done: {name}{' (compiled)' if compiled else ''}", file=sys.stderr)
@@ -114,6 +119,7 @@ def main() -> None:
               f"{r['eval_s_per_example']:>12.4f}{ref_eval:>8.3f}"
               f"{ref_train / r['train_s_per_example']:>9.2f}x/{ref_eval / r['eval_s_per_example']:.2f}x"
               f"{r['peak_rss_gb']:>13.2f}{'' if ref_rss is None else f'{ref_rss:.1f}':>7}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

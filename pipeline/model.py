@@ -167,7 +167,8 @@ def add_rms_norm(h: Tensor, update: Tensor, eps: float) -> Tensor:
     """rms(h + update): weightless RMS norm over the last axis, in float32, returned in h's dtype.
     `update` must be a temporary the caller no longer needs (it may be overwritten)."""
     if not _in_place_ok(h, update):
-        return F.rms_norm((h + update).float(), (h.shape[-1],), eps=eps).to(h.dtype)
+        s = (h + update).float()
+        return (s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)).to(h.dtype)
     s = update.add_(h)
     return s.mul_(torch.rsqrt(s.square().mean(-1, keepdim=True).add_(eps)))
 
@@ -190,9 +191,8 @@ class RotaryTables(nn.Module):
     def rotate(self, v: Tensor) -> Tensor:
         """v (B, S, heads, head_dim) -> v rotated by its position: v*cos + (-v2, v1)*sin with (v1, v2) the
         halves of v; in float32, returned in v's dtype."""
-        half = v.shape[-1] // 2
         vf = v.float()
-        swapped = torch.cat((vf[..., half:], vf[..., :half]), dim=-1)  # a new tensor: safe to modify in place
+        swapped = vf.roll(v.shape[-1] // 2, dims=-1)  # (v2, v1), a new tensor: safe to modify in place
         return swapped.mul_(self.sin_signed).addcmul_(vf, self.cos).to(v.dtype)
 
 
