@@ -192,7 +192,8 @@ def train(
             ema.load_state_dict(state["ema"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
-        carries = ckpt.carries_from_state(state["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
+        if state.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
+            carries = ckpt.carries_from_state(state["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
         ckpt.set_rng_state(state["rng"])
         if rt.is_main:
             print(f"resumed from {latest} at step {step}")
@@ -216,7 +217,9 @@ def train(
             carries.append(model.initial_carry(dummy))
 
     def save(final: bool = False) -> Path:
-        global_carry = ckpt.gather_carries(carries, lambda t: _all_gather_rows(rt, t))
+        # The carry (2 × global batch × S × D floats: 2.9 GB for the paper config) is what makes a resume exact;
+        # the final checkpoint, kept for prediction and fine-tuning, leaves it out.
+        global_carry = None if final else ckpt.gather_carries(carries, lambda t: _all_gather_rows(rt, t))
         path = ckpt_dir / f"step_{step:08d}.pt"
         if rt.is_main:
             ckpt.save_training_state(
