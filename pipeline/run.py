@@ -92,6 +92,14 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     score_dir = submission_path.parent if args.submission else out
     write_score(report, score_dir)
     print(format_score(report))
+    if predictions is not None and not args.submission and (out / "dataset" / "manifest.json").exists():
+        from augment.dataset import AugmentedDataset
+        from submissions.score import compare_selectors
+
+        tasks = [t for t in AugmentedDataset.load(out / "dataset").eval_tasks() if t.id in solutions]
+        print("selectors on the same candidates (pass@2 over test outputs / per task):")
+        for name, r in compare_selectors(predictions, tasks, solutions).items():
+            print(f"  {name:12} {r.kaggle_score:.4f} / {r.task_score:.4f}")
 
 
 def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
