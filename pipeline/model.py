@@ -155,18 +155,15 @@ def swiglu_width(width: int, expansion: float) -> int:
 
 
 # Fast paths. Most of the work runs without autograd (the T-1 no-gradient cycles, and evaluation); there the
-# helpers below write into temporaries they own instead of allocating new ones. With autograd (the last
-# cycle) or autocast (mixed dtypes) they take the plain out-of-place route. Both compute the same values.
-
-
-def _in_place_ok(*tensors: Tensor) -> bool:
-    return not torch.is_grad_enabled() and all(t.dtype == torch.float32 for t in tensors)
+# norm and SwiGLU write into temporaries they own instead of allocating new ones. With autograd (the last
+# cycle), and for the norm under autocast (mixed dtypes), they take the plain out-of-place route. Both routes
+# compute the same values.
 
 
 def add_rms_norm(h: Tensor, update: Tensor, eps: float) -> Tensor:
     """rms(h + update): weightless RMS norm over the last axis, in float32, returned in h's dtype.
     `update` must be a temporary the caller no longer needs (it may be overwritten)."""
-    if not _in_place_ok(h, update):
+    if torch.is_grad_enabled() or h.dtype != torch.float32 or update.dtype != torch.float32:
         s = (h + update).float()
         return (s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)).to(h.dtype)
     s = update.add_(h)
@@ -228,7 +225,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
-        if _in_place_ok(gate):
+        if not torch.is_grad_enabled():  # the projection's output is ours: reuse its memory
             return self.down(F.silu(gate, inplace=True).mul_(up))
         return self.down(F.silu(gate) * up)
 
@@ -355,7 +352,7 @@ class TRM(nn.Module):
             h = block(h, self.rope)
         return h
 
-    def embed_input(self, inputs: Tensor, puzzle_identifiers: Tensor) -> Tensor:
+    def embed_input(self, inputs: Tensor, puzzle_identifiers: Tensor | None) -> Tensor:
         """x (B, S, D): puzzle tokens (the table row, zero-padded to P*D) then token embeddings, times sqrt(D).
         With learned positions, (x + pos) / sqrt(2) is scaled instead, as in the reference."""
         x = self.embed_tokens(inputs)
@@ -413,7 +410,7 @@ class TRM(nn.Module):
                 raise KeyError(f"TRM.forward: the batch lacks {k!r}, which the carry holds")
             data[k] = torch.where(halted.view((-1,) + (1,) * (v.ndim - 1)), batch[k], v)
 
-        x = self.embed_input(data["inputs"], data["puzzle_identifiers"])
+        x = self.embed_input(data["inputs"], data.get("puzzle_identifiers"))
         z_H, z_L = self.recurse(z_H, z_L, x)
         logits = self.lm_head(z_H[:, self.puzzle_len :])
         q = self.q_head(z_H[:, 0]).float()
