@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from pipeline.config import PRESETS, RunConfig, apply_overrides, from_dict, preset
@@ -28,8 +30,8 @@ def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
     eval_ids = set()
     if d.eval_set:
-        eval_ids = {t.id for t in tasks if t.source == d.eval_set or d.eval_set in t.source.split(",")}
-        if not eval_ids:
+        eval_ids = {t.id for t in tasks if t.source == d.eval_set}
+        if not eval_ids:  # a combined name ("arc-agi-1") or a path spelled differently: match by task id
             eval_ids = {t.id for t in load_tasks(d.eval_set, skip_invalid=True).tasks} & {t.id for t in tasks}
     for s in loaded.skipped:
         print(f"skipped task {s.task_id} ({s.file}): {s.reason}", file=sys.stderr)
@@ -51,7 +53,8 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
     data_dir = Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
     path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet)
-    print(f"train: last checkpoint {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here; one line is enough
+        print(f"train: last checkpoint {path}")
 
 
 def stage_predict(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
@@ -61,7 +64,8 @@ def stage_predict(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
         out / "dataset", args.checkpoint or latest_or_fail(out), out / "predictions.npz",
         cfg.predict, progress=not args.quiet,
     )
-    print(f"predict: candidates -> {path}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"predict: candidates -> {path}")
 
 
 def stage_submit(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
@@ -209,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         STAGE_FUNCS[args.stage](cfg, out, args)
         return 0
     forced = min((STAGES.index(s) for s in args.force), default=len(STAGES))
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: only train and predict are shared
     for i, stage in enumerate(STAGES):
+        if rank != 0 and stage not in ("train", "predict"):
+            while stage == "augment" and not stage_done("augment", out):
+                time.sleep(1)  # rank 0 builds the dataset
+            continue
         if i < forced and stage_done(stage, out):
             print(f"[{stage}] already done in {out}, skipping")
             continue
