@@ -82,3 +82,27 @@ def test_whole_chain_then_rerun_skips_and_force_redoes(tmp_path: Path, capsys):
                  "--solutions", "arc-agi-1/evaluation", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "missing" in out.lower()  # 396 evaluation tasks are not in this small submission
+
+
+def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
+    """`--stage all` launched as 2 processes: rank 0 alone augments, submits and scores; both train and predict."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import tiny_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
+           "-m", "pipeline.run", "--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4),
+           "--set", "predict.max_variants=3"]
+    done = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("[augment]") == 1 and done.stdout.count("[score]") == 1
+    assert "on 2 process(es)" in done.stdout
+    from augment.dataset import AugmentedDataset
+
+    tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
+    assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), tasks) == []
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # log_every=2, 4 steps, rank 0 only
