@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ def predict(
     cfg: PredictConfig,
     *,
     device: torch.device | str = "cpu",
-    autocast: Any = None,
+    autocast: Callable[[], ContextManager] | None = None,
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
@@ -63,7 +63,7 @@ def predict(
             "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
         }
         carry = model.initial_carry(batch)
-        with autocast if autocast is not None else nullcontext():
+        with autocast() if autocast is not None else nullcontext():  # a fresh context manager per batch
             for _ in range(steps):
                 carry, outputs = model(carry, batch)
                 if cfg.early_stop and bool((outputs["q_halt_logits"] > 0).all()):
@@ -113,7 +113,7 @@ def predict_to_file(
         )
     rank, world = accelerator.process_index, accelerator.num_processes
     part = predict(
-        model, dataset, cfg, device=accelerator.device, autocast=accelerator.autocast(),
+        model, dataset, cfg, device=accelerator.device, autocast=accelerator.autocast,
         rank=rank, world=world, progress=progress and accelerator.is_main_process,
     )
     out_path = Path(out_path)

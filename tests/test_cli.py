@@ -51,7 +51,7 @@ def test_augment_reports_bad_tasks_and_strict_stops(tmp_path: Path):
 
 def test_whole_chain_then_rerun_skips_and_force_redoes(tmp_path: Path, capsys):
     args = ["--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=6),
-            "--set", "predict.max_variants=3"]
+            "--set", "predict.max_variants=3", "--set", "predict.batch_size=4"]  # several prediction batches
     assert main(args) == 0
     for name in ("dataset/manifest.json", "config.json", "metrics.jsonl", "predictions.npz", "submission.json",
                  "score.json", "score_per_task.csv", "report.html"):
