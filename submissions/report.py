@@ -107,6 +107,12 @@ def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[tuple[float, f
     return series, skipped
 
 
+def _short(v: float) -> str:
+    """Axis numbers that fit the narrow left margin: 1692 -> 1.69k."""
+    a = abs(v)
+    return f"{v / 1e6:.3g}M" if a >= 1e6 else f"{v / 1e3:.3g}k" if a >= 1e3 else f"{v:.3g}"
+
+
 def curve_svg(name: str, points: Sequence[tuple[float, float]], width: int = 300, height: int = 150) -> str:
     """One metric against step as an SVG polyline with its range and last value written on it."""
     points = sorted(points)
@@ -128,8 +134,8 @@ def curve_svg(name: str, points: Sequence[tuple[float, float]], width: int = 300
         f'<text x="{width - right}" y="11" text-anchor="end">last {ys[-1]:.4g}</text>'
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>'
         f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>'
-        f'<text x="{left - 3}" y="{top + 8}" text-anchor="end">{y1:.3g}</text>'
-        f'<text x="{left - 3}" y="{height - bottom}" text-anchor="end">{y0:.3g}</text>'
+        f'<text x="{left - 3}" y="{top + 8}" text-anchor="end">{_short(y1)}</text>'
+        f'<text x="{left - 3}" y="{height - bottom}" text-anchor="end">{_short(y0)}</text>'
         f'<text x="{left}" y="{height - 4}">{x0:.0f}</text>'
         f'<text x="{width - right}" y="{height - 4}" text-anchor="end">step {x1:.0f}</text>'
         f'<polyline fill="none" stroke="#0074D9" stroke-width="1.2" points="{polyline}"/></svg>'
