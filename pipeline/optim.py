@@ -249,8 +249,8 @@ class SignSGD:
         ids, grads = local_ids, local_grads
         world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if world_size > 1:
-            ids = _all_gather_rows(local_ids.contiguous(), world_size, group)
-            grads = _all_gather_rows(local_grads.contiguous(), world_size, group)
+            ids = all_gather_rows(local_ids.contiguous(), world_size, group)
+            grads = all_gather_rows(local_grads.contiguous(), world_size, group)
         return sign_sgd_update_(self.weights, ids, grads, self.lr, self.weight_decay)
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,7 +263,7 @@ class SignSGD:
         self.param_groups = [{"lr": float(groups[0]["lr"]), "weight_decay": float(groups[0]["weight_decay"])}]
 
 
-def _all_gather_rows(local: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_gather_rows(local: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate every process's tensor along dim 0, in rank order (same shape required everywhere)."""
     parts = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(parts, local, group=group)

@@ -30,7 +30,8 @@ from pipeline.batches import TrainSampler
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.io import atomic_write_json
 from pipeline.model import TRM, Carry, act_loss
-from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
+from pipeline.optim import EMA, SignSGD, all_gather_rows, build_dense_optimizer, lr_at
+
 
 METRIC_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
 
@@ -77,11 +78,7 @@ def make_runtime(cfg: RunConfig) -> Runtime:
 
 def _all_gather_rows(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's rows (same row count on each) in rank order."""
-    if rt.world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(rt.world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return t if rt.world == 1 else all_gather_rows(t.contiguous(), rt.world, None)
 
 
 def _all_reduce_sum(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
@@ -125,13 +122,14 @@ def exploration_draws(seed: int, step: int, global_batch: int, halt_max_steps: i
     return u, k
 
 
-def _metrics_to_floats(sums: torch.Tensor) -> dict[str, float]:
+def _metrics_to_floats(sums: torch.Tensor, row_steps: int) -> dict[str, float]:
+    """Interval sums -> logged values: losses per row-step, the rest averaged over the rows that halted."""
     s = dict(zip(METRIC_KEYS, sums.tolist()))
-    count = max(s["count"], 1.0)
+    count, rows = max(s["count"], 1.0), max(row_steps, 1)
     return {
-        "loss": (s["lm_loss"] + 0.5 * s["q_halt_loss"]),
-        "lm_loss": s["lm_loss"],
-        "q_halt_loss": s["q_halt_loss"],
+        "loss": (s["lm_loss"] + 0.5 * s["q_halt_loss"]) / rows,
+        "lm_loss": s["lm_loss"] / rows,
+        "q_halt_loss": s["q_halt_loss"] / rows,
         "accuracy": s["accuracy"] / count,
         "exact_accuracy": s["exact_accuracy"] / count,
         "q_halt_accuracy": s["q_halt_accuracy"] / count,
@@ -292,10 +290,8 @@ def train(
                     f"non-finite loss before step {step}; the last good checkpoint is {last_path}"
                 )
             elapsed = time.perf_counter() - interval_start
-            row = {"step": step, "epoch": sampler.epoch, "lr": cfg.lr * lr_scale, **_metrics_to_floats(sums)}
-            row["loss"] /= max(interval_steps * cfg.global_batch_size, 1)
-            row["lm_loss"] /= max(interval_steps * cfg.global_batch_size, 1)
-            row["q_halt_loss"] /= max(interval_steps * cfg.global_batch_size, 1)
+            row = {"step": step, "epoch": sampler.epoch, "lr": cfg.lr * lr_scale,
+                   **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             if rt.is_main:
                 with open(metrics_path, "a") as f:
@@ -309,6 +305,8 @@ def train(
             flag = torch.tensor([1.0 if out_of_time else 0.0], device=rt.device)
             out_of_time = bool(_all_reduce_sum(rt, flag).item() > 0)
         if step % every == 0 or step == steps_total or out_of_time:
+            if rt.world > 1:  # a NaN on any process stops every process (none may go on into the save)
+                bad = _all_reduce_sum(rt, bad.to(torch.float32)) > 0
             if bool(bad.item()):
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
             last_path = save(final=step == steps_total or out_of_time)
