@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from augment.dataset import build_dataset
-from pipeline.config import RunConfig, preset
+from pipeline.config import RunConfig, apply_overrides, preset
 from pipeline.data import load_tasks, select_tasks
 
 CANVAS = 6
@@ -20,38 +20,23 @@ def build_tiny_dataset(out: Path, num_tasks: int = 6, num_aug: int = 3, offset: 
     return out
 
 
-def tiny_config(**overrides) -> RunConfig:
-    cfg = preset("demo")
-    cfg.model.hidden_size = 32
-    cfg.model.num_heads = 2
-    cfg.model.puzzle_emb_ndim = 32
-    cfg.model.puzzle_emb_len = 2
-    cfg.model.H_cycles = 2
-    cfg.model.L_cycles = 1
-    cfg.model.halt_max_steps = 3
-    cfg.model.halt_exploration_prob = 0.5
-    cfg.global_batch_size = 8
-    cfg.max_steps = 12
-    cfg.lr = 1e-3
-    cfg.lr_warmup_steps = 2
-    cfg.checkpoint_every = 4
-    cfg.log_every = 2
-    cfg.ema_rate = 0.9
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+# The tiny run's settings, as `--set` keys: used both in-process (tiny_config) and on the command line.
+TINY_SETTINGS: dict[str, object] = {
+    "model.hidden_size": 32, "model.num_heads": 2, "model.puzzle_emb_ndim": 32, "model.puzzle_emb_len": 2,
+    "model.H_cycles": 2, "model.L_cycles": 1, "model.halt_max_steps": 3, "model.halt_exploration_prob": 0.5,
+    "global_batch_size": 8, "max_steps": 12, "lr": 1e-3, "lr_warmup_steps": 2, "checkpoint_every": 4,
+    "log_every": 2, "ema_rate": 0.9,
+}
+
+
+def tiny_config(**overrides: object) -> RunConfig:
+    settings = {**TINY_SETTINGS, **overrides}
+    return apply_overrides(preset("demo"), [f"{k}={v}" for k, v in settings.items()])
 
 
 def tiny_overrides(**extra: object) -> list[str]:
     """The same settings as --set arguments, for runs through the command line."""
-    sets = {
-        "model.hidden_size": 32, "model.num_heads": 2, "model.puzzle_emb_ndim": 32, "model.puzzle_emb_len": 2,
-        "model.H_cycles": 2, "model.L_cycles": 1, "model.halt_max_steps": 3, "model.halt_exploration_prob": 0.5,
-        "global_batch_size": 8, "max_steps": 12, "lr": 1e-3, "lr_warmup_steps": 2, "checkpoint_every": 4,
-        "log_every": 2, "ema_rate": 0.9,
-    }
-    sets.update(extra)
-    out = []
-    for k, v in sets.items():
+    out: list[str] = []
+    for k, v in {**TINY_SETTINGS, **extra}.items():
         out += ["--set", f"{k}={v}"]
     return out
