@@ -86,7 +86,12 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     solutions_spec = args.solutions or cfg.data.eval_set
     if not solutions_spec:
         raise SystemExit("score: no --solutions given and the config has no eval_set")
-    submission = json.loads(submission_path.read_text())
+    try:
+        submission = json.loads(submission_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read submission {submission_path}: {e}") from e
+    if not isinstance(submission, dict):
+        raise ValueError(f"submission {submission_path}: expected a JSON object of task ids, got {type(submission).__name__}")
     solutions = load_solutions(solutions_spec)
     if not args.submission:  # scoring our own run: only the tasks that were held out
         solutions = {k: v for k, v in solutions.items() if k in submission}
@@ -229,5 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """main() for the shell: bad input (a missing file, a malformed task or submission) is one clear line, not a
+    traceback."""
+    from pipeline.data import TaskError
+
+    try:
+        return main()
+    except (TaskError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -106,3 +106,27 @@ def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
     tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
     assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), tasks) == []
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # log_every=2, 4 steps, rank 0 only
+
+
+def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
+    from pipeline.run import cli
+    import sys as _sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    cases = [
+        (["--stage", "score", "--submission", str(bad), "--solutions", "arc-agi-1/evaluation"], str(bad)),
+        (["--stage", "score", "--submission", str(tmp_path / "missing.json"), "--solutions", "arc-agi-1/evaluation"],
+         "missing.json"),
+        (["--stage", "train", "--out", str(tmp_path / "empty")], "no augmented dataset"),
+        (["--stage", "augment", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")], "nowhere"),
+    ]
+    for argv, needle in cases:
+        old = _sys.argv
+        _sys.argv = ["pipeline.run", *argv]
+        try:
+            assert cli() == 2
+        finally:
+            _sys.argv = old
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
