@@ -35,6 +35,8 @@ class PredictConfig:
     use_ema: bool = True
     time_budget_s: float = 0.0  # stop predicting after this many seconds (0 = no limit); views run round-robin
     # over test inputs (every input's 1st view, then every input's 2nd, ...) so a cut-off run still covers all
+    rescore_views: int = 8  # likelihood re-scoring (pipeline.rescore): views per test input (0 = off); its scores
+    rescore_top_k: int = 8  # feed the `likelihood` selectors; the top-K candidates by vote are scored
 
 
 @dataclass
@@ -106,10 +108,36 @@ def preset(name: str) -> RunConfig:
         cfg.log_every = 50
         cfg.ema_rate = 0.99
         return cfg
+    if name == "mini":
+        return _mini()
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("demo", "arc1", "arc2", "kaggle")
+PRESETS = ("demo", "arc1", "arc2", "kaggle", "mini")
+
+
+# ---------------------------------------------------------------------------------------------- mini
+def _mini() -> RunConfig:
+    """The CPU quality benchmark (benchmarks/quality.py, docs/QUALITY.md): the 178 ARC-AGI-1 *training* tasks whose
+    every grid is at most 10x10, on a 10x10 canvas, with a dev split (every 4th task by sorted id: 45 tasks, 49 test
+    outputs) held out like an evaluation set. ARC-AGI-1 evaluation is never loaded. `--stage all` takes about
+    12-15 minutes on 2 cores; the sizes below were chosen by the measurements in docs/QUALITY.md."""
+    model = ModelConfig(
+        hidden_size=64, num_heads=2, expansion=4, num_layers=2, H_cycles=2, L_cycles=2,
+        halt_max_steps=2, halt_exploration_prob=0.1, puzzle_emb_len=4, puzzle_emb_ndim=64,
+        seq_len=100, vocab_size=12, num_puzzle_identifiers=1,
+    )
+    data = DataConfig(sources="arc-agi-1/training", eval_set="dev:4", num_aug=15, canvas=10, max_side=10)
+    cfg = RunConfig(model=model, data=data, predict=PredictConfig(max_variants=16, batch_size=256))
+    cfg.global_batch_size = 64
+    cfg.lr = 1e-3
+    cfg.lr_warmup_steps = 100
+    cfg.epochs = 0
+    cfg.max_steps = 1200
+    cfg.checkpoint_every = 200
+    cfg.log_every = 50
+    cfg.ema_rate = 0.99
+    return cfg
 
 
 def _convert(text: str, kind: Any, key: str) -> Any:

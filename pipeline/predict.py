@@ -5,9 +5,12 @@ Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates)
 as soon as every row's q_halt > 0. Rows go round-robin over the test inputs (each input's first view, then
 each input's second view, ...), so a run cut short by its time budget still has candidates for every input.
 With several processes, each takes an interleaved share of the rows and rank 0 joins the shards.
+`predict_to_file` then re-scores the top candidates by their likelihood under a few views (pipeline.rescore,
+`predict.rescore_views`), within the same time budget, for the `likelihood` selectors.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -23,6 +26,7 @@ from pipeline.config import PredictConfig
 from pipeline.encoding import IGNORE_LABEL, decode_grids
 from pipeline.model import TRM
 from pipeline.predictions import Predictions, PredictionsWriter
+from pipeline.rescore import rescore
 
 
 def eval_task_ids(dataset: AugmentedDataset) -> list[str]:
@@ -112,20 +116,41 @@ def predict_to_file(
             f"dataset {dataset_dir} needs {dataset.num_puzzle_identifiers}: predict with the dataset it was trained on"
         )
     rank, world = accelerator.process_index, accelerator.num_processes
+    start_time = time.perf_counter()
+    predict_cfg = cfg
+    if cfg.rescore_views > 0 and cfg.time_budget_s > 0:  # the budget covers both passes, in proportion to their rows
+        views = len(dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)["variant"])
+        rescored = len(dataset.test_rows(cfg.rescore_views)["variant"])
+        predict_cfg = dataclasses.replace(cfg, time_budget_s=cfg.time_budget_s * views / (views + rescored))
     part = predict(
-        model, dataset, cfg, device=accelerator.device, autocast=accelerator.autocast,
+        model, dataset, predict_cfg, device=accelerator.device, autocast=accelerator.autocast,
         rank=rank, world=world, progress=progress and accelerator.is_main_process,
     )
+
+    def with_likelihoods(predictions: Predictions) -> Predictions:
+        if cfg.rescore_views <= 0:
+            return predictions
+        left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0
+        if cfg.time_budget_s > 0 and left <= 0:
+            return predictions
+        predictions.logp = rescore(
+            model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
+            batch_size=cfg.batch_size, device=accelerator.device, autocast=accelerator.autocast,
+            time_budget_s=left, progress=progress,
+        )
+        return predictions
+
     out_path = Path(out_path)
     if world == 1:
-        part.save(out_path)
+        with_likelihoods(part).save(out_path)
         return out_path
     shard = out_path.with_name(f"{out_path.stem}.rank{rank}.npz")
     part.save(shard)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shards = [out_path.with_name(f"{out_path.stem}.rank{r}.npz") for r in range(world)]
-        Predictions.concatenate([Predictions.load(s) for s in shards]).save(out_path)
+        # re-scoring runs on the main process only: M views per test input, small next to the views above
+        with_likelihoods(Predictions.concatenate([Predictions.load(s) for s in shards])).save(out_path)
         for s in shards:
             s.unlink()
     accelerator.wait_for_everyone()

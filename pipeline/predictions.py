@@ -51,6 +51,9 @@ class Predictions:
     width: np.ndarray
     offset: np.ndarray
     cells: np.ndarray  # uint8 (total cells,): every valid grid, row-major, back to back
+    # optional float32 (n,): the candidate's likelihood score from pipeline.rescore (mean over views of its summed
+    # log-probability); NaN for rows not scored. None when the prediction run did not re-score.
+    logp: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.task)
@@ -75,6 +78,8 @@ class Predictions:
                 raise PredictionsError(f"{where}: column {name!r} has shape {column.shape}, expected ({n},)")
             if column.dtype != dtype:
                 raise PredictionsError(f"{where}: column {name!r} has dtype {column.dtype}, expected {dtype}")
+        if self.logp is not None and (self.logp.shape != (n,) or self.logp.dtype != np.float32):
+            raise PredictionsError(f"{where}: logp must be float32 ({n},), got {self.logp.dtype} {self.logp.shape}")
         if self.cells.dtype != np.uint8 or self.cells.ndim != 1:
             raise PredictionsError(f"{where}: cells must be a flat uint8 array, got {self.cells.dtype} {self.cells.shape}")
         if n and (self.task.min() < 0 or self.task.max() >= len(self.task_ids)):
@@ -97,6 +102,8 @@ class Predictions:
         """Write one uncompressed .npz atomically (compression costs seconds and saves little on small grids)."""
         arrays = self.columns()
         arrays["cells"] = self.cells
+        if self.logp is not None:
+            arrays["logp"] = self.logp
         arrays["task_ids"] = np.array(self.task_ids, dtype=np.str_)
         arrays["format_version"] = np.array(FORMAT_VERSION)
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
@@ -114,7 +121,8 @@ class Predictions:
             raise PredictionsError(f"{path}: missing arrays {missing}")
         if int(arrays["format_version"]) != FORMAT_VERSION:
             raise PredictionsError(f"{path}: format version {int(arrays['format_version'])}, expected {FORMAT_VERSION}")
-        predictions = cls(task_ids=[str(t) for t in arrays["task_ids"].tolist()], cells=arrays["cells"], **{n: arrays[n] for n in COLUMNS})
+        predictions = cls(task_ids=[str(t) for t in arrays["task_ids"].tolist()], cells=arrays["cells"],
+                          logp=arrays.get("logp"), **{n: arrays[n] for n in COLUMNS})
         predictions.check(where=str(path))
         return predictions
 
@@ -148,9 +156,14 @@ class Predictions:
                 columns[name].append(column)
             cells.append(part.cells)
             base += len(part.cells)
+        logp = None
+        if any(part.logp is not None for part in parts):
+            logp = np.concatenate([part.logp if part.logp is not None else np.full(len(part), np.nan, np.float32)
+                                   for part in parts])
         return cls(
             task_ids=task_ids,
             cells=np.concatenate(cells),
+            logp=logp,
             **{name: np.concatenate(chunks).astype(COLUMNS[name], copy=False) for name, chunks in columns.items()},
         )
 

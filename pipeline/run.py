@@ -24,15 +24,12 @@ STAGES = ("augment", "train", "predict", "submit", "score", "report")
 def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from augment.dataset import build_dataset
     from pipeline.data import load_tasks, select_tasks
+    from pipeline.splits import held_out_ids
 
     d = cfg.data
     loaded = load_tasks(d.sources, skip_invalid=d.skip_invalid)
     tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
-    eval_ids = set()
-    if d.eval_set:
-        eval_ids = {t.id for t in tasks if t.source == d.eval_set}
-        if not eval_ids:  # a combined name ("arc-agi-1") or a path spelled differently: match by task id
-            eval_ids = {t.id for t in load_tasks(d.eval_set, skip_invalid=True).tasks} & {t.id for t in tasks}
+    eval_ids = held_out_ids(tasks, d.eval_set, lambda spec: load_tasks(spec, skip_invalid=True).tasks)
     for s in loaded.skipped:
         print(f"skipped task {s.task_id} ({s.file}): {s.reason}", file=sys.stderr)
     dataset = build_dataset(
@@ -80,6 +77,7 @@ def stage_submit(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from pipeline.data import load_solutions
     from pipeline.predictions import Predictions
+    from pipeline.splits import is_dev_split
     from submissions.score import format_score, score_submission, write_score
 
     submission_path = Path(args.submission) if args.submission else out / "submission.json"
@@ -92,7 +90,12 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
         raise ValueError(f"cannot read submission {submission_path}: {e}") from e
     if not isinstance(submission, dict):
         raise ValueError(f"submission {submission_path}: expected a JSON object of task ids, got {type(submission).__name__}")
-    solutions = load_solutions(solutions_spec)
+    if is_dev_split(solutions_spec):  # a dev split's answers are kept in the run's dataset
+        from augment.dataset import AugmentedDataset
+
+        solutions = {t.id: t.test_outputs for t in AugmentedDataset.load(out / "dataset").eval_tasks()}
+    else:
+        solutions = load_solutions(solutions_spec)
     if not args.submission:  # scoring our own run: only the tasks that were held out
         solutions = {k: v for k, v in solutions.items() if k in submission}
     pred_path = Path(args.predictions) if args.predictions else out / "predictions.npz"

@@ -11,11 +11,15 @@ only decides the order of the groups.
 - `max_q`: the group holding the single most confident candidate first; ties by votes. Trusts the halting head
   over agreement between augmentations; mainly a diagnostic of whether q carries information.
 
-A likelihood re-scoring selector (re-run the model on each distinct group) needs the model, so it belongs in a
-module that imports it; it can reuse `group_candidates` and `rank_groups` and be added to a table at that level.
+- `likelihood`: the product of experts over augmented views: the top-K groups by vote are re-scored by the model
+  (`pipeline.rescore`, run by the predict stage, which stores a mean log-probability per candidate in
+  `Predictions.logp`); the highest score first, unscored groups after, by votes.
+- `likelihood_vote`: the same score plus log(votes): the vote share as a prior.
+The model runs in `pipeline.rescore`; the selectors here only read its stored scores.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +50,7 @@ class CandidateGroups:
     votes: np.ndarray  # int64, candidates in the group
     q_sum: np.ndarray  # float64
     q_max: np.ndarray  # float64
+    member: np.ndarray | None = None  # int64 (len(predictions),): each candidate row's group, -1 for invalid rows
 
     @property
     def mean_q(self) -> np.ndarray:
@@ -82,6 +87,8 @@ def group_candidates(predictions: Predictions) -> CandidateGroups:
     starts = np.searchsorted(group[by_group], np.arange(num_groups))
     q_max = np.maximum.reduceat(q[by_group], starts) if num_groups else np.zeros(0)
     first_rows = rows[np.array(first, np.int64)]
+    member = np.full(len(predictions), -1, np.int64)
+    member[rows] = group
     return CandidateGroups(
         task=predictions.task[first_rows],
         test_index=predictions.test_index[first_rows],
@@ -89,6 +96,7 @@ def group_candidates(predictions: Predictions) -> CandidateGroups:
         votes=np.bincount(group, minlength=num_groups).astype(np.int64),
         q_sum=np.bincount(group, weights=q, minlength=num_groups),
         q_max=q_max,
+        member=member,
     )
 
 
@@ -132,5 +140,33 @@ def max_q(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[
     return rank_groups(predictions, groups, groups.q_max, groups.votes.astype(np.float64), top_k)
 
 
-SELECTORS: dict[str, Selector] = {"vote": vote, "q_weighted": q_weighted, "max_q": max_q}
+def group_logp(predictions: Predictions, groups: CandidateGroups) -> np.ndarray:
+    """float64 (G,): each group's likelihood score (pipeline.rescore), -inf where it was not scored."""
+    if predictions.logp is None:
+        warnings.warn("these predictions hold no likelihood scores (predict with predict.rescore_views > 0); "
+                      "the likelihood selectors fall back to vote counts", stacklevel=3)
+        return np.full(len(groups.row), -np.inf)
+    logp = predictions.logp[groups.row].astype(np.float64)
+    return np.where(np.isnan(logp), -np.inf, logp)
+
+
+def likelihood(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """Product of experts: the highest mean log-probability over the re-scored views first (only the top-K by vote
+    are scored; the rest follow by votes)."""
+    groups = group_candidates(predictions)
+    logp = group_logp(predictions, groups)
+    return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
+
+
+def likelihood_vote(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """The product of experts with the vote share as a prior: mean log-probability + log(votes)."""
+    groups = group_candidates(predictions)
+    logp = group_logp(predictions, groups) + np.log(groups.votes)
+    return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
+
+
+SELECTORS: dict[str, Selector] = {
+    "vote": vote, "q_weighted": q_weighted, "max_q": max_q, "likelihood": likelihood,
+    "likelihood_vote": likelihood_vote,
+}
 DEFAULT_SELECTOR = "vote"

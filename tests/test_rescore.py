@@ -1,0 +1,121 @@
+"""Likelihood re-scoring (pipeline.rescore) and the selectors that read its scores (pipeline.vote)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from augment.dataset import AugmentedDataset
+from pipeline.encoding import VOCAB_SIZE, encode_labels
+from pipeline.model import log_stablemax
+from pipeline.predictions import Predictions, PredictionsWriter
+from pipeline.rescore import candidate_logp, rescore, top_groups
+from pipeline.vote import SELECTORS, likelihood, likelihood_vote, vote
+from tiny import build_tiny_dataset
+
+
+class CopyModel(nn.Module):
+    """A stand-in for TRM that answers every view by copying its input: it finds the test input itself likely."""
+
+    def __init__(self, steps: int = 2):
+        super().__init__()
+        self.config = type("Config", (), {"halt_max_steps": steps})()
+        self.calls = 0
+
+    def initial_carry(self, batch):
+        return None
+
+    def forward(self, carry, batch):
+        self.calls += 1
+        return carry, {"logits": 20.0 * nn.functional.one_hot(batch["inputs"].long(), VOCAB_SIZE).float()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> AugmentedDataset:
+    return AugmentedDataset.load(build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data", num_aug=3))
+
+
+def _votes_against_likelihood(dataset: AugmentedDataset) -> tuple[Predictions, dict]:
+    """Per held-out test input: a wrong grid with 3 votes, and the test input itself with 1 vote."""
+    writer = PredictionsWriter()
+    truth = {}
+    for task in dataset.eval_tasks():
+        for i, grid in enumerate(task.test_inputs):
+            wrong = grid.copy()
+            wrong[0, 0] = (wrong[0, 0] + 1) % 10
+            for variant in range(3):
+                writer.add(task.id, i, variant, 0.5, [wrong])
+            writer.add(task.id, i, 3, 0.5, [grid])
+            truth[(task.id, i)] = (grid, wrong)
+    return writer.finish(), truth
+
+
+def test_likelihood_overrules_votes_when_the_model_prefers_the_rarer_grid(dataset):
+    predictions, truth = _votes_against_likelihood(dataset)
+    model = CopyModel()
+    predictions.logp = rescore(model, dataset, predictions, top_k=2, views=4, progress=False)
+    assert model.calls == 2  # one batch of (test input, view) rows, all ACT steps; not one run per candidate
+    assert not np.isnan(predictions.logp[predictions.valid]).any()
+    by_vote, by_likelihood = vote(predictions), likelihood(predictions)
+    for key, (grid, wrong) in truth.items():
+        assert np.array_equal(by_vote[key][0].grid, wrong)
+        assert np.array_equal(by_likelihood[key][0].grid, grid)  # the copy in every view, dihedral and colours undone
+        assert by_likelihood[key][0].score > by_likelihood[key][1].score
+    # with votes as a prior, a margin of 3:1 in votes does not outweigh one wrong cell under a confident model
+    assert all(np.array_equal(likelihood_vote(predictions)[k][0].grid, g) for k, (g, _) in truth.items())
+
+
+def test_candidate_logp_is_the_sum_over_label_cells():
+    rng = np.random.default_rng(0)
+    canvas = 4
+    logits = torch.from_numpy(rng.normal(size=(canvas * canvas, VOCAB_SIZE)).astype(np.float32))
+    logp = log_stablemax(logits).numpy()
+    grid = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)
+    identity = np.arange(10, dtype=np.uint8)
+    labels = encode_labels(grid, canvas)
+    expected = sum(logp[i, labels[i]] for i in range(canvas * canvas) if labels[i] >= 0)
+    too_big = np.zeros((5, 1), np.uint8)
+    scores = candidate_logp(logp, [grid, too_big], 0, identity)
+    assert np.isclose(scores[0], expected) and scores[1] == -np.inf
+    # a view's transform is applied before encoding: rot180 of the grid scored in that view
+    rotated = encode_labels(np.rot90(grid, 2), canvas)
+    expected_rot = sum(logp[i, rotated[i]] for i in range(canvas * canvas) if rotated[i] >= 0)
+    assert np.isclose(candidate_logp(logp, [grid], 2, identity)[0], expected_rot)
+
+
+def test_top_groups_follow_vote_order():
+    writer = PredictionsWriter()
+    a, b, c = (np.full((1, 1), v, np.uint8) for v in (1, 2, 3))
+    for grid, n in ((b, 1), (a, 3), (c, 2)):
+        for _ in range(n):
+            writer.add("t", 0, 0, 0.5, [grid])
+    p = writer.finish()
+    best = top_groups(p, 2)[(0, 0)]
+    assert len(best) == 2
+    from pipeline.vote import group_candidates
+
+    groups = group_candidates(p)
+    assert [int(groups.votes[g]) for g in best] == [3, 2]
+
+
+def test_without_scores_the_likelihood_selectors_fall_back_to_votes(dataset):
+    predictions, truth = _votes_against_likelihood(dataset)
+    with pytest.warns(UserWarning, match="no likelihood scores"):
+        ranked = likelihood(predictions)
+    for key, (_, wrong) in truth.items():
+        assert np.array_equal(ranked[key][0].grid, wrong)
+    assert {"likelihood", "likelihood_vote"} <= set(SELECTORS)
+
+
+def test_scores_survive_save_load_and_concatenate(dataset, tmp_path: Path):
+    predictions, _ = _votes_against_likelihood(dataset)
+    predictions.logp = rescore(CopyModel(), dataset, predictions, top_k=1, views=2, progress=False)
+    assert np.isnan(predictions.logp).sum() > 0  # only the top-1 group is scored
+    predictions.save(tmp_path / "p.npz")
+    loaded = Predictions.load(tmp_path / "p.npz")
+    np.testing.assert_array_equal(loaded.logp, predictions.logp)
+    joined = Predictions.concatenate([loaded, PredictionsWriter(["x"]).finish()])
+    assert joined.logp is not None and len(joined.logp) == len(loaded)
