@@ -18,7 +18,7 @@ from pipeline.model import TRM
 from tiny import build_tiny_dataset, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden" / "trm_parity"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,6 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
 
 
 def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
-    if not GOLDEN.exists():
-        pytest.skip(f"the golden fixture is not in this checkout ({GOLDEN})")
     from pipeline.checkpoint import config_from_reference
 
     cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
