@@ -136,7 +136,9 @@ def collect(folder: Path) -> dict:
     """Every figure of one finished run folder (cached in quality.json beside it)."""
     cache = folder / "quality.json"
     if cache.exists() and cache.stat().st_mtime >= (folder / "score.json").stat().st_mtime:
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if set(cached.get("selectors", {})) == set(SELECTORS):  # else a selector was added since: recollect
+            return cached
     dataset = AugmentedDataset.load(folder / "dataset")
     tasks = dataset.eval_tasks()
     solutions = {t.id: t.test_outputs for t in tasks}

@@ -15,6 +15,8 @@ only decides the order of the groups.
   (`pipeline.rescore`, run by the predict stage, which stores a mean log-probability per candidate in
   `Predictions.logp`); the highest score first, unscored groups after, by votes.
 - `likelihood_vote`: the same score plus log(votes): the vote share as a prior.
+- `likelihood_cell`, `likelihood_cell_vote`: the same per scored cell (h*w + h + w), since a sum over cells favours
+  small grids (measured on the dev split: docs/QUALITY.md).
 The model runs in `pipeline.rescore`; the selectors here only read its stored scores.
 """
 from __future__ import annotations
@@ -165,8 +167,31 @@ def likelihood_vote(predictions: Predictions, top_k: int | None = None) -> dict[
     return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
 
 
+def scored_cells(predictions: Predictions, groups: CandidateGroups) -> np.ndarray:
+    """float64 (G,): label cells a group's grid is scored on: its h*w colours and its EOS edge (h + w cells; fewer
+    only where the grid touches the canvas edge, which this count ignores)."""
+    h = predictions.height[groups.row].astype(np.float64)
+    w = predictions.width[groups.row].astype(np.float64)
+    return h * w + h + w
+
+
+def likelihood_cell(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """`likelihood` per scored cell: the summed log-probability favours small grids (fewer cells, fewer terms);
+    dividing by the cell count removes that bias."""
+    groups = group_candidates(predictions)
+    logp = group_logp(predictions, groups) / scored_cells(predictions, groups)
+    return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
+
+
+def likelihood_cell_vote(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
+    """`likelihood_cell` with the vote share as a prior: mean log-probability per cell + log(votes)."""
+    groups = group_candidates(predictions)
+    logp = group_logp(predictions, groups) / scored_cells(predictions, groups) + np.log(groups.votes)
+    return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
+
+
 SELECTORS: dict[str, Selector] = {
     "vote": vote, "q_weighted": q_weighted, "max_q": max_q, "likelihood": likelihood,
-    "likelihood_vote": likelihood_vote,
+    "likelihood_vote": likelihood_vote, "likelihood_cell": likelihood_cell, "likelihood_cell_vote": likelihood_cell_vote,
 }
 DEFAULT_SELECTOR = "vote"

@@ -119,3 +119,18 @@ def test_scores_survive_save_load_and_concatenate(dataset, tmp_path: Path):
     np.testing.assert_array_equal(loaded.logp, predictions.logp)
     joined = Predictions.concatenate([loaded, PredictionsWriter(["x"]).finish()])
     assert joined.logp is not None and len(joined.logp) == len(loaded)
+
+
+def test_per_cell_likelihood_removes_the_small_grid_bias():
+    """Sums over more cells are lower; per cell, the bigger grid the model is surer of wins."""
+    small, big = np.zeros((1, 1), np.uint8), np.ones((3, 3), np.uint8)
+    writer = PredictionsWriter()
+    writer.add("t", 0, 0, 0.5, [small])
+    writer.add("t", 0, 1, 0.5, [big])
+    p = writer.finish()
+    p.logp = np.array([-3.0, -7.5], np.float32)  # per cell: -3 / 3 = -1.0 against -7.5 / 15 = -0.5
+    from pipeline.vote import likelihood_cell
+
+    assert np.array_equal(likelihood(p)[("t", 0)][0].grid, small)
+    assert np.array_equal(likelihood_cell(p)[("t", 0)][0].grid, big)
+    assert np.isclose(likelihood_cell(p)[("t", 0)][0].score, -0.5)
