@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class PredictConfig:
-    max_variants: int = 1000  # variants per test input to run (the original counts as one)
+    max_variants: int = 0  # views per test input to run (the original counts as one); 0 = all (1001 at num_aug 1000)
     batch_size: int = 256
     selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
     early_stop: bool = False  # stop a batch once every row's q_halt > 0 (saves time, may cost accuracy)
