@@ -41,7 +41,8 @@ q_head weight 0 and bias -5 (so the model starts by never halting early); puzzle
 std after truncation.
 
 Precision: parameters, carries, RMS norms, RoPE tables and the loss stay float32 (the lm loss float64);
-under `torch.autocast(dtype=torch.bfloat16)` the matmuls and attention run in bfloat16.
+under `torch.autocast(dtype=torch.bfloat16)` the matmuls and attention run in bfloat16. The autocast weight
+cache is cleared before the gradient cycle (see `recurse`), so the gradients are right on every torch.
 """
 from __future__ import annotations
 
