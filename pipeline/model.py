@@ -356,6 +356,13 @@ class TRM(nn.Module):
         """torch.compile each block in place (`nn.Module.compile`, so state-dict names do not change). The
         whole model cannot be compiled as is (the puzzle embedding replaces buffers and clears `.grad` in
         forward); a block is pure tensor work, where RoPE, the norms and SiLU·mul fuse around the GEMMs."""
+        import torch._dynamo
+
+        # Each block's graph is specialised per grad mode (no-grad cycles, gradient cycle, prediction) and batch
+        # shape; beyond the recompile limit (8 by default) torch silently falls back to eager.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
         for block in self.blocks:
             block.compile(backend=backend, **options)
 
