@@ -151,6 +151,7 @@ def train(
     rt = make_runtime(cfg)
     out_dir = Path(out_dir)
     dataset = AugmentedDataset.load(data_dir)
+    fingerprint = ckpt.dataset_fingerprint(data_dir)  # stored in every checkpoint: it belongs to this dataset
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     if cfg.global_batch_size % (rt.world * cfg.grad_accum_steps):
@@ -234,6 +235,7 @@ def train(
                     "rng": ckpt.get_rng_state(),
                     "world": rt.world,
                     "final": final,
+                    "dataset_fingerprint": fingerprint,
                 },
                 keep=cfg.keep_checkpoints,
             )

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.data import Task
+from pipeline.errors import InputFileError
+from pipeline.io import read_json
 
 ATTEMPT_KEYS = ("attempt_1", "attempt_2")
 MAX_SIDE = 30
@@ -95,3 +97,14 @@ def validate_submission_file(path: str | os.PathLike, challenges_tasks: Sequence
     except json.JSONDecodeError as e:
         return [f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"]
     return [f"{path}: {p}" for p in validate_submission(submission, challenges_tasks)]
+
+
+def read_submission_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A submission file's JSON object (task id -> entries); anything else raises InputFileError naming the file:
+    missing, unreadable, not UTF-8, broken or truncated JSON, nested too deeply, a repeated or non-Unicode task
+    id, or a top level that is not an object. Bad entries inside are the scorer's to report, per task."""
+    submission = read_json(path, "submission")
+    if not isinstance(submission, dict):
+        raise InputFileError(path, f"expected a JSON object mapping task id -> list of attempts, got a "
+                             f"{type(submission).__name__}", "submission")
+    return submission
