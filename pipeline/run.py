@@ -488,12 +488,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _undo_new_folder(out: Path, created: bool) -> None:
-    """A command that failed in a folder it claimed before building anything leaves no trace: its marker (and the
-    folder, if it made it) go."""
-    marker = runfolder.read_marker(out)
-    if marker is None or marker.get("dataset_fingerprint") or runfolder.visible_entries(out) != [runfolder.MARKER]:
+    """A command that failed in a new folder before a dataset was complete leaves no trace: the folder was empty
+    when it was claimed (and locked), so what is in it now is this command's half-built work. Checkpoints are
+    never removed (a training run on a dataset from elsewhere keeps what it saved)."""
+    import shutil
+
+    names = runfolder.visible_entries(out)
+    marker = runfolder.read_marker(out) if runfolder.MARKER in names else None
+    if "checkpoints" in names or (marker is not None and marker.get("dataset_fingerprint")):
         return
-    (out / runfolder.MARKER).unlink(missing_ok=True)
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if created:
         (out / runfolder.LOCK).unlink(missing_ok=True)
         try:

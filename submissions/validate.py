@@ -105,6 +105,12 @@ def read_submission_file(path: str | os.PathLike) -> dict[str, Any]:
     id, or a top level that is not an object. Bad entries inside are the scorer's to report, per task."""
     submission = read_json(path, "submission")
     if not isinstance(submission, dict):
-        raise InputFileError(path, f"expected a JSON object mapping task id -> list of attempts, got a "
-                             f"{type(submission).__name__}", "submission")
+        raise InputFileError(path, f"not a JSON object mapping task id -> list of attempts (got "
+                             f"{type(submission).__name__})", "submission")
+    for task_id in submission:
+        try:
+            task_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputFileError(path, f"task id {ascii(task_id)} is not valid Unicode text (a lone surrogate)",
+                                 "submission") from None
     return submission
