@@ -24,7 +24,9 @@ Accepted reference prefixes: "inner." (the ACT model itself), "model.inner." (it
 from __future__ import annotations
 
 import hashlib
+import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -244,12 +246,22 @@ def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: empty file")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # only the zip format maps; anything else is read (or refused) the ordinary way
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a foreign or broken file; all mean the same
-        reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
-                              f"{reason})") from e
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({_reason(e, path)})") from e
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """torch's load errors, shortened to what a user can act on."""
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive: truncated, or another kind of file"
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        return "it holds objects other than tensors and plain data, which are never loaded (weights_only)"
+    first = " ".join(str(error).split()).split(". ")[0]
+    return f"{type(error).__name__}: {first[:160]}"
 
 
 TRAINING_KEYS = ("step", "config", "model", "optimizer", "table_optimizer", "sampler", "rng")

@@ -247,7 +247,7 @@ class _Collector:
     def add(self, obj: Any, task_id: str, file: Path | str, source: str,
             solutions: Any = None, solutions_file: Path | None = None) -> None:
         if not _printable_id(task_id):
-            self.fail(TaskError(ascii(str(file)), ascii(task_id), None,
+            self.fail(TaskError(file, task_id, None,  # str() shows the id by repr, which escapes the surrogate
                                 "task id is not valid Unicode text (a lone surrogate or undecodable file name)"))
             return
         if task_id in self._origin:

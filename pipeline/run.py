@@ -41,7 +41,7 @@ def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
         if not eval_ids:  # a combined name ("arc-agi-1") or a path spelled differently: match by task id
             eval_ids = {t.id for t in load_tasks(d.eval_set, skip_invalid=True).tasks} & {t.id for t in tasks}
     for s in loaded.skipped:
-        what = f"task {s.task_id} ({s.file})" if s.task_id is not None else f"file {s.file}"
+        what = f"task {s.task_id!r} ({s.file})" if s.task_id is not None else f"file {s.file}"
         print(f"skipped {what}: {s.reason}", file=sys.stderr)
     dataset = build_dataset(
         tasks, eval_ids, num_aug=d.num_aug, seed=d.seed, canvas=d.canvas,
@@ -299,15 +299,27 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _set_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """apply_overrides, one at a time, so that every error names the key it is about."""
+    """apply_overrides, one at a time, so that every error names the key it is about (and the type expected)."""
     for item in overrides:
         try:
             apply_overrides(cfg, [item])
         except (ValueError, TypeError) as e:
-            key = item.split("=", 1)[0]
-            message = str(e) if key and key in str(e) else f"--set {item}: {e}"
-            raise ConfigError(message) from None
+            key, _, value = item.partition("=")
+            if key and key in str(e):
+                raise ConfigError(str(e)) from None
+            raise ConfigError(f"--set {key}: expected {_setting_type(cfg, key)}, got {value!r}") from None
     return cfg
+
+
+def _setting_type(cfg: RunConfig, key: str) -> str:
+    import typing
+
+    target: object = cfg
+    *sections, name = key.split(".")
+    for section in sections:
+        target = getattr(target, section)
+    kind = typing.get_type_hints(type(target)).get(name)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:

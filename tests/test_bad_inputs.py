@@ -112,6 +112,14 @@ def edit_checkpoint(ws: Ws, path: Path, edit: Callable[[dict], None], out: Path 
     return out
 
 
+def _saved(obj: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -227,16 +235,17 @@ def check_bool_not_scored(ws: Ws, out: str, err: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the cases
 def _checkpoint_cases() -> list[Case]:
-    kinds = {
-        "empty": lambda ws: replace_checkpoint(ws, b""),
-        "truncated": lambda ws: replace_checkpoint(ws, ws.latest.read_bytes()[:300]),
-        "json": lambda ws: replace_checkpoint(ws, b'{"step": 4}'),
-        "folder": lambda ws: replace_checkpoint(ws, folder=True),
-        "evil-pickle": lambda ws: replace_checkpoint(ws, __import__("pickle").dumps(Evil())),
-        "random-bytes": lambda ws: replace_checkpoint(ws, os.urandom(5000)),
+    kinds = {  # kind: (how the latest checkpoint is replaced, what the error says)
+        "empty": (lambda ws: replace_checkpoint(ws, b""), "empty file"),
+        "truncated": (lambda ws: replace_checkpoint(ws, ws.latest.read_bytes()[:300]), "not a zip archive"),
+        "json": (lambda ws: replace_checkpoint(ws, b'{"step": 4}'), "not a zip archive"),
+        "folder": (lambda ws: replace_checkpoint(ws, folder=True), "is a folder"),
+        "evil-pickle": (lambda ws: replace_checkpoint(ws, __import__("pickle").dumps(Evil())), "not a zip archive"),
+        "random-bytes": (lambda ws: replace_checkpoint(ws, bytes(range(256)) * 20), "not a zip archive"),
+        "zip-with-code": (lambda ws: replace_checkpoint(ws, _saved(Evil())), "never loaded"),
     }
     cases = []
-    for kind, make in kinds.items():
+    for kind, (make, problem) in kinds.items():
         def predict(ws, make=make):
             make(ws)
             return ws.run_args("predict")
@@ -249,7 +258,7 @@ def _checkpoint_cases() -> list[Case]:
             make(ws)
             return ws.run_args("all")
 
-        needles = lambda ws: (ws.latest.name, "checkpoint")  # noqa: E731
+        needles = lambda ws, problem=problem: (ws.latest.name, "checkpoint", problem)  # noqa: E731
         cases += [Case(f"checkpoint-{kind}-predict", predict, needles),
                   Case(f"checkpoint-{kind}-resume", resume, needles),
                   Case(f"checkpoint-{kind}-stage-all", all_, needles)]
