@@ -84,11 +84,41 @@ def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: i
     return {"too_big": too_big, "skipped": capped}
 
 
+def _train_data_dir(out: Path, args: argparse.Namespace) -> Path:
+    return Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
+
+
+def stage_plan(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
+    from pipeline.plan import write_plan
+
+    write_plan(cfg, _train_data_dir(out, args), out, time_steps_n=args.plan_time_steps)
+
+
 def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
+    if args.dry_run:
+        return stage_plan(cfg, out, args)
+    from augment.dataset import AugmentedDataset
     from pipeline import checkpoint as ckpt
+    from pipeline.evaluate import HeldOutEvaluator
     from pipeline.train import train
 
-    data_dir = _train_data_dir(args, out)
+    data_dir = _train_data_dir(out, args)
+    _own_checkpoints(out, data_dir, args)
+    evaluator = None
+    if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
+        evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data_dir), cfg.eval_views,
+                                                 cfg.predict.batch_size, cfg.predict.selector)
+    path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet,
+                 evaluator=evaluator)
+    if _is_main_process():  # under torchrun every process gets here; one line is enough
+        print(f"train: last checkpoint {path}")
+
+
+def _own_checkpoints(out: Path, data_dir: Path, args: argparse.Namespace) -> None:
+    """Training writes only over its own checkpoints: another run's are refused (or, with --force train, removed
+    first), and a resumed one must belong to this dataset."""
+    from pipeline import checkpoint as ckpt
+
     existing = ckpt.list_checkpoints(out / "checkpoints")
     if existing and not args.resume:
         if "train" not in args.forced:
@@ -100,17 +130,8 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
                 path.unlink(missing_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
             print(f"train: --force: {len(existing)} checkpoints of the previous training run removed")
-    elif existing:  # resuming: the checkpoint must belong to this dataset
+    elif existing:
         _check_checkpoint(existing[-1], data_dir)
-    path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet)
-    if _is_main_process():  # under torchrun every process gets here; one line is enough
-        print(f"train: last checkpoint {path}")
-
-
-def _train_data_dir(args: argparse.Namespace, out: Path) -> Path:
-    if args.data and Path(args.data, "manifest.json").exists():
-        return Path(args.data)
-    return out / "dataset"
 
 
 def _check_checkpoint(path: Path, data_dir: Path) -> None:
@@ -208,7 +229,7 @@ def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
 
 STAGE_FUNCS = {
-    "augment": stage_augment, "train": stage_train, "predict": stage_predict,
+    "plan": stage_plan, "augment": stage_augment, "train": stage_train, "predict": stage_predict,
     "submit": stage_submit, "score": stage_score, "report": stage_report,
 }
 
@@ -247,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
     )
-    p.add_argument("--stage", required=True, choices=STAGES + ("all",))
+    p.add_argument("--stage", required=True, choices=STAGES + ("all", "plan"),
+                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training")
     p.add_argument("--preset", choices=PRESETS,
                    help="starting configuration for a new run folder; a run folder keeps the one it was made with")
     p.add_argument("--out", help="run folder (default: runs/PRESET)")
@@ -264,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="augment: stop at the first malformed task")
     p.add_argument("--skip-invalid", action="store_true", help="augment: skip malformed tasks (the default)")
     p.add_argument("--resume", action="store_true", help="train: continue from the latest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="train: only write plan.json (same as --stage plan)")
+    p.add_argument("--plan-time-steps", type=int, default=2,
+                   help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from this checkpoint (ours or the reference's)")
     p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out)")
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
