@@ -126,7 +126,7 @@ def _own_checkpoints(out: Path, data_dir: Path, args: argparse.Namespace) -> Non
                 f"run folder {out} already holds checkpoints of a training run (latest {existing[-1].name}): "
                 "--resume continues it, --force train discards them and starts over")
         if _is_main_process():
-            for path in existing:
+            for path in existing + ckpt.list_checkpoints(out / "checkpoints" / "evaluated"):
                 path.unlink(missing_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
             print(f"train: --force: {len(existing)} checkpoints of the previous training run removed")
@@ -471,8 +471,9 @@ def score_file(args: argparse.Namespace) -> int:
             raise RunFolderError(f"--out {out}: is a file, not a folder")
         if out.is_dir() and not set(runfolder.visible_entries(out)) <= set(SCORE_FILES):
             marker = runfolder.check_writable_folder(out)
-    else:
-        out, marker = submission.parent, None
+    else:  # beside the submission; if that is a run folder, as its writer (it may be busy)
+        out = submission.parent
+        marker = runfolder.read_marker(out) if out.is_dir() else None
     if not args.solutions and marker is None:
         raise ConfigError("score: --solutions is needed to score a submission file (a built-in set or a "
                           "*_solutions.json)")

@@ -33,7 +33,7 @@ FORMAT = "trm-arc-run/1"
 # settings, e.g. how batches are sampled, belong to training and may differ between commands.)
 DATASET_KEYS = ("sources", "eval_set", "num_aug", "canvas", "max_side", "max_tasks", "skip_invalid", "seed")
 # Folders a killed atomic write may have left temp files in.
-_WRITE_DIRS = (".", "dataset", "checkpoints")
+_WRITE_DIRS = (".", "dataset", "checkpoints", "checkpoints/evaluated")
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:

@@ -555,3 +555,64 @@ def test_bad_input(case: Case, base_run: Path, tmp_path: Path, capsys, monkeypat
         assert _snapshot(tmp_path) == before
     else:  # a failed write leaves no temp file behind
         assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------- beyond the table
+def test_force_train_replaces_another_runs_checkpoints_and_predict_uses_the_new_ones(base_run: Path, tmp_path: Path,
+                                                                                      capsys):
+    """Item 1 end to end: a folder holding steps 10 and 20 of an older run; retraining 4 steps with --force leaves
+    only the new run's steps 2 and 4, and predict uses step 4."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    ckpts = run / "checkpoints"
+    for old, new in zip(sorted(ckpts.glob("step_*.pt")), ("step_00000010.pt", "step_00000020.pt")):
+        old.rename(ckpts / new)
+    argv = ["--stage", "train", "--out", str(run), "--quiet", *tiny_overrides(max_steps=4, checkpoint_every=2)]
+    assert cli(argv) == 2  # refused without --resume / --force
+    assert cli(argv + ["--force"]) == 0
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    assert cli(["--stage", "predict", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+
+
+def test_checkpoint_cleanup_never_removes_a_newer_step(tmp_path: Path):
+    from pipeline.checkpoint import list_checkpoints, save_training_state
+
+    (tmp_path / "step_00000020.pt").write_bytes(b"someone else's")
+    for step in (1, 2, 3):
+        save_training_state(tmp_path / f"step_{step:08d}.pt", {"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt", "step_00000020.pt"]
+
+
+def test_old_checkpoint_without_fingerprint_of_the_same_size_predicts_with_a_warning(base_run: Path, tmp_path: Path,
+                                                                                     capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    latest = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    del state["dataset_fingerprint"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="no dataset fingerprint"):
+        assert cli(["--stage", "predict", "--out", str(run), "--checkpoint", str(tmp_path / "old.pt"), "--quiet"]) == 0
+
+
+def test_the_lock_is_per_process_and_gone_with_it(base_run: Path, tmp_path: Path):
+    """Another process holding the folder makes this one busy; once it exits (here: killed), the folder is free."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.runfolder import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match=f"busy.*pid {holder.pid}"):
+            RunLock(run).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    RunLock(run).acquire().release()
