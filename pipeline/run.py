@@ -1,10 +1,14 @@
 """The command line: `python -m pipeline.run --stage STAGE ...`, one short function per stage.
 
 A run folder (`--out`, default `runs/PRESET`) collects every stage's artifacts:
-  dataset/ (+ manifest.json) · config.json · checkpoints/step_N.pt · metrics.jsonl · predictions.npz ·
+  run.json · dataset/ (+ manifest.json) · config.json · checkpoints/step_N.pt · metrics.jsonl · predictions.npz ·
   submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html
+and is one configuration: run.json (pipeline.runfolder) fixes its preset and dataset settings, and a command that
+contradicts them, writes into a foreign folder, or trains over another run's checkpoints is refused.
 `--stage all` runs augment → train → predict → submit → score → report, skipping stages whose artifact is
 already there (`--force STAGE` redoes one and everything after it).
+
+Expected failures are `pipeline.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
@@ -316,6 +320,8 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
             name = STAGES[0] if args.stage == "all" else args.stage
         if name not in STAGES:
             raise ConfigError(f"--force {name}: not a stage; choose one of {', '.join(STAGES)}")
+        if args.stage not in ("all", name):
+            raise ConfigError(f"--force {name} applies to --stage {name} or --stage all, not --stage {args.stage}")
         forced.append(name)
     args.forced = forced
     if args.data:  # several --data, or one path holding a comma: one spec string

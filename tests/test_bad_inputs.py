@@ -462,8 +462,8 @@ CASES: list[Case] = [
     Case("score-submission-duplicate-key", lambda ws: score_file(ws, ws.file("s.json", '{"a": [], "a": []}')),
          ("s.json", "appears twice")),
     Case("score-submission-is-a-number", lambda ws: score_file(ws, ws.file("s.json", "5")), ("s.json", "(got int)")),
-    Case("score-without-solutions", lambda ws: ["--stage", "score", "--submission", str(ws.run / "submission.json")],
-         ("--solutions",)),
+    Case("score-without-solutions", lambda ws: ["--stage", "score", "--submission", str(
+        ws.file("sub/submission.json", submission_of(ws)))], ("--solutions",)),
     Case("solutions-file-broken", lambda ws: ["--stage", "score", "--submission", str(ws.run / "submission.json"),
                                               "--solutions", str(ws.file("b_solutions.json", "{"))],
          ("b_solutions.json", "not valid JSON")),
@@ -498,6 +498,8 @@ CASES: list[Case] = [
     Case("stage-needs-a-run-folder", lambda ws: ["--stage", "predict", "--out", str(ws.root / "empty")],
          ("empty", "not a run folder")),
     Case("force-unknown-stage", lambda ws: ws.run_args("all", "--force", "everything"), ("--force everything",)),
+    Case("force-another-stage", lambda ws: ws.run_args("train", "--force", "augment"),
+         ("--force augment", "--stage train")),
     Case("unknown-selector", lambda ws: ws.run_args("submit", "--selector", "best"), ("best", "selector")),
     Case("predictions-file-broken", lambda ws: (ws.file("run/predictions.npz", b"PK\x03\x04junk"),
                                                 ws.run_args("submit"))[1], ("predictions.npz",)),
@@ -616,3 +618,19 @@ def test_the_lock_is_per_process_and_gone_with_it(base_run: Path, tmp_path: Path
         holder.wait()
     time.sleep(0.1)
     RunLock(run).acquire().release()
+
+
+def test_force_augment_rebuilds_with_new_settings_and_old_checkpoints_are_refused(base_run: Path, tmp_path: Path,
+                                                                                   capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = json.loads((run / "run.json").read_text())
+    base = ["--out", str(run), "--quiet"]
+    assert cli(["--stage", "augment", *base, "--num-aug", "3"]) == 2  # contradicts the folder
+    assert cli(["--stage", "augment", *base, "--num-aug", "3", "--force"]) == 0
+    after = json.loads((run / "run.json").read_text())
+    assert after["data"]["num_aug"] == 3 and after["preset"] == "demo"
+    assert after["dataset_fingerprint"] != before["dataset_fingerprint"]
+    capsys.readouterr()
+    assert cli(["--stage", "predict", *base]) == 2  # the checkpoints belong to the old dataset
+    assert "another dataset" in capsys.readouterr().err
