@@ -299,11 +299,13 @@ def dataset_fingerprint(dataset_dir: str | Path) -> str:
 
 
 def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_identifiers: int,
-                             dataset_dir: str | Path) -> None:
-    """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles).
-    An old checkpoint without a fingerprint is accepted, with a warning, when its puzzle table has exactly the
-    dataset's row count."""
+                             dataset_dir: str | Path, resumable: bool = False) -> None:
+    """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles), and
+    with `resumable` one that lacks what a resumed run needs. An old checkpoint without a fingerprint is accepted,
+    with a warning, when its puzzle table has exactly the dataset's row count."""
     state = load_training_state(path, mmap=True)
+    if resumable:
+        check_training_state(state, path)
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config inside)")
     theirs = state.get("dataset_fingerprint")

@@ -135,16 +135,16 @@ def _own_checkpoints(out: Path, data_dir: Path, args: argparse.Namespace) -> Non
             (out / "metrics.jsonl").unlink(missing_ok=True)
             print(f"train: --force: {len(existing)} checkpoints of the previous training run removed")
     elif existing:
-        _check_checkpoint(existing[-1], data_dir)
+        _check_checkpoint(existing[-1], data_dir, resumable=True)
 
 
-def _check_checkpoint(path: Path, data_dir: Path) -> None:
+def _check_checkpoint(path: Path, data_dir: Path, resumable: bool = False) -> None:
     """A checkpoint may be resumed or predicted with only on the dataset it was trained on (fingerprint)."""
     from pipeline import checkpoint as ckpt
 
     manifest = _read_manifest(data_dir)
     rows = int(manifest.get("num_variants", 0)) + 1
-    ckpt.check_checkpoint_dataset(path, ckpt.dataset_fingerprint(data_dir), rows, data_dir)
+    ckpt.check_checkpoint_dataset(path, ckpt.dataset_fingerprint(data_dir), rows, data_dir, resumable=resumable)
 
 
 def _read_manifest(data_dir: Path) -> dict:

@@ -240,7 +240,7 @@ def _checkpoint_cases() -> list[Case]:
         "truncated": (lambda ws: replace_checkpoint(ws, ws.latest.read_bytes()[:300]), "not a zip archive"),
         "json": (lambda ws: replace_checkpoint(ws, b'{"step": 4}'), "not a zip archive"),
         "folder": (lambda ws: replace_checkpoint(ws, folder=True), "is a folder"),
-        "evil-pickle": (lambda ws: replace_checkpoint(ws, __import__("pickle").dumps(Evil())), "not a zip archive"),
+        "evil-pickle": (lambda ws: replace_checkpoint(ws, __import__("pickle").dumps(Evil(), protocol=2)), "not a zip archive"),
         "random-bytes": (lambda ws: replace_checkpoint(ws, bytes(range(256)) * 20), "not a zip archive"),
         "zip-with-code": (lambda ws: replace_checkpoint(ws, _saved(Evil())), "never loaded"),
     }
@@ -382,6 +382,9 @@ CASES: list[Case] = [
     Case("item8-old-checkpoint-other-size", _old_checkpoint_other_size, ("old.pt", "999 puzzle embeddings")),
     # --- tracebacks: checkpoints (6 kinds x predict / resume / all)
     *_checkpoint_cases(),
+    Case("checkpoint-not-resumable", lambda ws: (edit_checkpoint(ws, ws.latest, lambda s: s.pop("optimizer")),
+                                                 ws.run_args("train", "--resume"))[1],
+         ("step_00000004.pt", "missing optimizer")),
     Case("checkpoint-missing-file", lambda ws: ws.run_args("predict", "--checkpoint", str(ws.root / "nope.pt")),
          ("nope.pt", "no such file")),
     # --- tracebacks: deep nesting and huge numbers
