@@ -102,7 +102,6 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     if args.dry_run:
         return stage_plan(cfg, out, args)
     from augment.dataset import AugmentedDataset
-    from pipeline import checkpoint as ckpt
     from pipeline.evaluate import HeldOutEvaluator
     from pipeline.train import train
 
