@@ -34,8 +34,6 @@ def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from pipeline.data import load_tasks, select_tasks
 
     d = cfg.data
-    if d.canvas < 1:
-        raise ConfigError(f"data.canvas must be at least 1 (a grid side), got {d.canvas}")
     loaded = load_tasks(d.sources, skip_invalid=d.skip_invalid)
     tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
     left_out = _left_out_by_selection(loaded.tasks, tasks, d.max_side, d.max_tasks)
@@ -89,6 +87,8 @@ def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: i
 
 
 def _train_data_dir(out: Path, args: argparse.Namespace) -> Path:
+    if args.stage in ("train", "plan") and args.data and not Path(args.data, "manifest.json").exists():
+        raise InputFileError(args.data, "no augmented dataset here (no manifest.json)", "--data")
     return Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
 
 
@@ -106,6 +106,11 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from pipeline.train import train
 
     data_dir = _train_data_dir(out, args)
+    _read_manifest(data_dir)  # everything that can be refused is checked before --force removes anything
+    if args.init:
+        from pipeline.checkpoint import load_training_state
+
+        load_training_state(args.init, mmap=True)
     _own_checkpoints(out, data_dir, args)
     evaluator = None
     if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
@@ -194,6 +199,8 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     if not solutions:
         raise InputFileError(solutions_spec, f"no solutions for any task of {submission_path}: nothing to score",
                              "solutions")
+    if args.predictions and not Path(args.predictions).is_file():
+        raise InputFileError(args.predictions, "no such file", "--predictions")
     predictions = _load_predictions(Path(args.predictions) if args.predictions else out / "predictions.npz")
     report = score_submission(submission, solutions, predictions)
     write_score(report, out)
@@ -352,6 +359,21 @@ def _setting_type(cfg: RunConfig, key: str) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
 
 
+# Settings whose value outside these bounds would only fail deep inside a stage, naming nothing.
+_AT_LEAST = {"global_batch_size": 1, "grad_accum_steps": 1, "log_every": 1, "keep_checkpoints": 0, "max_steps": 0,
+             "data.num_aug": 0, "data.canvas": 1, "data.max_side": 0, "data.max_tasks": 0,
+             "predict.batch_size": 1, "predict.max_variants": 0}
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, low in _AT_LEAST.items():
+        target: object = cfg
+        for part in key.split("."):
+            target = getattr(target, part, None)
+        if isinstance(target, (int, float)) and target < low:
+            raise ConfigError(f"--set {key}: must be at least {low}, got {target}")
+
+
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """The dedicated flags as key=value settings (dataset flags only where a dataset is built)."""
     builds = args.stage in ("augment", "all")
@@ -403,6 +425,7 @@ def resolve_config(args: argparse.Namespace, out: Path, marker: dict | None = No
         for key, value in (marker.get("data") or {}).items():
             setattr(cfg.data, key, value)
     _set_overrides(cfg, _flag_overrides(args) + args.set)
+    _check_ranges(cfg)
     if marker is not None and not rebuilding:
         conflicts = runfolder.data_conflicts(marker.get("data") or {}, dataclasses.asdict(cfg.data))
         if conflicts:
