@@ -166,6 +166,20 @@ def fake_disk_full(ws: Ws, after_bytes: int = 0, names: tuple[str, ...] = ()) ->
     ws.monkeypatch.setattr(pio.os, "fdopen", fdopen)
 
 
+def fake_full_append(ws: Ws) -> None:
+    """Appending to metrics.jsonl (a plain append, not an atomic write) fails as on a full disk."""
+    import builtins
+
+    import pipeline.train
+
+    def full_open(file, mode="r", *a, **kw):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return builtins.open(file, mode, *a, **kw)
+
+    ws.monkeypatch.setattr(pipeline.train, "open", full_open, raising=False)
+
+
 def hold_lock(ws: Ws) -> None:
     ws.held.append(RunLock(ws.run).acquire())  # another writer (a second open file: flock refuses it too)
 
@@ -415,6 +429,9 @@ CASES: list[Case] = [
          lambda ws: (fake_disk_full(ws, 2000, names=("step_",)),
                      ws.run_args("train", "--force", *tiny_overrides(max_steps=2, checkpoint_every=1)))[1],
          ("no space left on device", "step_00000001.pt"), unchanged=False),
+    Case("disk-full-train-metrics",
+         lambda ws: (fake_full_append(ws), ws.run_args("train", "--force", *tiny_overrides(max_steps=2)))[1],
+         ("no space left on device", "metrics.jsonl"), unchanged=False),
     Case("disk-full-submit", lambda ws: (fake_disk_full(ws, 10), ws.run_args("submit"))[1],
          ("no space left on device", "submission.json")),
     Case("disk-full-score", lambda ws: (fake_disk_full(ws, 10), ws.run_args("score"))[1],
