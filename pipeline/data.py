@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from pipeline.errors import InputFileError, PipelineError
 from pipeline.io import read_json
 
 MAX_SIDE = 30  # ARC grids are at most 30 x 30
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 30, 30, 40
 
 BUILTIN_SETS = ("arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation",
                 "concept-arc", "arc-agi-2-paper/training", "arc-agi-2-paper/evaluation")
@@ -138,7 +141,7 @@ def _bad_value(row: list, r: int, where: str) -> None:
     """Slow path, only on failure: find the first bad cell of `row` and report it."""
     for c, v in enumerate(row):
         if type(v) is not int or not 0 <= v <= 9:
-            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+            shown = _SHORT.repr(v)  # a cell may be a 3,000-digit number or a list nested 900 deep
             raise _Invalid(where, f"value {shown} ({type(v).__name__}) at row {r}, column {c} is not an integer 0-9")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ from pipeline.errors import InputFileError
 from pipeline.io import read_json
 
 ATTEMPT_KEYS = ("attempt_1", "attempt_2")
+_SHORT = reprlib.Repr()  # a cell may be anything, e.g. a list nested 900 deep: show only a short head of it
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 30, 30
 MAX_SIDE = 30
 MAX_PROBLEMS_PER_GRID = 3  # a 30x30 grid of strings would otherwise produce 900 lines
 
@@ -44,7 +47,7 @@ def grid_problems(grid: Any) -> list[str]:
         for c, value in enumerate(row):
             # bool is a subclass of int in Python, but `true` is not a colour.
             if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"cell ({r},{c}) is {value!r} ({type(value).__name__}), not an int")
+                problems.append(f"cell ({r},{c}) is {_SHORT.repr(value)} ({type(value).__name__}), not an int")
             elif not 0 <= value <= 9:
                 problems.append(f"cell ({r},{c}) is {value}, not a colour 0-9")
             if len(problems) >= MAX_PROBLEMS_PER_GRID:

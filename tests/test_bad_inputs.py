@@ -217,6 +217,13 @@ def check_malformed(task_word: str) -> Callable[[Ws, str, str], None]:
     return check
 
 
+def _nested(depth: int) -> list:
+    value: list = [0]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def bool_twin(grid: list) -> list:
     """The grid with its 1s written as JSON true (equal in Python, invalid in ARC)."""
     return [[True if v == 1 else v for v in row] for row in grid]
@@ -381,6 +388,8 @@ CASES: list[Case] = [
          check=check_malformed("colour 0-9")),
     Case("item4-negative-flagged", lambda ws: score_file(ws, scored_submission(ws, [[-1, 0]])), (), rc=0,
          check=check_malformed("colour 0-9")),
+    Case("attempt-cell-nested-500-deep", lambda ws: score_file(ws, scored_submission(ws, [[_nested(500)]])),
+         (), rc=0, check=check_malformed("[[[...]]]")),
     Case("item4-extra-entries-flagged", lambda ws: score_file(ws, scored_submission(ws, [[0]], extra_entries=2)),
          (), rc=0, check=check_malformed("entries")),
     Case("item5-score-out-honoured",
