@@ -38,6 +38,7 @@ class TaskScore:
     oracle: int | None  # test outputs whose truth is among the valid candidates (None: no predictions given)
     truth_rank: list[int | None] | None  # per test output: 1-based rank of the truth under the selector, None if absent
     missing: bool  # the task is absent from the submission
+    malformed: int = 0  # entries / attempts of this task the validator rejects (listed in ScoreReport.malformed)
 
     @property
     def score(self) -> float:
@@ -113,6 +114,7 @@ def score_submission(
     missing: list[str] = []
     malformed: list[str] = []
     for task_id, outputs in solutions.items():
+        problems_before = len(malformed)
         entries = submission.get(task_id)
         is_missing = task_id not in submission
         if is_missing:
@@ -155,6 +157,7 @@ def score_submission(
                 oracle=sum(r is not None for r in task_ranks) if task_ranks is not None else None,
                 truth_rank=task_ranks,
                 missing=is_missing,
+                malformed=len(malformed) - problems_before,
             )
         )
     num_outputs = sum(r.n_test for r in rows)
@@ -193,7 +196,8 @@ def compare_selectors(
 
 
 SCORE_FILES = ("score.json", "score_per_task.csv")
-CSV_COLUMNS = ("task_id", "n_test", "solved", "solved_attempt_1", "score", "oracle", "truth_rank", "missing")
+CSV_COLUMNS = ("task_id", "n_test", "solved", "solved_attempt_1", "score", "oracle", "truth_rank", "missing",
+               "malformed")
 
 
 def spreadsheet_safe(text: str) -> str:
@@ -209,7 +213,8 @@ def per_task_csv(report: ScoreReport) -> str:
     for r in report.rows:
         rank = "" if r.truth_rank is None else ";".join("-" if k is None else str(k) for k in r.truth_rank)
         oracle = "" if r.oracle is None else r.oracle
-        writer.writerow([spreadsheet_safe(r.task_id), r.n_test, r.solved, r.solved_attempt_1, f"{r.score:.4f}", oracle, rank, int(r.missing)])
+        writer.writerow([spreadsheet_safe(r.task_id), r.n_test, r.solved, r.solved_attempt_1, f"{r.score:.4f}", oracle,
+                         rank, int(r.missing), r.malformed])
     return buffer.getvalue()
 
 

@@ -211,7 +211,7 @@ def check_malformed(task_word: str) -> Callable[[Ws, str, str], None]:
         report = json.loads((ws.root / "sub" / "score.json").read_text())
         task_id, _ = truth_of(ws)
         row = next(r for r in report["rows"] if r["task_id"] == task_id)
-        assert row["solved_attempt_1"] == 0, "a malformed attempt scored"
+        assert row["solved_attempt_1"] == 0 and row["malformed"] >= 1, "a malformed attempt scored or went uncounted"
         assert any(task_id in m and task_word in m for m in report["malformed"]), report["malformed"]
         assert "malformed attempts" in out
     return check
