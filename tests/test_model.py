@@ -176,11 +176,10 @@ def test_gate_catches_a_stale_no_grad_weight_cache_and_the_model_clears_it(monke
     block_weights = {name for name, _ in model.named_parameters() if name.startswith("blocks.")}
     assert dense_params_without_gradient(model, "cpu", torch.bfloat16) == []
 
-    cleared = []  # the same model and the emulated cache, with the clear in TRM.recurse disabled
-    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: cleared.append(True))
+    # the same model and emulated cache with every clear disabled: the emulation does reproduce the failure
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: None)
     cache.clear()
     assert set(dense_params_without_gradient(model, "cpu", torch.bfloat16)) == block_weights
-    assert cleared, "TRM.recurse no longer clears the autocast cache before the gradient cycle"
 
 
 def test_injection_is_formed_once_per_cycle():
