@@ -66,15 +66,16 @@ def run_arm(name: str, overrides: list[str], seed: int, root: Path) -> Path:
         return folder
     if folder.exists() and not (folder / "wall.json").exists() and (folder / "checkpoints").exists():
         print(f"{folder}: an earlier attempt stopped midway; the chain resumes it (its wall time will be partial)")
-    folder.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)  # the run folder itself is the CLI's to create (it refuses foreign ones)
+    log_path = root / f"{name}_s{seed}.log"
     cmd = chain_command(folder, seed, overrides)
     print("$ " + shlex.join(cmd), flush=True)
     start = time.perf_counter()
-    with open(folder / "chain.log", "w") as log:
+    with open(log_path, "w") as log:
         result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"{name} seed {seed}: the chain failed (exit {result.returncode}); see {folder / 'chain.log'}")
+        raise SystemExit(f"{name} seed {seed}: the chain failed (exit {result.returncode}); see {log_path}")
     atomic_write_json(folder / "wall.json", {"seconds": wall, "command": shlex.join(cmd), "arm": name,
                                              "seed": seed, "overrides": overrides})
     print(f"{folder}: {wall / 60:.1f} min", flush=True)
