@@ -46,6 +46,7 @@ def test_mini_preset_holds_out_a_quarter_of_small_training_tasks(tmp_path: Path)
     cfg = preset("mini")
     assert cfg.data.sources == "arc-agi-1/training" and cfg.data.eval_set == "dev:4"
     assert cfg.data.canvas == 10 and cfg.data.max_side == 10 and cfg.model.seq_len == 100
+    assert (cfg.data.sampling, cfg.data.translation) == ("examples", "reference")  # measured: docs/QUALITY.md
     assert main(["--stage", "augment", "--preset", "mini", "--out", str(tmp_path), "--num-aug", "1", "--quiet"]) == 0
     dataset = AugmentedDataset.load(tmp_path / "dataset")
     ids = sorted(p["task_id"] for p in dataset.puzzles)
