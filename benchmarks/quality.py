@@ -214,7 +214,10 @@ def markdown(results: list[dict]) -> str:
                      f" | {t['rescore_views']} × {t['rescore_top_k']} |")
     curves = [r for r in results if r.get("curve")]
     if curves:
-        lines += ["", "### Learning curves (dev pass@2 per task during training, %)", ""]
+        lines += ["", "### Learning curves (dev pass@2 per task during training, %)", "",
+                  "Step: figure, from the evaluation rows of metrics.jsonl (`eval_views` views per test input, 8 in "
+                  "`mini`; the final figures above use every view). Also plotted in each run's report.html, with "
+                  "training exact accuracy.", ""]
         for r in curves:
             points = ", ".join(f"{c['step']}: {pct(c['task_pass2'])}" for c in r["curve"])
             lines.append(f"- {r.get('arm')} seed {r.get('seed')}: {points}")
