@@ -5,6 +5,10 @@ Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates)
 as soon as every row's q_halt > 0. Rows go round-robin over the test inputs (each input's first view, then
 each input's second view, ...), so a run cut short by its time budget still has candidates for every input.
 With several processes, each takes an interleaved share of the rows and rank 0 joins the shards.
+
+`save_partial_every_s` > 0 also writes the candidates made so far to `predictions.partial.npz` (one file per
+process) every that many seconds and when the run fails (an exception such as CUDA out-of-memory); a killed
+run leaves the last periodic one. The Kaggle driver submits from them when prediction dies part-way.
 """
 from __future__ import annotations
 
@@ -40,19 +44,37 @@ def predict(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    partial_path: str | Path | None = None,
 ) -> Predictions:
-    """Candidates for this process's share of the held-out rows (all rows when world == 1)."""
+    """Candidates for this process's share of the held-out rows (all rows when world == 1); with `partial_path`,
+    the candidates so far are saved there every cfg.save_partial_every_s seconds and on an exception."""
     model.eval()
     start_time = time.perf_counter()
     rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]  # 0 = the original
     order = np.lexsort((np.arange(len(view)), view))[rank::world]  # round-robin over inputs; this rank's share
     rows = {k: v[order] for k, v in rows.items()}
-    lo, hi = 0, len(order)
     writer = PredictionsWriter(eval_task_ids(dataset))
+    bar = tqdm(total=len(order), disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    try:
+        _predict_rows(model, dataset, cfg, rows, writer, bar, device, autocast, start_time, partial_path)
+    except BaseException:
+        if partial_path is not None and len(writer):
+            writer.finish().save(partial_path)  # what was done survives the failure
+        raise
+    finally:
+        bar.close()
+    return writer.finish()
+
+
+def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, rows: dict[str, np.ndarray],
+                  writer: PredictionsWriter, bar: tqdm, device, autocast, start_time: float,
+                  partial_path: str | Path | None) -> None:
+    """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
+    lo, hi = 0, len(rows["variant"])
     canvas = dataset.canvas
     steps = model.config.halt_max_steps
-    bar = tqdm(total=hi - lo, disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    last_save = time.perf_counter()
     for start in range(lo, hi, cfg.batch_size):
         sl = slice(start, min(hi, start + cfg.batch_size))
         variant = rows["variant"][sl]
@@ -77,12 +99,19 @@ def predict(
             rows["test_index"][sl], variant, q, answers,
         )
         bar.update(len(variant))
+        if partial_path is not None and cfg.save_partial_every_s > 0 and time.perf_counter() - last_save >= cfg.save_partial_every_s:
+            writer.finish().save(partial_path)
+            last_save = time.perf_counter()
         if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
             bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {start + len(variant) - lo} "
                       f"of {hi - lo} rows")
             break
-    bar.close()
-    return writer.finish()
+
+
+def partial_predictions_path(out_path: str | Path, rank: int = 0, world: int = 1) -> Path:
+    """Where a process keeps its candidates so far: predictions.partial.npz, or .rankR.partial.npz per process."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}{f'.rank{rank}' if world > 1 else ''}.partial.npz")
 
 
 def predict_to_file(
@@ -112,11 +141,14 @@ def predict_to_file(
             f"dataset {dataset_dir} needs {dataset.num_puzzle_identifiers}: predict with the dataset it was trained on"
         )
     rank, world = accelerator.process_index, accelerator.num_processes
+    out_path = Path(out_path)
+    partial = partial_predictions_path(out_path, rank, world) if cfg.save_partial_every_s > 0 else None
     part = predict(
         model, dataset, cfg, device=accelerator.device, autocast=accelerator.autocast,
-        rank=rank, world=world, progress=progress and accelerator.is_main_process,
+        rank=rank, world=world, progress=progress and accelerator.is_main_process, partial_path=partial,
     )
-    out_path = Path(out_path)
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # the whole share is done: no partial file left behind
     if world == 1:
         part.save(out_path)
         return out_path
