@@ -361,6 +361,13 @@ class AugmentedDataset:
         example = self.puzzle_first_example[self.variant_puzzle[variant]] + pair
         return variant, self.example_input_grid[example], self.example_output_grid[example]
 
+    def variant_examples(self, variants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first training example, example count), int64 (n,) each, of variants (n,): a variant's examples are
+        contiguous, so its group of examples is one range."""
+        variants = np.asarray(variants, dtype=np.int64)
+        count = self.puzzle_num_examples[self.variant_puzzle[variants]]
+        return self._train_end[variants] - count, count
+
     def augmented_shapes(self, grid_index: np.ndarray, variant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(heights, widths) int64 (n,) of grids after their variant's dihedral transform."""
         swap = _SWAPS[self.variant_dihedral[variant]]

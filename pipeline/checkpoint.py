@@ -246,33 +246,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Sum gradients over processes with one collective on a flat buffer."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p)
-        offset += n
-
-
-def gather_carries(carries: list[Carry], gather_rows: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """The ACT carry of the whole global batch (rows in global order: process-major, then micro-batch), on CPU."""
-    def field(get: Callable[[Carry], Tensor]) -> Tensor:
-        return gather_rows(torch.cat([get(c) for c in carries])).cpu()
-
-    out = {name: field(lambda c, n=name: getattr(c, n)) for name in ("z_H", "z_L", "steps", "halted")}
-    for key in carries[0].current_data:
-        out["data." + key] = field(lambda c, k=key: c.current_data[k])
-    return out
-
-
 def carries_from_state(
     state: dict[str, Tensor], rank: int, world: int, micro_batches: int, device: torch.device | str
 ) -> list[Carry]:

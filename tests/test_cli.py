@@ -105,7 +105,8 @@ def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
 
     tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
     assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), tasks) == []
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # log_every=2, 4 steps, rank 0 only
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["train", "train", "eval"]  # log_every=2, 4 steps, the final evaluation; rank 0 only
 
 
 def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):

@@ -20,7 +20,7 @@ from pipeline.encoding import (
     max_offset,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "trm_parity"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
 
 
 def _shifted_to_origin(tokens: np.ndarray, canvas: int, offset: tuple[int, int], background: int) -> np.ndarray:
@@ -32,8 +32,6 @@ def _shifted_to_origin(tokens: np.ndarray, canvas: int, offset: tuple[int, int],
 
 
 def test_reproduces_reference_fixture_batch():
-    if not (GOLDEN / "batch.pt").exists():
-        pytest.skip(f"golden fixture not found at {GOLDEN} (expected ../shared/golden/trm_parity beside the repo)")
     import torch
 
     batch = torch.load(GOLDEN / "batch.pt")

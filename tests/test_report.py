@@ -36,6 +36,17 @@ def test_read_metrics_skips_broken_lines(tmp_path):
     assert set(series) == {"loss", "exact_accuracy"} and len(series["loss"]) == 10 and skipped == 1
 
 
+def test_read_metrics_separates_evaluation_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": 5, "epoch": 0.5, "loss": 2.0},
+            {"kind": "eval", "step": 5, "epoch": 0.5, "pass2": 0.25, "oracle": 0.5},
+            {"kind": "train", "step": 10, "epoch": 1.0, "loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    series, skipped = read_metrics(path)
+    assert list(series)[:3] == ["eval epoch", "eval pass2", "eval oracle"] and skipped == 0
+    assert series["eval pass2"] == [(5.0, 0.25)] and series["epoch"] == [(5.0, 0.5), (10.0, 1.0)]
+
+
 def test_write_report(tmp_path):
     tasks = _tasks()
     truths = {t.id: t.test_outputs for t in tasks}

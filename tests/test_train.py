@@ -18,7 +18,7 @@ from pipeline.model import TRM
 from tiny import build_tiny_dataset, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden" / "trm_parity"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,11 @@ def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path):
         torch.testing.assert_close(a3["carry"][key], b3["carry"][key])
     torch.testing.assert_close(a3["carry"]["z_H"], b3["carry"]["z_H"], atol=1e-5, rtol=0)
     # only rank 0 writes: one metrics line per logging step, not two
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train", "train", "eval"]  # the final evaluation, sharded over both
+    evaluated = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {k: evaluated[k] for k in ("pass2", "oracle", "views", "test_outputs")} == {
+        k: rows[-1][k] for k in ("pass2", "oracle", "views", "test_outputs")}
 
 
 def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path: Path):
@@ -144,8 +148,6 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
 
 
 def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
-    if not GOLDEN.exists():
-        pytest.skip(f"the golden fixture is not in this checkout ({GOLDEN})")
     from pipeline.checkpoint import config_from_reference
 
     cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
@@ -189,3 +191,28 @@ def test_gradient_accumulation_matches_one_pass(tiny_data: Path, tmp_path: Path)
         train(tiny_config(max_steps=4, grad_accum_steps=2), tiny_data, tmp_path / "two", progress=False))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_evaluation_during_training_logs_and_keeps_weights(tiny_data: Path, tmp_path: Path):
+    from augment.dataset import AugmentedDataset
+    from pipeline.evaluate import HeldOutEvaluator
+    from pipeline.train import train
+
+    cfg = tiny_config(eval_every=4, eval_views=2, keep_checkpoints=1)
+    evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(tiny_data), cfg.eval_views)
+    train(cfg, tiny_data, tmp_path, progress=False, evaluator=evaluator)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    for r in evals:
+        assert r["views"] == 2 and r["tasks"] == 2 and 0 <= r["pass1"] <= r["pass2"] <= r["oracle"] <= 1
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / "evaluated").iterdir())
+    assert kept == ["step_00000004.pt", "step_00000008.pt", "step_00000012.pt"]  # none cleaned up
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 1
+    model = ckpt.load_model_for_inference(tmp_path / "checkpoints" / "evaluated" / "step_00000008.pt")
+    assert isinstance(model, TRM)
+    # the evaluation uses the EMA weights and gives training back its own: the run equals one without evaluation
+    plain = tmp_path / "plain"
+    train(tiny_config(keep_checkpoints=1), tiny_data, plain, progress=False)
+    _assert_same_state(_final_state(tmp_path), _final_state(plain))
+    assert HeldOutEvaluator.for_dataset(AugmentedDataset.load(tiny_data), 2) is not None

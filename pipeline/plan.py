@@ -1,0 +1,123 @@
+"""Stage `plan` (also `--stage train --dry-run`): what a training run will cost, before it costs it.
+
+Writes `plan.json` in the run folder: the schedule the trainer will follow (steps, epochs, groups, intervals, from
+pipeline.train's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
+training steps on this machine's device, the estimated hours. Nothing is trained and no checkpoint is written.
+
+The timing runs full optimizer steps (refill, forward, backward, all-reduce, updates, EMA) on a few rows per
+process (`rows`) and scales linearly to the global batch: on a GPU a small batch under-uses the device, so the
+estimate errs on the slow side; time with more rows (`--set` a smaller model is no substitute) for a tighter figure.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from augment.dataset import AugmentedDataset
+from pipeline.config import RunConfig
+from pipeline.io import atomic_write_json
+from pipeline.model import ModelConfig, swiglu_width
+
+
+def model_flops_per_row_step(m: ModelConfig) -> float:
+    """Matmul FLOPs of one ACT step of one row, forward + backward (backward = 2 × forward of the grad cycle).
+
+    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
+    D, S = m.hidden_size, m.seq_len + m.puzzle_len
+    inter = swiglu_width(D, m.expansion)
+    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
+    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
+    grad_blocks = (m.L_cycles + 1) * m.num_layers
+    heads = 2 * m.seq_len * D * m.vocab_size
+    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
+
+
+def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:
+    """Seconds per optimizer step of `rows` rows per process (median of `steps`, after one warm-up step)."""
+    import copy
+
+    from pipeline.train import Refill, blank_carries, build_state, make_runtime, train_step
+
+    small = copy.deepcopy(cfg)
+    rt = make_runtime(small)
+    small.global_batch_size = rows * rt.world
+    small.grad_accum_steps = 1
+    state = build_state(small, dataset, rt)
+    state.carries = blank_carries(state.model, small, rows, rt.device)
+    refill = Refill(state.sampler, rt, rows, small.model.seq_len)
+    sums = torch.zeros(7, dtype=torch.float64, device=rt.device)
+    bad = torch.zeros((), dtype=torch.bool, device=rt.device)
+    times = []
+    for i in range(steps + 1):
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        train_step(state, small, rt, refill, sums, bad, steps + 1)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return {"device": str(rt.device), "processes": rt.world, "rows_per_process": rows,
+            "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
+
+
+def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0) -> dict[str, Any]:
+    """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours)."""
+    from pipeline.train import plan_steps
+
+    dataset = AugmentedDataset.load(dataset_dir)
+    cfg.model.seq_len = dataset.canvas * dataset.canvas
+    cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
+    plan = plan_steps(cfg, dataset)
+    flops_row = model_flops_per_row_step(cfg.model)
+    plan["model_flops_per_step"] = flops_row * cfg.global_batch_size
+    plan["model_flops_total"] = flops_row * cfg.global_batch_size * plan["total_steps"]
+    plan["evaluations"] = plan["total_steps"] // plan["eval_every"] if plan["eval_every"] else 0
+    if time_steps_n > 0:
+        on_gpu = torch.cuda.is_available()
+        rows = rows or min(cfg.global_batch_size, 64 if on_gpu else 4)
+        timing = time_steps(cfg, dataset, time_steps_n, rows)
+        local_batch = cfg.global_batch_size / timing["processes"]
+        step_s = timing["seconds_per_step"] * local_batch / rows  # linear in the rows each process runs
+        timing["estimated_seconds_per_step"] = step_s
+        timing["estimated_hours"] = step_s * plan["total_steps"] / 3600
+        timing["achieved_tflops_per_process"] = flops_row * rows / timing["seconds_per_step"] / 1e12
+        timing["note"] = ("training only (evaluations come on top); scaled linearly from the timed rows per "
+                          "process to the global batch / processes")
+        plan["timing"] = timing
+    return plan
+
+
+def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n: int = 2, rows: int = 0) -> Path:
+    plan = make_plan(cfg, dataset_dir, time_steps_n, rows)
+    path = out / "plan.json"
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_json(path, plan)
+        print(format_plan(plan))
+        print(f"plan: {path}")
+    return path
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = [
+        f"plan: {plan['total_steps']:,} steps of {plan['global_batch_size']} rows = {plan['epochs']:g} epochs of "
+        f"{plan['examples_per_epoch']:,.0f} examples ({plan['sampling']} sampling: {plan['groups']} groups, "
+        f"{plan['variants']:,} variants, {plan['mean_examples_per_variant']:.3f} examples per variant)",
+        f"  warm-up {plan['warmup_steps']:,} steps; checkpoint every {plan['checkpoint_every']:,} steps; "
+        f"evaluation every {plan['eval_every']:,} steps ({plan['evaluations']} evaluations, {plan['eval_views']} views)",
+        f"  model: {plan['model_flops_per_step'] / 1e12:,.1f} TFLOP per step, "
+        f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all",
+    ]
+    t = plan.get("timing")
+    if t:
+        lines.append(
+            f"  timed on {t['device']} × {t['processes']}: {t['seconds_per_step']:.3f} s per step of "
+            f"{t['rows_per_process']} rows per process -> about {t['estimated_seconds_per_step']:.2f} s per step, "
+            f"{t['estimated_hours']:,.1f} hours of training"
+        )
+    return "\n".join(lines)
