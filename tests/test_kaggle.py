@@ -24,6 +24,7 @@ from pipeline.checkpoint import init_from_checkpoint, load_training_state, to_re
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data import load_tasks, select_tasks
 from pipeline.model import TRM, ModelConfig
+from pipeline.predictions import Predictions
 from pipeline.train import train
 from submissions.validate import validate_submission
 from tiny import CANVAS, build_tiny_dataset, tiny_config
@@ -426,6 +427,22 @@ def test_child_timeout_stops_a_hung_stage(tmp_path):
     assert result.timed_out and result.returncode != 0
     assert time.perf_counter() - start < 10
     assert "up" in (tmp_path / "child.log").read_text()
+
+
+def test_prediction_killed_part_way_leaves_its_candidates_so_far(tmp_path, pretrained):
+    """SIGKILL cannot be caught: the periodic partial file is what survives (here saved after every batch), and
+    the Kaggle driver's child entry point installs the TRM_FAULTS hook in the child."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained.parents[2] / "dataset", run / "dataset")
+    args = ["--stage", "predict", "--preset", "kaggle", "--out", str(run), "--checkpoint", str(pretrained), "--quiet",
+            "--set", "predict.batch_size=2", "--set", "predict.max_variants=3", "--set", "predict.save_partial_every_s=1e-9"]
+    env = {**os.environ, "TRM_FAULTS": "predict:kill_after_calls=6"}  # halt_max_steps 3: dies in the 3rd batch
+    result = ke.run_child(ke.launch_command(1, args, "pipeline.kaggle_entry"), 120, cwd=tmp_path, env=env,
+                          log_path=tmp_path / "predict.log")
+    assert result.returncode == -9 and ke.is_out_of_memory(result) and "TRM_FAULTS: SIGKILL" in result.tail
+    assert not (run / "predictions.npz").exists()
+    partial = Predictions.load(run / "predictions.partial.npz")
+    assert len(partial) == 4  # two batches of 2 rows
 
 
 def test_launch_command_uses_torchrun_for_several_gpus():
