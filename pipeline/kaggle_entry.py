@@ -92,8 +92,18 @@ ENV = {
 }
 
 
+LOG_FILE: Path | None = None  # WORKING/trm_kaggle.log once a KaggleRun exists: the driver's lines, to read outside Kaggle
+
+
 def log(message: str) -> None:
-    print(f"[kaggle {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    line = f"[kaggle {time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        try:
+            with open(LOG_FILE, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # the log file is a convenience; the notebook output has every line
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -589,7 +599,14 @@ class KaggleRun:
     """The notebook's state: one method per stage, each safe to call whatever happened before it."""
 
     def __init__(self, settings: KaggleSettings):
+        global LOG_FILE
         self.s = settings
+        LOG_FILE = settings.working / "trm_kaggle.log"
+        try:
+            settings.working.mkdir(parents=True, exist_ok=True)
+            LOG_FILE.write_text("")  # this run's lines only
+        except OSError:
+            LOG_FILE = None
         self.status: dict[str, dict[str, Any]] = {}
         self.fallback: Submission | None = None
         self.cfg = None  # the resolved RunConfig (after augment's configuration step)

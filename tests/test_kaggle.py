@@ -162,6 +162,8 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
         assert re.search(rf"PHASE {name}: planned (-|\d+ s), used \d+ s, outcome ok", printed), name
     assert "TIME PLAN: fine-tune about" in printed
     assert f"PATH: fine-tuned {stages['finetune']['step']} steps -> predicted with the fine-tuned checkpoint" in printed
+    log_file = (working / "trm_kaggle.log").read_text()  # the driver's lines, also in a file
+    assert "TIME PLAN: fine-tune about" in log_file and "PATH: fine-tuned" in log_file
 
 
 def test_notebook_60_s_with_kaggles_overheads_says_at_the_top_that_only_the_fallback_fits(tmp_path, monkeypatch, kaggle_input):
