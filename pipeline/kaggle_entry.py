@@ -592,7 +592,10 @@ def next_grad_accum(global_batch: int, num_processes: int, accum: int) -> int | 
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    """'1 attempt', '2 attempts', '2 out-of-memory retries'."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
 class KaggleRun:
