@@ -1,6 +1,10 @@
-"""The Kaggle entry: the notebook executed end to end on CPU against a fake /kaggle tree (bundle built by the
-bundle script, project wheel really installed), the time budget, and the pieces that keep submission.json valid
-and complete whatever happens (fallback from raw JSON, merge, budget plans, child timeouts)."""
+"""The Kaggle entry: the notebook executed on CPU against fake /kaggle trees (bundle built by the bundle script,
+project wheel really installed) on every path the day can take - the happy path, no bundle, a corrupt bundle,
+fine-tuning out of memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained
+checkpoint), prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the
+scored rerun variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the
+pieces that keep submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans,
+child timeouts, rerun detection)."""
 from __future__ import annotations
 
 import importlib.util
