@@ -895,11 +895,13 @@ class KaggleRun:
         return path
 
     def _collect_partial(self) -> Any:
-        """The candidates a failed prediction child left (one partial file per process), joined; None if none."""
+        """The candidates a failed prediction child left, joined: each process's partial file, or its finished
+        shard (several processes: a rank that got through its share saved it whole); None if none."""
         from pipeline.predictions import Predictions, PredictionsError
 
         parts = []
-        for path in sorted(self.s.run_dir.glob("predictions*.partial.npz")):
+        found = set(self.s.run_dir.glob("predictions*.partial.npz")) | set(self.s.run_dir.glob("predictions.rank*.npz"))
+        for path in sorted(found):
             try:
                 parts.append(Predictions.load(path))
             except PredictionsError as e:
