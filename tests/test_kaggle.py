@@ -201,6 +201,24 @@ def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fi
     assert stages["summary"]["elapsed_s"] <= 60 + 2
 
 
+@pytest.mark.parametrize("budget", [300, 600])
+def test_notebook_300_and_600_s_budgets_fine_tune_then_predict_every_view(tmp_path, monkeypatch, kaggle_input, budget):
+    """Enough time for both stages: fine-tuning gets its share (capped here by max_steps so the test is short),
+    prediction runs every view, and every task that fits gets the model's answer."""
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
+                                                 TRM_MIN_TRAIN_S=45, TRM_OVERRIDES=OVERRIDES + " max_steps=3")
+    stages = status["stages"]
+    plan = stages["plan"]
+    assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (budget - 1), abs=15)
+    assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
+    assert stages["finetune"]["step"] == 3 and stages["predict"]["checkpoint"] == "fine-tuned"
+    assert stages["submit"]["model_tasks"] == 3
+    predictions = Predictions.load(working / "trm_run" / "predictions.npz")
+    assert len(predictions) == 4 * 4  # 4 test inputs x predict.max_variants 4: every view
+    _check_complete(working / "submission.json", kaggle_input)
+    assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 3 tasks from the model" in printed
+
+
 def test_notebook_without_a_bundle_writes_the_fallback_before_anything_else(tmp_path, monkeypatch, kaggle_input):
     bare = tmp_path / "input"
     (bare / "arc-prize-2025").mkdir(parents=True)
