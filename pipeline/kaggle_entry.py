@@ -795,8 +795,13 @@ class KaggleRun:
             manifest = json.loads((self.s.run_dir / "dataset" / "manifest.json").read_text())
             self.status["augment"] = {"num_eval_puzzles": manifest["num_eval_puzzles"],
                                       "skipped": len(manifest["skipped"]), "too_big": len(manifest["too_big"])}
+            canvas = self.cfg.data.canvas
+            if manifest["too_big"] and canvas < 30:
+                log(f"WARNING: {len(manifest['too_big'])} task(s) do not fit the checkpoint's {canvas}x{canvas} canvas "
+                    f"and keep the identity fallback; a real submission needs a 30x30 checkpoint (kaggle/README.md)")
             if manifest["num_eval_puzzles"] == 0:
-                raise RuntimeError("no test task could be used (all malformed or too big for the canvas)")
+                raise RuntimeError(f"no test task could be used ({len(manifest['skipped'])} malformed, "
+                                   f"{len(manifest['too_big'])} too big for the {canvas}x{canvas} canvas)")
             return (f"{detail}; {manifest['num_eval_puzzles']} puzzles, {manifest['num_variants']} variants, "
                     f"{len(manifest['skipped'])} malformed, {len(manifest['too_big'])} too big (fallback entries)")
 

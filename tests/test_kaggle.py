@@ -148,6 +148,7 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     assert stages["submit"]["model_tasks"] == 3
     assert stages["submit"]["fallback_tasks"] == ["bad00000", "big00000"]
     assert stages["augment"]["skipped"] == 1 and stages["augment"]["too_big"] == 1
+    assert "WARNING: 1 task(s) do not fit the checkpoint's 6x6 canvas" in printed
     assert stages["plan"]["mode"] == "finetune+predict" and not status["scored"]
 
     run = working / "trm_run"
