@@ -23,13 +23,18 @@ Accepted reference prefixes: "inner." (the ACT model itself), "model.inner." (it
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from pipeline.errors import CheckpointError
 from pipeline.io import atomic_write_with
 from pipeline.model import TRM, Carry, ModelConfig
 
@@ -218,19 +223,107 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def save_training_state(path: str | Path, state: dict[str, Any], keep: int = 2) -> None:
-    """Write atomically, then drop all but the newest `keep` checkpoints (0 keeps all)."""
+    """Write atomically, then drop all but the newest `keep` checkpoints (0 keeps all). Only checkpoints of
+    *earlier* steps are dropped: a higher step in the folder is not this run's, and never a reason to delete the
+    one just written (the CLI refuses to train over another run's checkpoints in the first place)."""
     path = Path(path)
     atomic_write_with(path, lambda f: torch.save(state, f))
     if keep > 0:
-        for old in list_checkpoints(path.parent)[:-keep]:
+        step = checkpoint_step(path)
+        earlier = [p for p in list_checkpoints(path.parent) if checkpoint_step(p) < step]
+        for old in earlier[: max(0, len(earlier) - (keep - 1))]:
             old.unlink(missing_ok=True)
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
+def load_training_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint file's contents (weights_only: a checkpoint never runs code). Anything unreadable (missing,
+    empty, truncated, a folder, JSON, a pickle with code in it) raises CheckpointError naming the file.
+    mmap=True maps tensors lazily: a cheap look at the metadata of a multi-GB checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a folder, not a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: empty file")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # only the zip format maps; anything else is read (or refused) the ordinary way
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a foreign or broken file; all mean the same
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({_reason(e, path)})") from e
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """torch's load errors, shortened to what a user can act on."""
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive: truncated, or another kind of file"
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        return "it holds objects other than tensors and plain data, which are never loaded (weights_only)"
+    first = " ".join(str(error).split()).split(". ")[0]
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+TRAINING_KEYS = ("step", "config", "model", "optimizer", "table_optimizer", "sampler", "rng")
+
+
+def check_training_state(state: Any, path: str | Path) -> dict[str, Any]:
+    """A resumable training state, or CheckpointError naming what is missing."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a training checkpoint")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (missing "
+                              f"{', '.join(missing)})")
+    return state
+
+
+# A checkpoint belongs to the dataset it was trained on: its puzzle table has one row per puzzle variant of that
+# dataset, in that order. The fingerprint (sha256 over the dataset files) is stored in every checkpoint and in the
+# run folder's marker, and checked before a checkpoint is resumed or used to predict.
+DATASET_FILES = ("manifest.json", "puzzles.json", "grids.npz", "variants.npz")
+
+
+def dataset_fingerprint(dataset_dir: str | Path) -> str:
+    """sha256 over the dataset folder's files (names, sizes and bytes); a few ms for a full ARC dataset."""
+    digest = hashlib.sha256()
+    for name in DATASET_FILES:
+        path = Path(dataset_dir) / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"dataset {dataset_dir}: cannot read {name} ({e.strerror or e})") from None
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_identifiers: int,
+                             dataset_dir: str | Path, resumable: bool = False) -> None:
+    """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles), and
+    with `resumable` one that lacks what a resumed run needs. An old checkpoint without a fingerprint is accepted,
+    with a warning, when its puzzle table has exactly the dataset's row count."""
+    state = load_training_state(path, mmap=True)
+    if resumable:
+        check_training_state(state, path)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config inside)")
+    theirs = state.get("dataset_fingerprint")
+    if theirs is None:
+        rows = state["config"].get("model", {}).get("num_puzzle_identifiers")
+        if rows != num_puzzle_identifiers:
+            raise CheckpointError(
+                f"checkpoint {path}: has {rows} puzzle embeddings but the dataset {dataset_dir} has "
+                f"{num_puzzle_identifiers}; a checkpoint works only with the dataset it was trained on "
+                "(to train on new puzzles from it, use --init)")
+        warnings.warn(f"checkpoint {path} records no dataset fingerprint (an older checkpoint); it has the dataset's "
+                      "puzzle count, so it is used as trained on this dataset", stacklevel=2)
+        return
+    if theirs != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path}: was trained on another dataset (fingerprint {theirs[:12]}, {dataset_dir} has "
+            f"{fingerprint[:12]}); a checkpoint works only with the dataset it was trained on (to train on new "
+            "puzzles from it, use --init)")
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -278,7 +371,7 @@ def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tens
         return _dense_weights(state, use_ema), state["config"]
     if isinstance(state, dict) and any(k.startswith(REFERENCE_PREFIXES) for k in state):
         return from_reference_state_dict(state), None
-    raise ValueError(f"{path}: neither a checkpoint of this project nor a reference TRM state dict")
+    raise CheckpointError(f"checkpoint {path}: neither a checkpoint of this project nor a reference TRM state dict")
 
 
 def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> None:
@@ -291,7 +384,8 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
     own = model.state_dict()
     mismatched = [k for k in own if k != key and (k not in weights or weights[k].shape != own[k].shape)]
     if mismatched:
-        raise ValueError(f"{path}: does not fit this model config; mismatched or missing: {', '.join(mismatched[:8])}")
+        raise CheckpointError(f"checkpoint {path}: does not fit this model config; mismatched or missing: "
+                              f"{', '.join(mismatched[:8])}")
     if key in own:
         old = weights[key]
         if old.shape == own[key].shape:
@@ -311,8 +405,12 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
 def load_model_for_inference(path: str | Path, use_ema: bool = True) -> TRM:
     """The model of one of our training checkpoints, with its EMA weights unless use_ema is False."""
     state = load_training_state(path)
-    if not (isinstance(state, dict) and "config" in state and "model" in state):
-        raise ValueError(f"{path}: not a training checkpoint of this project (no config/model inside)")
-    model = TRM(ModelConfig(**state["config"]["model"]))
-    model.load_state_dict(_dense_weights(state, use_ema), strict=True)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
+        raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config/model inside)")
+    try:
+        model = TRM(ModelConfig(**state["config"]["model"]))
+        model.load_state_dict(_dense_weights(state, use_ema), strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its own model config ({reason})") from e
     return model

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.errors import InputFileError, PipelineError
+from pipeline.io import read_json
+
 MAX_SIDE = 30  # ARC grids are at most 30 x 30
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 30, 30, 40
 
 BUILTIN_SETS = ("arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation",
                 "concept-arc", "arc-agi-2-paper/training", "arc-agi-2-paper/evaluation")
@@ -58,7 +64,7 @@ class Task:
     source: str  # "arc-agi-1/training", a file path, ...
 
 
-class TaskError(ValueError):
+class TaskError(PipelineError, ValueError):
     """A task (or a whole file) that cannot be used; says which file, which task, where in it, and what is wrong."""
 
     def __init__(self, file: str | os.PathLike, task_id: str | None, where: str | None, problem: str):
@@ -135,7 +141,8 @@ def _bad_value(row: list, r: int, where: str) -> None:
     """Slow path, only on failure: find the first bad cell of `row` and report it."""
     for c, v in enumerate(row):
         if type(v) is not int or not 0 <= v <= 9:
-            raise _Invalid(where, f"value {v!r} ({type(v).__name__}) at row {r}, column {c} is not an integer 0-9")
+            shown = _SHORT.repr(v)  # a cell may be a 3,000-digit number or a list nested 900 deep
+            raise _Invalid(where, f"value {shown} ({type(v).__name__}) at row {r}, column {c} is not an integer 0-9")
 
 
 def _pairs(obj: dict, key: str) -> list:
@@ -220,16 +227,13 @@ def _solution_grids(value: Any, task_id: str, file: str) -> list[np.ndarray]:
 # Files
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, what: str = "task file") -> Any:
+    """Strict JSON (pipeline.io.read_json: repeated keys, deep nesting, huge numbers, bad bytes); every
+    problem becomes a TaskError naming the file."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise TaskError(path, None, None, "no such file or folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskError(path, None, None, f"not valid JSON ({e})") from None
-    except OSError as e:
-        raise TaskError(path, None, None, f"cannot read file ({e.strerror or e})") from None
+        return read_json(path, what)
+    except InputFileError as e:
+        raise TaskError(path, None, None, e.problem) from None
 
 
 def _builtin_path(version: str) -> Path:
@@ -254,6 +258,10 @@ class _Collector:
 
     def add(self, obj: Any, task_id: str, file: Path | str, source: str,
             solutions: Any = None, solutions_file: Path | None = None) -> None:
+        if not _printable_id(task_id):
+            self.fail(TaskError(file, task_id, None,  # str() shows the id by repr, which escapes the surrogate
+                                "task id is not valid Unicode text (a lone surrogate or undecodable file name)"))
+            return
         if task_id in self._origin:
             earlier = self._origin[task_id]
             self.fail(TaskError(file, task_id, None, f"duplicate task id (already loaded from {earlier})"))
@@ -265,6 +273,15 @@ class _Collector:
             return
         self._origin[task_id] = source if source in BUILTIN_SETS else str(file)
         self.tasks.append(task)
+
+
+def _printable_id(text: str) -> bool:
+    """Whether a task id can be printed and written as UTF-8 (JSON escapes allow lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_vendored(path: Path) -> Any:
@@ -313,7 +330,7 @@ def _load_json_file(path: Path, out: _Collector) -> None:
         if candidate.is_file():
             solutions_path = candidate
             try:
-                solutions = _read_json(candidate)
+                solutions = _read_json(candidate, "solutions file")
                 if type(solutions) is not dict:
                     raise TaskError(candidate, None, "top level", f"not a JSON object (got {type(solutions).__name__})")
             except TaskError as e:
@@ -350,8 +367,32 @@ def _load_folder(folder: Path, out: _Collector) -> None:
         out.add(data, path.stem, path, str(folder))
 
 
+def split_spec(spec: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; a comma inside a path is written '\\,' (see escape_spec)."""
+    parts, current, chars = [], [], iter(spec)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            if nxt == ",":
+                current.append(",")
+                continue
+            current.append(ch + nxt)
+        elif ch == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def escape_spec(part: str) -> str:
+    """One source (a path that may hold commas) written so that split_spec gives it back whole."""
+    return part.replace(",", "\\,")
+
+
 def _split_spec(spec: str) -> list[str]:
-    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    parts = [spec] if "," in spec and "\\," not in spec and Path(spec).exists() else split_spec(spec)
     if not parts:
         raise TaskError(spec, None, None, "empty task spec")
     expanded = []
@@ -402,9 +443,12 @@ def load_solutions(spec: str) -> dict[str, list[np.ndarray]]:
     for part in _split_spec(spec):
         path = Path(part)
         if part not in BUILTIN_SETS and path.name.endswith(_SOLUTIONS_SUFFIX) and path.is_file():
-            data = _read_json(path)
+            data = _read_json(path, "solutions file")
             if type(data) is not dict:
                 raise TaskError(path, None, "top level", f"not a JSON object (got {type(data).__name__})")
+            bad_id = next((t for t in data if not _printable_id(t)), None)
+            if bad_id is not None:
+                raise TaskError(path, ascii(bad_id), None, "task id is not valid Unicode text (a lone surrogate)")
             found = {task_id: _solution_grids(value, task_id, str(path)) for task_id, value in data.items()}
         else:
             found = {t.id: t.test_outputs for t in load_tasks(part).tasks if t.test_outputs is not None}

@@ -165,6 +165,7 @@ class TrainState:
     sampler: TrainSampler
     carries: list[Carry] | None  # one per micro-batch; None until the first step (or after a final checkpoint)
     step: int = 0
+    dataset_fingerprint: str | None = None  # saved in every checkpoint: it works only with this dataset
 
 
 def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
@@ -236,6 +237,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "rng": ckpt.get_rng_state(),
                 "world": rt.world,
                 "final": final,
+                "dataset_fingerprint": state.dataset_fingerprint,
             },
             keep=cfg.keep_checkpoints,
         )
@@ -338,6 +340,7 @@ def train(
     eval_every = eval_interval(cfg, dataset) if evaluator is not None else 0
 
     state = build_state(cfg, dataset, rt, init_checkpoint)
+    state.dataset_fingerprint = ckpt.dataset_fingerprint(data_dir)
     ckpt_dir = out_dir / "checkpoints"
     latest = ckpt.latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.data import Task
 from pipeline.io import atomic_write_text
-from submissions.score import ScoreReport, score_submission
+from submissions.score import ScoreReport, _as_grid, score_submission
 
 # The standard ARC palette, colour 0..9.
 PALETTE = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
@@ -162,11 +162,9 @@ def _scores_html(score: ScoreReport) -> str:
 
 
 def _same(attempt: Any, truth: np.ndarray) -> bool:
-    try:
-        a = np.asarray(attempt)
-    except (ValueError, TypeError):
-        return False
-    return a.shape == truth.shape and bool(np.array_equal(a, truth))
+    """Right only if the attempt is a valid grid (the scorer's and validator's rule) equal to the truth."""
+    a = _as_grid(attempt)
+    return a is not None and a.shape == truth.shape and bool(np.array_equal(a, truth))
 
 
 def _cell(label: str, grid: Any, state: str = "") -> str:
@@ -215,8 +213,9 @@ def render_report(
     if solutions is None:
         known = {t.id: t.test_outputs for t in tasks if t.test_outputs is not None}
         solutions = known or None
-    if score is None and solutions is not None:
-        score = score_submission(submission, {t.id: solutions[t.id] for t in tasks if t.id in solutions})
+    scored = {t.id: solutions[t.id] for t in tasks if t.id in solutions} if solutions is not None else {}
+    if score is None and scored:
+        score = score_submission(submission, scored)
     sections = [f"<h1>{html.escape(title)}</h1>"]
     if score is not None:
         sections.append(_scores_html(score))

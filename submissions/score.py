@@ -25,6 +25,7 @@ from pipeline.data import Task
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.predictions import Predictions
 from pipeline.vote import SELECTORS, Selector, vote
+from submissions.validate import ATTEMPT_KEYS, grid_problems
 from submissions.write import build_submission
 
 
@@ -37,6 +38,7 @@ class TaskScore:
     oracle: int | None  # test outputs whose truth is among the valid candidates (None: no predictions given)
     truth_rank: list[int | None] | None  # per test output: 1-based rank of the truth under the selector, None if absent
     missing: bool  # the task is absent from the submission
+    malformed: int = 0  # entries / attempts of this task the validator rejects (listed in ScoreReport.malformed)
 
     @property
     def score(self) -> float:
@@ -54,7 +56,7 @@ class ScoreReport:
     tasks_solved: int  # tasks with every test output right at pass@2
     missing_tasks: list[str] = field(default_factory=list)  # scored as wrong
     extra_tasks: list[str] = field(default_factory=list)  # in the submission but without solutions; not scored
-    malformed: list[str] = field(default_factory=list)  # attempts that are not grids (scored as wrong)
+    malformed: list[str] = field(default_factory=list)  # entries/attempts the validator rejects (scored as wrong)
     oracle_score: float | None = None  # truth among candidates, over test outputs
     oracle_task_score: float | None = None  # same, per-task average
     rows: list[TaskScore] = field(default_factory=list)
@@ -66,16 +68,12 @@ class ScoreReport:
 
 
 def _as_grid(obj: Any) -> np.ndarray | None:
-    """A submitted attempt as an int grid, or None when it is not a rectangular 2-D grid of numbers."""
-    if not isinstance(obj, list) or not obj or not all(isinstance(row, list) for row in obj):
+    """A submitted attempt as a grid, or None when the validator would reject it (the same rules: a rectangular
+    list of rows of ints 0-9, no booleans, sides 1-30): a malformed attempt never scores, even if it compares
+    equal (`true == 1` in Python)."""
+    if grid_problems(obj):
         return None
-    try:
-        grid = np.array(obj)
-    except (ValueError, TypeError):
-        return None
-    if grid.ndim != 2 or grid.size == 0 or grid.dtype.kind not in "iu":
-        return None
-    return grid
+    return np.array(obj, dtype=np.int64)
 
 
 def _same(a: np.ndarray | None, b: np.ndarray) -> bool:
@@ -106,29 +104,46 @@ def score_submission(
     predictions: Predictions | None = None,
     selector: Selector = vote,
 ) -> ScoreReport:
-    """Score every task of `solutions`; `predictions` (optional) adds the oracle and truth ranks under `selector`."""
+    """Score every task of `solutions`; `predictions` (optional) adds the oracle and truth ranks under `selector`.
+    Every attempt is checked with the validator's rules; a malformed one scores wrong and is named in
+    `malformed`. Nothing to score against is an error, not a score of 0 over 0 tasks."""
+    if not solutions:
+        raise ValueError("no solutions given: nothing to score")
     ranks = _truth_ranks(predictions, solutions, selector) if predictions is not None else None
     rows: list[TaskScore] = []
     missing: list[str] = []
     malformed: list[str] = []
     for task_id, outputs in solutions.items():
+        problems_before = len(malformed)
         entries = submission.get(task_id)
-        is_missing = not isinstance(entries, list)
+        is_missing = task_id not in submission
         if is_missing:
             missing.append(task_id)
             entries = []
+        elif not isinstance(entries, list):
+            malformed.append(f"task {task_id}: is a {type(entries).__name__}, expected a list with one object per "
+                             "test input")
+            entries = []
+        elif len(entries) != len(outputs):
+            malformed.append(f"task {task_id}: has {len(entries)} entries for {len(outputs)} test outputs")
         solved = solved_1 = 0
         for i, truth in enumerate(outputs):
             truth = np.asarray(truth)
-            entry = entries[i] if i < len(entries) and isinstance(entries[i], dict) else {}
-            if not is_missing and not entry:
-                malformed.append(f"task {task_id} test {i}: no entry")
-            attempts = []
-            for key in ("attempt_1", "attempt_2"):
-                grid = _as_grid(entry.get(key))
-                if grid is None and entry:
-                    malformed.append(f"task {task_id} test {i} {key}: not a grid")
-                attempts.append(grid)
+            entry = entries[i] if i < len(entries) else None
+            attempts: list[np.ndarray | None] = [None, None]
+            if not is_missing and entries and not isinstance(entry, dict):
+                what = "no entry" if entry is None else f"a {type(entry).__name__}, not an object"
+                malformed.append(f"task {task_id} test {i}: {what}")
+            elif isinstance(entry, dict):
+                for k, key in enumerate(ATTEMPT_KEYS):
+                    if key not in entry:
+                        malformed.append(f"task {task_id} test {i} {key}: missing")
+                        continue
+                    problems = grid_problems(entry[key])
+                    if problems:
+                        malformed.append(f"task {task_id} test {i} {key}: grid {problems[0]}")
+                    else:
+                        attempts[k] = _as_grid(entry[key])
             right_1 = _same(attempts[0], truth)
             solved_1 += right_1
             solved += right_1 or _same(attempts[1], truth)
@@ -142,6 +157,7 @@ def score_submission(
                 oracle=sum(r is not None for r in task_ranks) if task_ranks is not None else None,
                 truth_rank=task_ranks,
                 missing=is_missing,
+                malformed=len(malformed) - problems_before,
             )
         )
     num_outputs = sum(r.n_test for r in rows)
@@ -179,7 +195,15 @@ def compare_selectors(
     return reports
 
 
-CSV_COLUMNS = ("task_id", "n_test", "solved", "solved_attempt_1", "score", "oracle", "truth_rank", "missing")
+SCORE_FILES = ("score.json", "score_per_task.csv")
+CSV_COLUMNS = ("task_id", "n_test", "solved", "solved_attempt_1", "score", "oracle", "truth_rank", "missing",
+               "malformed")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet will show as text, never run as a formula: text starting with = + - @ or a tab /
+    carriage return gets a leading apostrophe (the usual CSV-injection guard)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def per_task_csv(report: ScoreReport) -> str:
@@ -189,15 +213,16 @@ def per_task_csv(report: ScoreReport) -> str:
     for r in report.rows:
         rank = "" if r.truth_rank is None else ";".join("-" if k is None else str(k) for k in r.truth_rank)
         oracle = "" if r.oracle is None else r.oracle
-        writer.writerow([r.task_id, r.n_test, r.solved, r.solved_attempt_1, f"{r.score:.4f}", oracle, rank, int(r.missing)])
+        writer.writerow([spreadsheet_safe(r.task_id), r.n_test, r.solved, r.solved_attempt_1, f"{r.score:.4f}", oracle,
+                         rank, int(r.missing), r.malformed])
     return buffer.getvalue()
 
 
 def write_score(report: ScoreReport, out_dir: str | os.PathLike) -> None:
     """score.json (everything) and score_per_task.csv (one row per task, truth ranks joined by ';')."""
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "score.json", report.to_json())
-    atomic_write_text(out_dir / "score_per_task.csv", per_task_csv(report))
+    atomic_write_json(out_dir / SCORE_FILES[0], report.to_json())
+    atomic_write_text(out_dir / SCORE_FILES[1], per_task_csv(report))
 
 
 def format_score(report: ScoreReport) -> str:

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.data import Task
+from pipeline.errors import InputFileError
+from pipeline.io import read_json
 
 ATTEMPT_KEYS = ("attempt_1", "attempt_2")
+_SHORT = reprlib.Repr()  # a cell may be anything, e.g. a list nested 900 deep: show only a short head of it
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 30, 30
 MAX_SIDE = 30
 MAX_PROBLEMS_PER_GRID = 3  # a 30x30 grid of strings would otherwise produce 900 lines
 
@@ -42,7 +47,7 @@ def grid_problems(grid: Any) -> list[str]:
         for c, value in enumerate(row):
             # bool is a subclass of int in Python, but `true` is not a colour.
             if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"cell ({r},{c}) is {value!r} ({type(value).__name__}), not an int")
+                problems.append(f"cell ({r},{c}) is {_SHORT.repr(value)} ({type(value).__name__}), not an int")
             elif not 0 <= value <= 9:
                 problems.append(f"cell ({r},{c}) is {value}, not a colour 0-9")
             if len(problems) >= MAX_PROBLEMS_PER_GRID:
@@ -95,3 +100,20 @@ def validate_submission_file(path: str | os.PathLike, challenges_tasks: Sequence
     except json.JSONDecodeError as e:
         return [f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"]
     return [f"{path}: {p}" for p in validate_submission(submission, challenges_tasks)]
+
+
+def read_submission_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A submission file's JSON object (task id -> entries); anything else raises InputFileError naming the file:
+    missing, unreadable, not UTF-8, broken or truncated JSON, nested too deeply, a repeated or non-Unicode task
+    id, or a top level that is not an object. Bad entries inside are the scorer's to report, per task."""
+    submission = read_json(path, "submission")
+    if not isinstance(submission, dict):
+        raise InputFileError(path, f"not a JSON object mapping task id -> list of attempts (got "
+                             f"{type(submission).__name__})", "submission")
+    for task_id in submission:
+        try:
+            task_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputFileError(path, f"task id {ascii(task_id)} is not valid Unicode text (a lone surrogate)",
+                                 "submission") from None
+    return submission

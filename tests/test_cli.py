@@ -10,7 +10,7 @@ from pipeline.run import STAGES, build_parser, main
 from submissions.validate import validate_submission
 from tiny import tiny_overrides
 
-SMALL = ["--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6", "--set", "data.max_tasks=4",
+SMALL = ["--preset", "demo", "--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6", "--set", "data.max_tasks=4",
          "--canvas", "6", "--num-aug", "3", "--quiet"]
 
 
@@ -39,14 +39,16 @@ def test_augment_reports_bad_tasks_and_strict_stops(tmp_path: Path):
     (folder / "good.json").write_text(json.dumps(good))
     (folder / "bad.json").write_text(json.dumps({"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": []}))
     out = tmp_path / "run"
-    assert main(["--stage", "augment", "--out", str(out), "--data", str(folder), "--eval-set", str(folder),
-                 "--canvas", "6", "--num-aug", "2", "--quiet"]) == 0
+    assert main(["--stage", "augment", "--preset", "demo", "--out", str(out), "--data", str(folder),
+                 "--eval-set", str(folder), "--canvas", "6", "--num-aug", "2", "--set", "data.max_side=0",
+                 "--quiet"]) == 0
     skipped = json.loads((out / "dataset" / "manifest.json").read_text())["skipped"]
     assert len(skipped) == 1 and skipped[0]["task_id"] == "bad"
     from pipeline.data import TaskError
 
     with pytest.raises(TaskError, match="bad"):
-        main(["--stage", "augment", "--out", str(out), "--data", str(folder), "--strict", "--quiet"])
+        main(["--stage", "augment", "--preset", "demo", "--out", str(tmp_path / "strict"), "--data", str(folder),
+              "--strict", "--quiet"])
 
 
 def test_whole_chain_then_rerun_skips_and_force_redoes(tmp_path: Path, capsys):
@@ -119,8 +121,9 @@ def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
         (["--stage", "score", "--submission", str(bad), "--solutions", "arc-agi-1/evaluation"], str(bad)),
         (["--stage", "score", "--submission", str(tmp_path / "missing.json"), "--solutions", "arc-agi-1/evaluation"],
          "missing.json"),
-        (["--stage", "train", "--out", str(tmp_path / "empty")], "no augmented dataset"),
-        (["--stage", "augment", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")], "nowhere"),
+        (["--stage", "train", "--out", str(tmp_path / "empty")], "not a run folder"),
+        (["--stage", "augment", "--preset", "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+         "nowhere"),
     ]
     for argv, needle in cases:
         old = _sys.argv

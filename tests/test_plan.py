@@ -26,6 +26,10 @@ def test_paper_presets_plan_the_reference_step_count(tmp_path: Path, name: str, 
         assert plan[interval] == plan["total_steps"] // 10
     assert plan["evaluations"] == 10 and plan["warmup_steps"] == 2000
     assert plan["model_flops_per_step"] == pytest.approx(768 * model_flops_per_row_step(preset(name).model))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{plan['total_steps']:,}" in readme and f"{plan['eval_every']:,}" in readme  # the README's table
+    if name == "arc1":  # the fine-tune example names the run's final checkpoint
+        assert f"runs/arc1/checkpoints/step_{plan['total_steps']:08d}.pt" in readme
 
 
 def test_plan_stage_times_steps_and_trains_nothing(tmp_path: Path):

@@ -34,8 +34,8 @@ def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> 
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.run", "--stage", "train", "--data", str(data), "--out", str(out),
-            "--quiet", *extra]
+    return [sys.executable, "-m", "pipeline.run", "--stage", "train", "--preset", "demo", "--data", str(data),
+            "--out", str(out), "--quiet", *extra]
 
 
 def _final_state(out: Path) -> dict:
