@@ -454,15 +454,20 @@ def test_child_timeout_stops_a_hung_stage(tmp_path):
     assert "up" in (tmp_path / "child.log").read_text()
 
 
-def test_prediction_killed_part_way_leaves_its_candidates_so_far(tmp_path, pretrained):
+def test_prediction_killed_part_way_leaves_its_candidates_so_far(tmp_path, kaggle_input):
     """SIGKILL cannot be caught: the periodic partial file is what survives (here saved after every batch), and
-    the Kaggle driver's child entry point installs the TRM_FAULTS hook in the child."""
-    run = tmp_path / "run"
-    shutil.copytree(pretrained.parents[2] / "dataset", run / "dataset")
-    args = ["--stage", "predict", "--preset", "kaggle", "--out", str(run), "--checkpoint", str(pretrained), "--quiet",
+    the Kaggle driver's child entry point installs the TRM_FAULTS hook in the child. The run folder and the
+    checkpoint are the driver's own (augment, then the pretrained checkpoint made to fit the dataset)."""
+    env = {"TRM_KAGGLE_INPUT": str(kaggle_input), "TRM_KAGGLE_WORKING": str(tmp_path), "TRM_NUM_GPUS": "0",
+           "TRM_OVERRIDES": OVERRIDES, "TRM_DRAFT_TIME_BUDGET_S": "600", "TRM_STAGE_OVERHEAD_S": "8"}
+    driver = ke.KaggleRun(ke.settings_from_env(env=env))
+    assert driver.write_fallback() and driver.augment()
+    checkpoint = driver._pretrained_for_dataset()
+    run = driver.s.run_dir
+    args = ["--stage", "predict", "--preset", "kaggle", "--out", str(run), "--checkpoint", str(checkpoint), "--quiet",
             "--set", "predict.batch_size=2", "--set", "predict.max_variants=3", "--set", "predict.save_partial_every_s=1e-9"]
-    env = {**os.environ, "TRM_FAULTS": "predict:kill_after_calls=6"}  # halt_max_steps 3: dies in the 3rd batch
-    result = ke.run_child(ke.launch_command(1, args, "pipeline.kaggle_entry"), 120, cwd=tmp_path, env=env,
+    child_env = {**os.environ, "TRM_FAULTS": "predict:kill_after_calls=6"}  # halt_max_steps 3: dies in batch 3
+    result = ke.run_child(ke.launch_command(1, args, "pipeline.kaggle_entry"), 120, cwd=tmp_path, env=child_env,
                           log_path=tmp_path / "predict.log")
     assert result.returncode == -9 and ke.is_out_of_memory(result) and "TRM_FAULTS: SIGKILL" in result.tail
     assert not (run / "predictions.npz").exists()
