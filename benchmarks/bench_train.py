@@ -1,18 +1,23 @@
 """Training throughput: examples/s of full training steps (optimizers, EMA, data included) and the share of the
 time spent outside forward/backward, for the `demo` preset and the small config of the model benchmark; on a
-GPU also the `arc1` preset with its model-FLOP utilisation.
+GPU also the paper config (`arc1`) at a per-device batch that fits, with its model-FLOP utilisation.
 
     python benchmarks/bench_train.py                 # CPU: demo + small
-    python benchmarks/bench_train.py --arc1 --steps 50 --peak-tflops 989   # GPU: the paper config, MFU
+    python benchmarks/bench_train.py --arc1 --steps 50 --peak-tflops 989        # one GPU: paper config, 192 rows
+    torchrun --nproc-per-node 4 benchmarks/bench_train.py --arc1 --peak-tflops 989   # 4 GPUs x 192 = the paper's 768
 
-"examples/s" counts rows × ACT steps (one optimizer step processes every row of the global batch once).
-The forward/backward-only time is measured by running the same model on the same batches without the rest of
-the loop; the difference is the share spent on data, optimizers, EMA and logging.
+"examples/s" counts rows × ACT steps of all processes (one optimizer step processes every row of the global
+batch once). `--arc1-rows` is the batch of ONE device (the paper's 768 rows on 4 GPUs is 192 each; 768 on one
+device would need ~180 GB of activations); the global batch is that times the number of processes. MFU is per
+process: the model FLOPs one device does per second over that device's peak. The forward/backward-only time is
+measured on one device's rows, on the same batches, without the rest of the loop; the difference is the share
+spent on data, collectives, optimizers, EMA and logging.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -23,7 +28,8 @@ import torch
 from augment.dataset import build_dataset
 from pipeline.config import RunConfig, preset
 from pipeline.data import load_tasks, select_tasks
-from pipeline.model import TRM, act_loss, swiglu_width
+from pipeline.model import TRM, act_loss
+from pipeline.plan import model_flops_per_row_step
 from pipeline.train import train
 
 
@@ -45,20 +51,9 @@ def small_config() -> RunConfig:
     return cfg
 
 
-def model_flops_per_row_step(cfg: RunConfig) -> float:
-    """Matmul FLOPs of one ACT step of one row, forward + backward (backward = 2 × forward of the grad cycle)."""
-    m = cfg.model
-    D, S = m.hidden_size, m.seq_len + m.puzzle_emb_len
-    inter = swiglu_width(D, m.expansion)
-    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
-    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
-    grad_blocks = (m.L_cycles + 1) * m.num_layers
-    heads = 2 * m.seq_len * D * m.vocab_size
-    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
-
-
-def time_model_only(cfg: RunConfig, data: Path, steps: int, device: str) -> float:
-    """Seconds per step of forward + loss + backward alone, on batches from the same sampler."""
+def time_model_only(cfg: RunConfig, data: Path, steps: int, device: str, rows: int) -> float:
+    """Seconds per step of forward + loss + backward alone for `rows` rows (one device's share), on batches from
+    the same sampler."""
     from augment.dataset import AugmentedDataset
     from pipeline.batches import TrainSampler
 
@@ -66,7 +61,7 @@ def time_model_only(cfg: RunConfig, data: Path, steps: int, device: str) -> floa
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = ds.canvas**2, ds.num_puzzle_identifiers
     model = TRM(cfg.model).to(device)
     sampler = TrainSampler(ds, seed=0)
-    batch = {k: torch.from_numpy(v).to(device) for k, v in sampler.take(cfg.global_batch_size).items()}
+    batch = {k: torch.from_numpy(v).to(device) for k, v in sampler.take(rows).items()}
     carry = model.initial_carry(batch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     times = []
@@ -87,56 +82,88 @@ def time_model_only(cfg: RunConfig, data: Path, steps: int, device: str) -> floa
     return times[len(times) // 2]
 
 
-def bench(name: str, cfg: RunConfig, data: Path, steps: int, device: str, peak_tflops: float) -> dict:
-    out = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
-    cfg.max_steps, cfg.log_every, cfg.checkpoint_every = steps, max(1, steps // 2), 10**9
+def bench(name: str, cfg: RunConfig, data: Path, steps: int, device: str, peak_tflops: float, world: int = 1) -> dict:
+    """Full training steps through `train` (on every process of the job), then forward+backward alone on one
+    device's rows. `cfg.global_batch_size` is the global batch."""
+    out = Path(tempfile.mkdtemp(prefix=f"bench_{name.split()[0]}_")) if world == 1 else data.parent / f"run_{name.split()[0]}"
+    cfg.max_steps, cfg.log_every, cfg.checkpoint_every, cfg.eval_every_epochs = steps, max(1, steps // 2), 10**9, 0
     cfg.lr_warmup_steps = 1
     try:
         train(cfg, data, out, progress=False)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = out / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     finally:
-        shutil.rmtree(out, ignore_errors=True)
-    full = rows[-1]["examples_per_s"]  # the second half of the run: warm
+        if world == 1:
+            shutil.rmtree(out, ignore_errors=True)
+    local_rows = cfg.global_batch_size // world
+    per_step_model = time_model_only(cfg, data, max(5, steps // 4), device, local_rows)
+    if not rows:  # not rank 0: only rank 0 logs
+        return {}
+    full = rows[-1]["examples_per_s"]  # the second half of the run: warm; all processes' rows
     per_step_full = cfg.global_batch_size / full
-    per_step_model = time_model_only(cfg, data, max(5, steps // 4), device)
     result = {
-        "name": name, "global_batch": cfg.global_batch_size, "seq_len": cfg.model.seq_len,
-        "hidden": cfg.model.hidden_size, "examples_per_s": full, "s_per_step": per_step_full,
-        "fwd_bwd_s_per_step": per_step_model, "outside_fwd_bwd": max(0.0, 1 - per_step_model / per_step_full),
+        "name": name, "global_batch": cfg.global_batch_size, "rows_per_device": local_rows, "processes": world,
+        "seq_len": cfg.model.seq_len, "hidden": cfg.model.hidden_size, "examples_per_s": full,
+        "s_per_step": per_step_full, "fwd_bwd_s_per_step": per_step_model,
+        "outside_fwd_bwd": max(0.0, 1 - per_step_model / per_step_full),
     }
-    if peak_tflops:
-        result["mfu"] = model_flops_per_row_step(cfg) * full / (peak_tflops * 1e12)
+    if peak_tflops:  # per process: one device's FLOPs per second over one device's peak
+        result["mfu"] = model_flops_per_row_step(cfg.model) * full / world / (peak_tflops * 1e12)
+        result["mfu_fwd_bwd"] = model_flops_per_row_step(cfg.model) * local_rows / per_step_model / (peak_tflops * 1e12)
     return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--arc1", action="store_true", help="also the paper config (meant for a GPU)")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (bf16 dense) for MFU; 0 = skip")
+    p.add_argument("--arc1", action="store_true", help="also the paper config (meant for GPUs)")
+    p.add_argument("--arc1-rows", type=int, default=192, help="paper config rows per device (global = x processes)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="one device's peak (bf16 dense) for MFU; 0 = skip")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-small", action="store_true", help="only the paper config")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tmp = Path(tempfile.mkdtemp(prefix="bench_train_data_"))
+    # one shared folder for all processes (rank 0 builds the datasets); a private one with one process
+    tmp = Path(os.environ.get("BENCH_TRAIN_DIR", "")) if world > 1 else Path(tempfile.mkdtemp(prefix="bench_train_data_"))
+    if world > 1 and not os.environ.get("BENCH_TRAIN_DIR"):
+        raise SystemExit("with several processes set BENCH_TRAIN_DIR to an empty folder that every process sees")
+    configs = []
+    if not args.skip_small:
+        demo = preset("demo")
+        configs.append(("demo", demo, lambda: make_dataset(tmp / "demo", demo.data.canvas, demo.data.num_aug)))
+        small = small_config()
+        configs.append(("small (h128, seq100, b16)", small, lambda: make_dataset(tmp / "small", 10, 8)))
+    if args.arc1:
+        arc1 = preset("arc1")
+        arc1.global_batch_size = args.arc1_rows * world
+        configs.append((f"arc1 (paper, {args.arc1_rows}/device)", arc1, lambda: make_dataset(tmp / "arc1", 30, 8)))
     results = []
     try:
-        demo = preset("demo")
-        results.append(bench("demo", demo, make_dataset(tmp / "demo", demo.data.canvas, demo.data.num_aug), args.steps,
-                             device, args.peak_tflops))
-        results.append(bench("small (h128, seq100, b16)", small_config(), make_dataset(tmp / "small", 10, 8),
-                             args.steps, device, args.peak_tflops))
-        if args.arc1:
-            results.append(bench("arc1 (paper)", preset("arc1"), make_dataset(tmp / "arc1", 30, 8), args.steps,
-                                 device, args.peak_tflops))
+        for name, cfg, build in configs:
+            if cfg.global_batch_size % world:
+                cfg.global_batch_size -= cfg.global_batch_size % world
+            if rank == 0:
+                data = build()
+                (data / "READY").touch()
+            data = tmp / name.split()[0]
+            while not (data / "READY").exists():
+                time.sleep(0.5)
+            results.append(bench(name, cfg, data, args.steps, device, args.peak_tflops, world))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}")
-    print(f"{'config':28}{'batch':>6}{'ex/s':>10}{'s/step':>9}{'fwd+bwd':>9}{'outside':>9}{'MFU':>7}")
+        if world == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if rank != 0:
+        return
+    print(f"\ndevice {device}, {world} process(es), torch threads {torch.get_num_threads()}")
+    print(f"{'config':30}{'rows/dev':>9}{'global':>7}{'ex/s':>10}{'s/step':>9}{'fwd+bwd':>9}{'outside':>9}"
+          f"{'MFU':>7}{'MFU f+b':>8}")
     for r in results:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"{r['name']:28}{r['global_batch']:>6}{r['examples_per_s']:>10.1f}{r['s_per_step']:>9.3f}"
-              f"{r['fwd_bwd_s_per_step']:>9.3f}{r['outside_fwd_bwd']:>9.1%}{mfu:>7}")
+        mfu_fb = f"{r['mfu_fwd_bwd']:.1%}" if "mfu_fwd_bwd" in r else "-"
+        print(f"{r['name']:30}{r['rows_per_device']:>9}{r['global_batch']:>7}{r['examples_per_s']:>10.1f}"
+              f"{r['s_per_step']:>9.3f}{r['fwd_bwd_s_per_step']:>9.3f}{r['outside_fwd_bwd']:>9.1%}{mfu:>7}{mfu_fb:>8}")
 
 
 if __name__ == "__main__":

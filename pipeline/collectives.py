@@ -23,6 +23,20 @@ def all_gather_rows(local: Tensor, world_size: int, group: dist.ProcessGroup | N
     return torch.cat(parts, dim=0)
 
 
+def gather_rows_to_main(local: Tensor, world_size: int) -> Tensor:
+    """Every process's tensor concatenated along dim 0 in rank order, on rank 0; an empty (0, ...) tensor on the
+    other ranks, which so never hold (nor copy to the host) what only rank 0 writes."""
+    if world_size == 1:
+        return local
+    local = local.contiguous()
+    if dist.get_rank() == 0:
+        parts = [torch.empty_like(local) for _ in range(world_size)]
+        dist.gather(local, parts, dst=0)
+        return torch.cat(parts, dim=0)
+    dist.gather(local, None, dst=0)
+    return local[:0]
+
+
 def all_reduce_sum(t: Tensor, world_size: int) -> Tensor:
     """Sum over processes, in place; returns `t`."""
     if world_size > 1:

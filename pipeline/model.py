@@ -31,7 +31,7 @@ Usage in a training loop:
     loss, metrics = act_loss(outputs, carry)   # loss is summed over rows: divide by the global batch size
     (loss / global_batch_size).backward()
 Every dense parameter receives a gradient every step (none is unused), so a hand-written all-reduce over
-`model.parameters()` works without DDP. The puzzle table is a buffer, not a parameter: its gradient for the
+`model.parameters()` works without DDP; `dense_params_without_gradient` checks that under autocast. The puzzle table is a buffer, not a parameter: its gradient for the
 batch's rows is `model.puzzle_emb.local_weights.grad` (B, ndim) with the rows' ids in
 `model.puzzle_emb.local_ids` (B,), for a sparse optimizer to apply.
 
@@ -41,7 +41,8 @@ q_head weight 0 and bias -5 (so the model starts by never halting early); puzzle
 std after truncation.
 
 Precision: parameters, carries, RMS norms, RoPE tables and the loss stay float32 (the lm loss float64);
-under `torch.autocast(dtype=torch.bfloat16)` the matmuls and attention run in bfloat16.
+under `torch.autocast(dtype=torch.bfloat16)` the matmuls and attention run in bfloat16. The autocast weight
+cache is cleared before the gradient cycle (see `recurse`), so the gradients are right on every torch.
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     mlp_t: bool = False  # mix tokens with an MLP over the sequence instead of attention (small fixed grids)
+    # How the blocks run, not what they compute: torch.compile each block with this backend ("" = eager,
+    # the default; "inductor" fuses the elementwise work around the GEMMs on a GPU). Off until measured.
+    compile_backend: str = ""
 
     @classmethod
     def paper_arc(cls, **overrides) -> "ModelConfig":
@@ -116,6 +120,8 @@ class ModelConfig:
             raise ValueError("ModelConfig: H_cycles, L_cycles, halt_max_steps and num_layers must be >= 1")
         if self.num_puzzle_identifiers < 1:
             raise ValueError("ModelConfig: num_puzzle_identifiers must be >= 1")
+        if not isinstance(self.compile_backend, str):
+            raise ValueError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,6 +349,22 @@ class TRM(nn.Module):
             self.q_head.bias.fill_(-5.0)
         self.register_buffer("H_init", trunc_normal_(torch.empty(D), std=1.0))  # y's start value
         self.register_buffer("L_init", trunc_normal_(torch.empty(D), std=1.0))  # z's start value
+        if config.compile_backend:
+            self.compile_blocks(config.compile_backend)
+
+    def compile_blocks(self, backend: str = "inductor", **options) -> None:
+        """torch.compile each block in place (`nn.Module.compile`, so state-dict names do not change). The
+        whole model cannot be compiled as is (the puzzle embedding replaces buffers and clears `.grad` in
+        forward); a block is pure tensor work, where RoPE, the norms and SiLU·mul fuse around the GEMMs."""
+        import torch._dynamo
+
+        # Each block's graph is specialised per grad mode (no-grad cycles, gradient cycle, prediction) and batch
+        # shape; beyond the recompile limit (8 by default) torch silently falls back to eager.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        for block in self.blocks:
+            block.compile(backend=backend, **options)
 
     # -- one application of the shared network -------------------------------------------------------------
     def net(self, h: Tensor, injection: Tensor) -> Tensor:
@@ -365,15 +387,24 @@ class TRM(nn.Module):
         return self.embed_scale * x
 
     def recurse(self, z_H: Tensor, z_L: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """T cycles of (n times z ← net(z, y + x), then y ← net(y, z)); only the last keeps gradients."""
+        """T cycles of (n times z ← net(z, y + x), then y ← net(y, z)); only the last keeps gradients.
+        y does not change during a cycle's n z-updates, so y + x is formed once per cycle."""
         cfg = self.config
         with torch.no_grad():
             for _ in range(cfg.H_cycles - 1):
+                injection = z_H + x
                 for _ in range(cfg.L_cycles):
-                    z_L = self.net(z_L, z_H + x)
+                    z_L = self.net(z_L, injection)
                 z_H = self.net(z_H, z_L)
+        if torch.is_grad_enabled():
+            # Under autocast the no-gradient cycles may have cached bf16 copies of the weights. On torch
+            # releases without the fix of pytorch#158232 (PR #165068) such a copy carries no autograd history,
+            # and the gradient cycle would reuse it: the block weights would get no gradient at all. Dropping
+            # the cache here makes the gradient cycle cast afresh on every torch (a few µs per step on a GPU).
+            torch.clear_autocast_cache()
+        injection = z_H + x
         for _ in range(cfg.L_cycles):
-            z_L = self.net(z_L, z_H + x)
+            z_L = self.net(z_L, injection)
         z_H = self.net(z_H, z_L)
         return z_H, z_L
 
@@ -484,3 +515,44 @@ def act_loss(outputs: dict[str, Tensor], carry: Carry) -> tuple[Tensor, dict[str
     metrics["lm_loss"] = lm_loss.detach()
     metrics["q_halt_loss"] = q_halt_loss.detach()
     return lm_loss + 0.5 * q_halt_loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gradient gate
+
+
+def dense_params_without_gradient(
+    model: TRM, device_type: str, dtype: torch.dtype = torch.bfloat16, rows: int = 2, seed: int = 0
+) -> list[str]:
+    """The names of the dense parameters that one training step under `torch.autocast(device_type, dtype)`
+    (its weight-cast cache on, as Accelerate leaves it) leaves without a non-zero, finite gradient; [] when
+    every one learns. A cheap guard against silent mixed-precision failures such as pytorch#158232 (bf16
+    weight copies cached under no_grad reused by the gradient cycle), run before training on a device.
+
+    The step uses `rows` random rows from its own generator and explicit exploration draws, so the global
+    RNG, the weights and the optimizers are untouched; gradients are cleared and the mode restored after."""
+    cfg, device = model.config, model.H_init.device
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "inputs": torch.randint(2, cfg.vocab_size, (rows, cfg.seq_len), generator=g, dtype=torch.int32),
+        "labels": torch.randint(2, cfg.vocab_size, (rows, cfg.seq_len), generator=g, dtype=torch.int32),
+        "puzzle_identifiers": torch.randint(0, cfg.num_puzzle_identifiers, (rows,), generator=g, dtype=torch.int32),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    no_exploration = (torch.ones(rows, device=device), torch.zeros(rows, dtype=torch.int32, device=device))
+    was_training = model.training
+    model.train()
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=True):
+                carry, outputs = model(model.initial_carry(batch), batch, exploration=no_exploration)
+                loss, _ = act_loss(outputs, carry)
+            loss.backward()
+        return [
+            name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(torch.isfinite(p.grad).all() and p.grad.ne(0).any()))
+        ]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

@@ -179,11 +179,16 @@ def sign_sgd_update_(
     lr: float,
     weight_decay: float,
 ) -> torch.Tensor:
-    """Apply w ← w·(1 − lr·wd) − lr·sign(Σ g) to the rows named in `ids`, in place; return those unique ids.
+    """Apply w ← w·(1 − lr·wd) − lr·sign(Σ g) to the rows named in `ids`, in place; return the ids, sorted
+    (repeats kept).
 
     weights: (N, D) the embedding table. ids: (B,) integer row per gradient row (repeats allowed: the
     gradients of a repeated id are summed before the sign). grads: (B, D). Rows not in `ids` are left
     exactly as they are, not even decayed — that is what makes the update sparse.
+
+    On a GPU nothing here waits for the device: every tensor has a size known on the host (B rows), so
+    repeats are grouped by sorting instead of `torch.unique` (whose output size is data-dependent), every
+    position of a repeated id computes the same new row, and the range check is a device-side assertion.
     """
     if weights.ndim != 2:
         raise ValueError(f"SignSGD: the table must be (N, D), got shape {tuple(weights.shape)}")
@@ -197,17 +202,23 @@ def sign_sgd_update_(
     if ids.numel() == 0:
         return ids.new_empty(0, dtype=torch.long)
     ids = ids.to(device=weights.device, dtype=torch.long)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= weights.shape[0]:
-        raise IndexError(f"SignSGD: puzzle identifiers must lie in [0, {weights.shape[0]}), got min {low} max {high}")
+    num_rows = weights.shape[0]
+    message = f"SignSGD: puzzle identifiers must lie in [0, {num_rows})"
+    try:  # on a CPU this raises here; on a GPU the device raises it later, without the host waiting now
+        torch._assert_async(((ids >= 0) & (ids < num_rows)).all(), message)
+    except RuntimeError as error:
+        raise IndexError(message) from error
 
-    unique_ids, position = torch.unique(ids, return_inverse=True)
-    summed = torch.zeros(unique_ids.shape[0], weights.shape[1], dtype=torch.float32, device=weights.device)
-    summed.index_add_(0, position, grads.to(device=weights.device, dtype=torch.float32))
-    rows = weights.index_select(0, unique_ids)
-    rows.mul_(1.0 - lr * weight_decay).sub_(torch.sign(summed).to(rows.dtype), alpha=lr)
-    weights.index_copy_(0, unique_ids, rows)
-    return unique_ids
+    sorted_ids, order = torch.sort(ids)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group = torch.cumsum(starts, 0) - 1  # position -> index of its id among the distinct ids (B groups at most)
+    summed = torch.zeros(ids.shape[0], weights.shape[1], dtype=torch.float32, device=weights.device)
+    summed.index_add_(0, group, grads.to(device=weights.device, dtype=torch.float32).index_select(0, order))
+    rows = weights.index_select(0, sorted_ids)  # read before any write: repeats see the same old row
+    rows.mul_(1.0 - lr * weight_decay).sub_(torch.sign(summed.index_select(0, group)).to(rows.dtype), alpha=lr)
+    weights.index_copy_(0, sorted_ids, rows)  # repeats write identical values, so the order of writes is moot
+    return sorted_ids
 
 
 class SignSGD:
@@ -244,7 +255,8 @@ class SignSGD:
     @torch.no_grad()
     def step(self, local_ids: torch.Tensor, local_grads: torch.Tensor,
              group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """Update the rows of this step's batch (gathered over all processes); return the unique ids touched.
+        """Update the rows of this step's batch (gathered over all processes); return the ids touched, sorted
+        (repeats kept). No host synchronisation on a GPU (see `sign_sgd_update_`).
 
         local_ids: (B,) this process's puzzle identifiers. local_grads: (B, D) their embedding gradients.
         """

@@ -32,10 +32,11 @@ from tqdm import tqdm
 from augment.dataset import AugmentedDataset
 from pipeline import checkpoint as ckpt
 from pipeline.batches import TrainSampler, examples_per_epoch
-from pipeline.collectives import all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries
+from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
+                                  gather_rows_to_main)
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.io import atomic_write_json, atomic_write_with
-from pipeline.model import TRM, Carry, act_loss
+from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
 
 
@@ -102,30 +103,64 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     return Runtime(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.device)
 
 
-class Refill:
-    """Hands fresh examples to halted rows, consistently across processes.
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without blocking (a copy from pageable memory
+    would make the host wait for the device's queue)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
-    Row r of the global batch belongs to process r // local_batch. Every process sees the global halted mask,
-    takes the same `n_halted` examples from its (identical) sampler, and keeps the ones for its own rows.
+
+class Refill:
+    """Hands fresh examples to halted rows, consistently across processes, without stalling the device.
+
+    Row r of the global batch belongs to process r // local_batch. Halted rows, in global row order, take the
+    next examples of the stream, so one process's halted rows take one contiguous slice of them (after the
+    halted rows of lower ranks): every process draws the same stream positions (cheap: indices) but encodes only
+    its own slice. The stream does not depend on which rows halt, only on how many.
+
+    `watch(i, halted)` is called right after the forward pass of micro-batch i: it gathers the global halted mask
+    on the device and starts its copy to pinned host memory. `refill(i, halted)` at the next step waits for that
+    copy alone, which on a GPU finishes with the forward pass while the backward pass is still running, so the
+    host encodes the refill while the device is busy (the one host-device synchronisation of a steady step).
+    Without a pending copy (the first step, after a resume) it gathers and copies on the spot.
     """
 
     def __init__(self, sampler: TrainSampler, rt: Runtime, local_batch: int, seq_len: int):
         self.sampler, self.rt, self.local_batch, self.seq_len = sampler, rt, local_batch, seq_len
+        self._pending: dict[int, tuple[torch.Tensor, Any]] = {}
 
-    def __call__(self, halted_local: torch.Tensor) -> dict[str, torch.Tensor]:
-        halted = all_gather_rows(halted_local.to(self.rt.device), self.rt.world).cpu().numpy()
-        rows = np.flatnonzero(halted)
-        fresh = self.sampler.take(len(rows))
+    def watch(self, index: int, halted_local: torch.Tensor) -> None:
+        """Start fetching micro-batch `index`'s global halted mask (a collective: every process calls it)."""
+        halted = all_gather_rows(halted_local.to(self.rt.device), self.rt.world)
+        if halted.device.type == "cuda":
+            host = torch.empty(halted.shape, dtype=halted.dtype, pin_memory=True)
+            host.copy_(halted, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending[index] = (host, event)
+        else:
+            self._pending[index] = (halted.cpu(), None)
+
+    def __call__(self, index: int, halted_local: torch.Tensor) -> dict[str, torch.Tensor]:
+        if index not in self._pending:
+            self.watch(index, halted_local)
+        host, event = self._pending.pop(index)
+        if event is not None:
+            event.synchronize()
+        rows = np.flatnonzero(host.numpy())
+        ks, offsets = self.sampler.take_indices(len(rows))
         lo = self.rt.rank * self.local_batch
         mine = (rows >= lo) & (rows < lo + self.local_batch)
+        fresh = self.sampler.dataset.encode_train_examples(ks[mine], None if offsets is None else offsets[mine])
         batch = {
             "inputs": np.zeros((self.local_batch, self.seq_len), np.int32),
             "labels": np.full((self.local_batch, self.seq_len), -100, np.int32),
             "puzzle_identifiers": np.zeros(self.local_batch, np.int32),
         }
         for key in batch:
-            batch[key][rows[mine] - lo] = fresh[key][mine]
-        return {k: torch.from_numpy(v).to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+            batch[key][rows[mine] - lo] = fresh[key]
+        return {k: to_device(torch.from_numpy(v), self.rt.device) for k, v in batch.items()}
 
 
 def exploration_draws(seed: int, step: int, global_batch: int, halt_max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +235,27 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
     ckpt.set_rng_state(saved["rng"])
 
 
+def check_gradient_gate(model: TRM, rt: Runtime) -> None:
+    """Before training under mixed precision: one throw-away step must give every dense parameter a gradient
+    (pipeline.model.dense_params_without_gradient); stops the run with the names otherwise. Logged on rank 0,
+    so a run's log (the Kaggle fine-tune's too) shows that its torch trains every weight."""
+    precision = rt.accelerator.mixed_precision
+    if precision not in ("bf16", "fp16"):
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    missing = dense_params_without_gradient(model, rt.device.type, dtype)
+    if missing:
+        raise RuntimeError(
+            f"gradient gate: under {precision} autocast on torch {torch.__version__} ({rt.device}), {len(missing)} "
+            f"dense parameters get no gradient ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); "
+            f"training would silently leave them untrained"
+        )
+    if rt.is_main:
+        n = sum(1 for p in model.parameters() if p.requires_grad)
+        print(f"gradient gate: all {n} dense parameter tensors get a gradient under {precision} autocast "
+              f"(torch {torch.__version__}, {rt.device})")
+
+
 def blank_carries(model: TRM, cfg: RunConfig, micro: int, device: torch.device) -> list[Carry]:
     """Carries whose rows are all halted, so that the first step fills every row from the sampler."""
     carries = []
@@ -219,8 +275,8 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
     The carry (2 × global batch × S × D floats: 2.9 GB for the paper config) is what makes a resume exact; the
     final checkpoint, kept for prediction and fine-tuning, leaves it out."""
     global_carry = None
-    if not final:
-        global_carry = gather_carries(state.carries, lambda t: all_gather_rows(t, rt.world))
+    if not final:  # gathered to rank 0 alone (the only writer); other ranks get empty tensors
+        global_carry = gather_carries(state.carries, lambda t: gather_rows_to_main(t, rt.world))
     path = ckpt_dir / f"step_{state.step:08d}.pt"
     if rt.is_main:
         ckpt.save_training_state(
@@ -257,13 +313,15 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     explore_u, explore_k = exploration_draws(cfg.seed, state.step, cfg.global_batch_size, cfg.model.halt_max_steps)
     local_ids, local_grads = [], []
     for i in range(len(state.carries)):  # micro-batches (grad_accum_steps of them)
-        fresh = refill(state.carries[i].halted)
+        fresh = refill(i, state.carries[i].halted)
         lo = rt.rank * (cfg.global_batch_size // rt.world) + i * micro
         with rt.accelerator.autocast():
             state.carries[i], outputs = model(
                 state.carries[i], fresh,
-                exploration=(explore_u[lo:lo + micro].to(rt.device), explore_k[lo:lo + micro].to(rt.device)),
+                exploration=(to_device(explore_u[lo:lo + micro], rt.device),
+                             to_device(explore_k[lo:lo + micro], rt.device)),
             )
+            refill.watch(i, state.carries[i].halted)  # the next step's refill overlaps this backward pass
             loss, metrics = act_loss(outputs, state.carries[i])
         (loss / cfg.global_batch_size).backward()
         local_ids.append(model.puzzle_emb.local_ids.detach().clone())
@@ -285,6 +343,24 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
         state.ema.update(model)
     state.step += 1
     return lr_scale
+
+
+BUDGET_CHECK_EVERY = 10  # steps between time-budget checks with several processes (each check is a collective)
+
+
+def budget_spent(cfg: RunConfig, rt: Runtime, step: int, elapsed_s: float) -> bool:
+    """Whether training must stop for the time budget after `step`. With one process the clock is read every
+    step. With several, every process must stop at the same step, which takes a collective and a wait for the
+    device: that is done every BUDGET_CHECK_EVERY steps only (a run may overshoot its budget by that many steps)."""
+    if cfg.time_budget_s <= 0:
+        return False
+    out_of_time = elapsed_s > cfg.time_budget_s
+    if rt.world == 1:
+        return out_of_time
+    if step % BUDGET_CHECK_EVERY:
+        return False
+    flag = torch.tensor([1.0 if out_of_time else 0.0], device=rt.device)
+    return bool(all_reduce_sum(flag, rt.world).item() > 0)
 
 
 def nominal_epoch(cfg: RunConfig, dataset: AugmentedDataset, step: int) -> float:
@@ -347,6 +423,7 @@ def train(
         restore_state(state, latest, cfg, rt)
         if rt.is_main:
             print(f"resumed from {latest} at step {state.step}")
+    check_gradient_gate(state.model, rt)
     if state.carries is None:
         state.carries = blank_carries(state.model, cfg, micro, rt.device)
     if rt.is_main:
@@ -390,10 +467,7 @@ def train(
             sums.zero_()
             interval_start, interval_steps = time.perf_counter(), 0
 
-        out_of_time = cfg.time_budget_s > 0 and time.perf_counter() - t_begin > cfg.time_budget_s
-        if cfg.time_budget_s > 0 and rt.world > 1:  # every process must agree to stop at the same step
-            flag = torch.tensor([1.0 if out_of_time else 0.0], device=rt.device)
-            out_of_time = bool(all_reduce_sum(flag, rt.world).item() > 0)
+        out_of_time = budget_spent(cfg, rt, step, time.perf_counter() - t_begin)
         final = step == steps_total or out_of_time
         if step % every == 0 or final:
             if rt.world > 1:  # a NaN on any process stops every process (none may go on into the save)

@@ -11,7 +11,9 @@ from pipeline.checkpoint import (
     strip_reference_prefix,
     to_reference_state_dict,
 )
-from pipeline.model import TRM, ModelConfig, act_loss, swiglu_width
+import torch.nn.functional as F
+
+from pipeline.model import TRM, ModelConfig, act_loss, dense_params_without_gradient, swiglu_width
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -130,6 +132,97 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_float32():
     assert loss.dtype == torch.float64 and metrics["lm_loss"].dtype == torch.float64
     assert (outputs["logits"].float() - ref_outputs["logits"]).abs().max() < 0.1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# -- the gradient gate under bf16 autocast --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [dict(), dict(mlp_t=True), dict(pos_encodings="learned", H_cycles=3)])
+def test_one_bf16_autocast_step_gives_every_dense_parameter_a_gradient(options):
+    torch.manual_seed(0)
+    model = TRM(tiny_config(**options))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert dense_params_without_gradient(model, "cpu", torch.bfloat16) == []
+    # the gate leaves no trace: weights, gradients, mode and the global RNG as they were
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_gate_catches_a_stale_no_grad_weight_cache_and_the_model_clears_it(monkeypatch):
+    """Emulates the autocast cache of torch releases before the fix of pytorch#158232, whatever torch runs
+    this test: a linear layer's bf16 weight copy is cached on first use *in the grad mode of that moment* and
+    reused until torch.clear_autocast_cache(). Without the model's cache clear before the gradient cycle the
+    gate names exactly the block weights; with it every dense parameter learns."""
+    cache: dict[int, torch.Tensor] = {}
+    real_linear, real_clear = F.linear, torch.clear_autocast_cache
+
+    def linear_with_old_cache(inputs, weight, bias=None):
+        if torch.is_autocast_enabled("cpu") and weight.requires_grad and weight.is_leaf:
+            if id(weight) not in cache:
+                cache[id(weight)] = weight.to(torch.bfloat16)  # no history when made under no_grad
+            weight, inputs = cache[id(weight)], inputs.to(torch.bfloat16)
+        return real_linear(inputs, weight, bias)
+
+    def clear():
+        cache.clear()
+        real_clear()
+
+    monkeypatch.setattr(F, "linear", linear_with_old_cache)
+    monkeypatch.setattr(torch, "clear_autocast_cache", clear)
+    torch.manual_seed(0)
+    model = TRM(tiny_config())
+    block_weights = {name for name, _ in model.named_parameters() if name.startswith("blocks.")}
+    assert dense_params_without_gradient(model, "cpu", torch.bfloat16) == []
+
+    # the same model and emulated cache with every clear disabled: the emulation does reproduce the failure
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: None)
+    cache.clear()
+    assert set(dense_params_without_gradient(model, "cpu", torch.bfloat16)) == block_weights
+
+
+def test_injection_is_formed_once_per_cycle():
+    """y + x is hoisted out of the n z-updates: they all receive the same tensor, formed once per cycle."""
+    torch.manual_seed(0)
+    config = tiny_config(H_cycles=3, L_cycles=4)
+    model = TRM(config).eval()
+    batch = tiny_batch(config)
+    injections = []
+    net = model.net
+
+    def recording_net(h, injection):
+        injections.append(injection)
+        return net(h, injection)
+
+    model.net = recording_net
+    with torch.no_grad():
+        model(model.initial_carry(batch), batch)
+    n = config.L_cycles
+    cycles = [injections[c * (n + 1):(c + 1) * (n + 1)] for c in range(config.H_cycles)]
+    assert len(injections) == config.H_cycles * (n + 1)
+    for cycle in cycles:
+        assert all(z_update is cycle[0] for z_update in cycle[:n])  # one y + x for the n z-updates
+    assert len({id(cycle[0]) for cycle in cycles}) == config.H_cycles
+
+
+def test_compiled_blocks_compute_the_same_and_keep_their_names():
+    torch.manual_seed(0)
+    config = tiny_config()
+    eager = TRM(config)
+    compiled = TRM(tiny_config(compile_backend="aot_eager"))
+    compiled.load_state_dict(eager.state_dict())
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    batch = tiny_batch(config)
+    _, out_e, loss_e, _ = train_step(eager, batch)
+    _, out_c, loss_c, _ = train_step(compiled, batch)
+    torch.testing.assert_close(out_c["logits"], out_e["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_c, loss_e)
+    for (name, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="compile_backend"):
+        TRM(tiny_config(compile_backend=None))
 
 
 # -- puzzle rows ---------------------------------------------------------------------------------------------

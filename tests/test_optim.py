@@ -6,7 +6,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.optim import EMA, AdamAtan2, SignSGD, build_dense_optimizer, lr_at, sign_sgd_update_
 
@@ -189,7 +192,7 @@ def test_sign_sgd_sums_duplicates_before_sign_and_leaves_other_rows_alone():
                           [0.0, 0.0, 1e-9]])
     opt = SignSGD(table, lr=0.01, weight_decay=0.1)
     touched = opt.step(ids, grads)
-    assert touched.tolist() == [2, 4, 5]
+    assert touched.tolist() == [2, 2, 4, 5]
     decay = 1 - 0.01 * 0.1
     # id 2: row [0.6, 0.7, 0.8]; signs of the sum (-1, -1, 0): the per-row signs would have cancelled
     assert table[2].tolist() == pytest.approx([0.6 * decay + 0.01, 0.7 * decay + 0.01, 0.8 * decay], abs=1e-6)
@@ -223,6 +226,47 @@ def test_sign_sgd_rejects_bad_input_and_keeps_state():
     bf16_grads = torch.tensor([[1.0, -1.0]], dtype=torch.bfloat16)
     other.step(torch.tensor([3]), bf16_grads)
     assert other.weights[3].tolist() == pytest.approx([-0.003, 0.003])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=12), st.integers(0, 2**31 - 1))
+def test_sign_sgd_equals_a_per_id_loop(ids, seed):
+    """Grouping repeats by sorting gives what summing per distinct id gives, for any repeats and order."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(8, 3, generator=g)
+    grads = torch.randn(len(ids), 3, generator=g)
+    grads[0, 0] = 0.0  # a zero sum keeps its coordinate (sign 0)
+    expected = table.clone()
+    for i in set(ids):
+        total = sum(grads[k] for k, j in enumerate(ids) if j == i)
+        expected[i] = expected[i] * (1 - 0.02 * 0.1) - 0.02 * torch.sign(total)
+    touched = sign_sgd_update_(table, torch.tensor(ids), grads, lr=0.02, weight_decay=0.1)
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)
+    assert touched.tolist() == sorted(ids)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sign_sgd_on_a_device_never_reads_a_value_back_to_the_host():
+    """Off the CPU (here: the meta device, which has no values to read, so any .item() or data-dependent
+    shape would fail) the update is a fixed sequence of device ops: no unique, nonzero or scalar read."""
+    table = torch.zeros(100, 4, device="meta")
+    opt = SignSGD(table, lr=0.01, weight_decay=0.1)
+    with RecordOps() as recorder:
+        touched = opt.step(torch.zeros(6, dtype=torch.int32, device="meta"), torch.zeros(6, 4, device="meta"))
+    assert touched.shape == (6,)
+    syncing = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_consecutive",
+               "unique_dim", "masked_select"}
+    names = {op.split(".")[0] for op in recorder.ops}
+    assert "_assert_async" in names and not names & syncing, recorder.ops
 
 
 # --- EMA -----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_sign_sgd_two_processes_match_one(tmp_path: Path) -> None:
     assert torch.equal(rank0, rank1)
     assert torch.equal(rank0, table)
     # the two halves share ids 3 and 7, so the gathered sum matters; rows outside the batch stay put
-    assert touched.tolist() == [0, 1, 3, 7, 9]
+    assert touched.unique().tolist() == [0, 1, 3, 7, 9]
     untouched = [r for r in range(table.shape[0]) if r not in touched.tolist()]
     assert torch.equal(rank0[untouched], original[untouched])
     # a rank that updated only with its own half would differ on a shared row
