@@ -122,7 +122,7 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
         entry.update(format="reference", slim=False, arch_config=f"checkpoint/{arch_target.name}")
         return entry
     config = state["config"]
-    entry.update(format="ours", step=int(state.get("step", 0)), slim=not full, model=config["model"])
+    entry.update(format="ours", step=int(state.get("step", 0)), slim=not full)
     if full:
         shutil.copy2(source, folder / CHECKPOINT_NAME)
     else:
@@ -142,6 +142,7 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
         tmp = folder / (CHECKPOINT_NAME + ".tmp")
         torch.save(slim, tmp)
         tmp.replace(folder / CHECKPOINT_NAME)
+    entry["model"] = config["model"]  # of the bundled file (a slim one holds 2 puzzle rows, not the source's count)
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     entry["config"] = "checkpoint/config.json"
     return entry

@@ -41,6 +41,8 @@ class PredictConfig:
     use_ema: bool = True
     time_budget_s: float = 0.0  # stop predicting after this many seconds (0 = no limit); views run round-robin
     # over test inputs (every input's 1st view, then every input's 2nd, ...) so a cut-off run still covers all
+    save_partial_every_s: float = 0.0  # > 0: keep the candidates so far in predictions.partial.npz, rewritten
+    # this often and on a failure (the Kaggle driver submits from them when prediction dies part-way)
     rescore_views: int = 8  # likelihood re-scoring (pipeline.rescore): views per test input (0 = off); its scores
     rescore_top_k: int = 8  # feed the `likelihood` selectors; the top-K candidates by vote are scored
 

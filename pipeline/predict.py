@@ -7,12 +7,17 @@ each input's second view, ...), so a run cut short by its time budget still has 
 With several processes, each takes an interleaved share of the rows and rank 0 joins the shards.
 `predict_to_file` then re-scores the top candidates by their likelihood under a few views (pipeline.rescore,
 `predict.rescore_views`), within the same time budget, for the `likelihood` selectors.
+
+`save_partial_every_s` > 0 also writes the candidates made so far to `predictions.partial.npz` (one file per
+process) every that many seconds and when the run fails (an exception such as CUDA out-of-memory); a killed
+run leaves the last periodic one. The Kaggle driver submits from them when prediction dies part-way.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -44,19 +49,37 @@ def predict(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    partial_path: str | Path | None = None,
 ) -> Predictions:
-    """Candidates for this process's share of the held-out rows (all rows when world == 1)."""
+    """Candidates for this process's share of the held-out rows (all rows when world == 1); with `partial_path`,
+    the candidates so far are saved there every cfg.save_partial_every_s seconds and on an exception."""
     model.eval()
     start_time = time.perf_counter()
     rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]  # 0 = the original
     order = np.lexsort((np.arange(len(view)), view))[rank::world]  # round-robin over inputs; this rank's share
     rows = {k: v[order] for k, v in rows.items()}
-    lo, hi = 0, len(order)
     writer = PredictionsWriter(eval_task_ids(dataset))
+    bar = tqdm(total=len(order), disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    try:
+        _predict_rows(model, dataset, cfg, rows, writer, bar, device, autocast, start_time, partial_path)
+    except BaseException:
+        if partial_path is not None and len(writer):
+            writer.finish().save(partial_path)  # what was done survives the failure
+        raise
+    finally:
+        bar.close()
+    return writer.finish()
+
+
+def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, rows: dict[str, np.ndarray],
+                  writer: PredictionsWriter, bar: tqdm, device, autocast, start_time: float,
+                  partial_path: str | Path | None) -> None:
+    """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
+    lo, hi = 0, len(rows["variant"])
     canvas = dataset.canvas
     steps = model.config.halt_max_steps
-    bar = tqdm(total=hi - lo, disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    last_save = time.perf_counter()
     for start in range(lo, hi, cfg.batch_size):
         sl = slice(start, min(hi, start + cfg.batch_size))
         variant = rows["variant"][sl]
@@ -81,12 +104,19 @@ def predict(
             rows["test_index"][sl], variant, q, answers,
         )
         bar.update(len(variant))
+        if partial_path is not None and cfg.save_partial_every_s > 0 and time.perf_counter() - last_save >= cfg.save_partial_every_s:
+            writer.finish().save(partial_path)
+            last_save = time.perf_counter()
         if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
             bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {start + len(variant) - lo} "
                       f"of {hi - lo} rows")
             break
-    bar.close()
-    return writer.finish()
+
+
+def partial_predictions_path(out_path: str | Path, rank: int = 0, world: int = 1) -> Path:
+    """Where a process keeps its candidates so far: predictions.partial.npz, or .rankR.partial.npz per process."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}{f'.rank{rank}' if world > 1 else ''}.partial.npz")
 
 
 def predict_to_file(
@@ -122,30 +152,39 @@ def predict_to_file(
         views = len(dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)["variant"])
         rescored = len(dataset.test_rows(cfg.rescore_views)["variant"])
         predict_cfg = dataclasses.replace(cfg, time_budget_s=cfg.time_budget_s * views / (views + rescored))
+    out_path = Path(out_path)
+    partial = partial_predictions_path(out_path, rank, world) if cfg.save_partial_every_s > 0 else None
     part = predict(
         model, dataset, predict_cfg, device=accelerator.device, autocast=accelerator.autocast,
-        rank=rank, world=world, progress=progress and accelerator.is_main_process,
+        rank=rank, world=world, progress=progress and accelerator.is_main_process, partial_path=partial,
     )
 
     def with_likelihoods(predictions: Predictions) -> Predictions:
+        """The optional second pass; if it fails (out of memory, ...) the candidates are kept without scores."""
         if cfg.rescore_views <= 0:
             return predictions
         left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0
         if cfg.time_budget_s > 0 and left <= 0:
             return predictions
-        predictions.logp = rescore(
-            model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
-            batch_size=cfg.batch_size, device=accelerator.device, autocast=accelerator.autocast,
-            time_budget_s=left, progress=progress,
-        )
+        try:
+            predictions.logp = rescore(
+                model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
+                batch_size=cfg.batch_size, device=accelerator.device, autocast=accelerator.autocast,
+                time_budget_s=left, progress=progress,
+            )
+        except Exception as e:  # noqa: BLE001 - the candidates matter more than their likelihood scores
+            warnings.warn(f"predict: likelihood re-scoring failed ({e!r}); candidates saved without scores")
         return predictions
 
-    out_path = Path(out_path)
     if world == 1:
         with_likelihoods(part).save(out_path)
+        if partial is not None:
+            partial.unlink(missing_ok=True)  # the whole share is saved: no partial file left behind
         return out_path
     shard = out_path.with_name(f"{out_path.stem}.rank{rank}.npz")
     part.save(shard)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shards = [out_path.with_name(f"{out_path.stem}.rank{r}.npz") for r in range(world)]

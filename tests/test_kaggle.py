@@ -1,10 +1,17 @@
-"""The Kaggle entry: the notebook executed end to end on CPU against a fake /kaggle tree (bundle built by the
-bundle script, project wheel really installed), the time budget, and the pieces that keep submission.json valid
-and complete whatever happens (fallback from raw JSON, merge, budget plans, child timeouts)."""
+"""The Kaggle entry: the notebook executed on CPU against fake /kaggle trees (bundle built by the bundle script,
+project wheel really installed) on every path the day can take - the happy path, no bundle, a corrupt bundle,
+fine-tuning out of memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained
+checkpoint), prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the
+scored rerun variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the
+pieces that keep submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans,
+child timeouts, rerun detection)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import shutil
 import sys
 import time
 import zipfile
@@ -21,6 +28,7 @@ from pipeline.checkpoint import init_from_checkpoint, load_training_state, to_re
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data import load_tasks, select_tasks
 from pipeline.model import TRM, ModelConfig
+from pipeline.predictions import Predictions
 from pipeline.train import train
 from submissions.validate import validate_submission
 from tiny import CANVAS, build_tiny_dataset, tiny_config
@@ -82,23 +90,33 @@ def kaggle_input(tmp_path_factory, pretrained) -> Path:
     return root
 
 
-def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: object) -> tuple[Path, dict]:
+def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: object) -> tuple[Path, dict | None, str]:
+    """Execute the notebook as a draft run (KAGGLE_IS_COMPETITION_RERUN unset unless given; a None in `env` unsets
+    that variable, i.e. the Kaggle default); return the working
+    folder, kaggle_status.json (None when the run never got that far) and the text the cells printed."""
     working = tmp_path / "working"
     settings = {
         "TRM_KAGGLE_INPUT": kaggle_input, "TRM_KAGGLE_WORKING": working,
         "TRM_INSTALL_TARGET": tmp_path / "site",  # the wheel really installs, into a folder the kernel then uses
         "TRM_NUM_GPUS": 0, "TRM_PROGRESS": 0, "TRM_OVERRIDES": OVERRIDES, "TRM_SUBMIT_RESERVE_S": 1,
-        "TRM_STAGE_OVERHEAD_S": 8, "TRM_MIN_TRAIN_S": 1, "TRM_MIN_PREDICT_S": 1, **env,
+        "TRM_STAGE_OVERHEAD_S": 8, "TRM_MIN_TRAIN_S": 1, "TRM_MIN_PREDICT_S": 1, "TRM_PARTIAL_EVERY_S": 1,
+        "TRM_FAULTS": None, "TRM_MAX_RETRIES": None, "TRM_TIME_BUDGET_S": None, "TRM_DRAFT_TIME_BUDGET_S": None,
+        "TRM_DRAFT_OVERRIDES": None, "KAGGLE_IS_COMPETITION_RERUN": None, **env,
     }
     for key, value in settings.items():
-        monkeypatch.setenv(key, str(value))
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(value))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     try:
         NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         nbformat.write(nb, tmp_path / "executed.ipynb")  # the cells' output, to read when something fails
-    status = json.loads((working / "trm_run" / "kaggle_status.json").read_text())
-    return working, status
+    printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    status_path = working / "trm_run" / "kaggle_status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else None
+    return working, status, printed
 
 
 def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
@@ -112,13 +130,17 @@ def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
     return submission
 
 
+def _raw_challenges(kaggle_input: Path) -> dict:
+    return json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
+
+
 def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_too_big_tasks_fallbacks(tmp_path, monkeypatch, kaggle_input):
     """Fine-tuning is stopped by its share of a 40 s budget (max_steps is unlimited in the kaggle preset), then
     prediction, voting and a merged submission: the model's tasks + fallback entries for the malformed and
-    the too-big task."""
+    the too-big task. Every phase logs planned / used seconds and its outcome."""
     budget = 40.0
-    working, status = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=budget,
-                                        TRM_TRAIN_FRACTION=0.4)
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
+                                                 TRM_TRAIN_FRACTION=0.4)
     stages = status["stages"]
     for name in ("fallback", "augment", "finetune", "predict", "submit"):
         assert stages[name]["state"] == "ok", (name, stages[name])
@@ -126,31 +148,170 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     assert stages["submit"]["model_tasks"] == 3
     assert stages["submit"]["fallback_tasks"] == ["bad00000", "big00000"]
     assert stages["augment"]["skipped"] == 1 and stages["augment"]["too_big"] == 1
+    assert "WARNING: 1 task(s) do not fit the checkpoint's 6x6 canvas" in printed
+    assert stages["plan"]["mode"] == "finetune+predict" and not status["scored"]
 
     run = working / "trm_run"
-    assert stages["finetune"]["step"] > 0
+    assert stages["finetune"]["step"] > 0 and stages["finetune"]["retries"] == 0
     last = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
     assert load_training_state(last)["final"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["step"] == stages["finetune"]["step"]
     assert "time budget of" in (run / "finetune.log").read_text()  # stopped by time, not by steps
-    assert 0 < stages["finetune"]["budget_s"] < budget
+    assert 0 < stages["finetune"]["attempts"][0]["budget_s"] < stages["finetune"]["planned_s"] < budget
+    assert stages["predict"]["checkpoint"] == "fine-tuned"
     assert status["stages"]["summary"]["elapsed_s"] <= budget + 2
     assert status["stages"]["summary"]["submission_problems"] == []
     assert (tmp_path / "site" / "pipeline" / "kaggle_entry.py").exists()  # the installed wheel ran
+    for name in ("fallback", "augment", "finetune", "predict", "submit"):
+        assert re.search(rf"PHASE {name}: planned (-|\d+ s), used \d+ s, outcome ok", printed), name
+    assert "TIME PLAN: fine-tune about" in printed
+    assert f"PATH: fine-tuned {stages['finetune']['step']} steps -> predicted with the fine-tuned checkpoint" in printed
+    log_file = (working / "trm_kaggle.log").read_text()  # the driver's lines, also in a file
+    assert "TIME PLAN: fine-tune about" in log_file and "PATH: fine-tuned" in log_file
 
 
-def test_notebook_with_budget_too_small_to_train_keeps_the_fallback(tmp_path, monkeypatch, kaggle_input):
-    working, status = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=2,
-                                        TRM_MIN_TRAIN_S=30)
+def test_notebook_60_s_with_kaggles_overheads_says_at_the_top_that_only_the_fallback_fits(tmp_path, monkeypatch, kaggle_input):
+    """With the real defaults (submit reserve 120 s, stage overhead 90 s) a 60 s budget allows nothing but the
+    fallback; the log says so, and why, before anything else runs."""
+    working, status, printed = _execute_notebook(
+        tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=60, TRM_SUBMIT_RESERVE_S=None,
+        TRM_STAGE_OVERHEAD_S=None, TRM_MIN_TRAIN_S=None, TRM_MIN_PREDICT_S=None)
     stages = status["stages"]
-    assert stages["fallback"]["state"] == "ok"
-    assert stages["augment"]["state"] == "skipped" and stages["finetune"]["state"] == "skipped"
-    assert stages["submit"]["state"] == "skipped"
-    submission = _check_complete(working / "submission.json", kaggle_input)
-    raw = json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
-    assert submission == ke.fallback_from_raw(raw)
+    assert stages["plan"]["mode"] == "fallback-only"
+    assert stages["augment"]["state"] == "skipped" and stages["submit"]["state"] == "skipped"
+    assert _check_complete(working / "submission.json", kaggle_input) == ke.fallback_from_raw(_raw_challenges(kaggle_input))
     assert not (working / "trm_run" / "checkpoints").exists()
+    plan_line = printed.index("TIME PLAN: FALLBACK ONLY")
+    assert plan_line < printed.index("augment: start") and "raise draft_time_budget_s" in printed
+    assert "PATH: fallback submission only (augment skipped" in printed
+
+
+def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fine_tuning(tmp_path, monkeypatch, kaggle_input):
+    """60 s with this machine's overheads: too little to fine-tune as well (min_train_s 45), enough to predict
+    with the pretrained checkpoint, which gives the model's answers for the tasks that fit."""
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=60,
+                                                 TRM_MIN_TRAIN_S=45)
+    stages = status["stages"]
+    assert stages["plan"]["mode"] == "predict-only" and "TIME PLAN: predict only" in printed
+    assert stages["finetune"]["state"] == "skipped" and not (working / "trm_run" / "checkpoints").exists()
+    assert stages["predict"]["state"] == "ok" and stages["predict"]["checkpoint"].startswith("pretrained")
+    assert stages["submit"]["model_tasks"] == 3
+    _check_complete(working / "submission.json", kaggle_input)
+    assert "PATH: no fine-tuning (time plan: predict only) -> predicted with the pretrained" in printed
+    assert stages["summary"]["elapsed_s"] <= 60 + 2
+
+
+@pytest.mark.parametrize("budget", [300, 600])
+def test_notebook_300_and_600_s_budgets_fine_tune_then_predict_every_view(tmp_path, monkeypatch, kaggle_input, budget):
+    """Enough time for both stages: fine-tuning gets its share (capped here by max_steps so the test is short),
+    prediction runs every view, and every task that fits gets the model's answer."""
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
+                                                 TRM_MIN_TRAIN_S=45, TRM_OVERRIDES=OVERRIDES + " max_steps=3")
+    stages = status["stages"]
+    plan = stages["plan"]
+    assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (budget - 1), abs=15)
+    assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
+    assert stages["finetune"]["step"] == 3 and stages["predict"]["checkpoint"] == "fine-tuned"
+    assert stages["submit"]["model_tasks"] == 3
+    predictions = Predictions.load(working / "trm_run" / "predictions.npz")
+    assert len(predictions) == 4 * 4  # 4 test inputs x predict.max_variants 4: every view
+    _check_complete(working / "submission.json", kaggle_input)
+    assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 3 tasks from the model" in printed
+
+
+def test_notebook_without_a_bundle_writes_the_fallback_before_anything_else(tmp_path, monkeypatch, kaggle_input):
+    bare = tmp_path / "input"
+    (bare / "arc-prize-2025").mkdir(parents=True)
+    shutil.copy(kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json", bare / "arc-prize-2025")
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, bare, TRM_DRAFT_TIME_BUDGET_S=60)
+    assert status is None  # the project never ran
+    assert _check_complete(working / "submission.json", bare) == ke.fallback_from_raw(_raw_challenges(bare))
+    assert printed.index("fallback: 5 tasks") < printed.index("install: FAILED - FileNotFoundError: no trm-arc bundle")
+    assert "PATH: fallback submission only" in printed
+
+
+def test_notebook_with_a_corrupt_bundle_keeps_the_fallback(tmp_path, monkeypatch, kaggle_input):
+    broken = tmp_path / "input"
+    shutil.copytree(kaggle_input, broken)
+    wheel = next((broken / "trm-arc-bundle" / "wheels").glob("trm_arc-*.whl"))
+    wheel.write_bytes(wheel.read_bytes()[: wheel.stat().st_size // 2])  # an upload cut short
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, broken, TRM_DRAFT_TIME_BUDGET_S=60)
+    assert status is None
+    assert _check_complete(working / "submission.json", broken) == ke.fallback_from_raw(_raw_challenges(broken))
+    assert f"wheels/{wheel.name} in" in printed and "sha256 differs from manifest.json" in printed
+    assert "PATH: fallback submission only" in printed
+    assert not (tmp_path / "site").exists()  # nothing was installed from the broken wheel
+
+
+def test_notebook_scored_rerun_retries_fine_tuning_at_half_batch_and_submits_partial_predictions(tmp_path, monkeypatch, kaggle_input):
+    """The scored rerun (KAGGLE_IS_COMPETITION_RERUN set) takes time_budget_s (600 s), not the draft budget (1 s,
+    which would allow only the fallback). Fine-tuning runs out of memory at its micro-batch of 8 rows (simulated)
+    and succeeds again at 4 with 2 micro-batches (the global batch of 8 kept); prediction runs out of memory after
+    2 batches in every attempt, and the candidates of the best attempt are submitted."""
+    working, status, printed = _execute_notebook(
+        tmp_path, monkeypatch, kaggle_input, KAGGLE_IS_COMPETITION_RERUN="Batch", TRM_TIME_BUDGET_S=600,
+        TRM_DRAFT_TIME_BUDGET_S=1, TRM_MIN_TRAIN_S=40, TRM_MAX_RETRIES=1,
+        TRM_OVERRIDES=OVERRIDES + " max_steps=3 predict.batch_size=4",
+        TRM_FAULTS="train:oom_rows_over=4 predict:oom_after_calls=6")
+    stages = status["stages"]
+    assert status["scored"] and status["time_budget_s"] == 600 and "KAGGLE_IS_COMPETITION_RERUN=Batch" in printed
+    assert stages["plan"]["mode"] == "finetune+predict"
+
+    ft = stages["finetune"]
+    assert ft["state"] == "ok" and ft["step"] == 3 and ft["retries"] == 1
+    first, second = ft["attempts"]
+    assert (first["micro_batch"], first["out_of_memory"], second["micro_batch"], second["returncode"]) == (8, True, 4, 0)
+    run = working / "trm_run"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["global_batch_size"], config["grad_accum_steps"]) == (8, 2)
+    assert "retrying with grad_accum_steps 2 (micro-batch 4, global batch 8 kept)" in printed
+
+    pr = stages["predict"]
+    assert pr["state"] == "partial" and pr["checkpoint"] == "fine-tuned"
+    assert [a["batch_size"] for a in pr["attempts"]] == [4, 2] and all(a["out_of_memory"] for a in pr["attempts"])
+    assert [a["partial_candidates"] for a in pr["attempts"]] == [8, 4] and pr["partial_candidates"] == 8
+    assert stages["submit"]["state"] == "ok" and stages["submit"]["model_tasks"] >= 1
+    _check_complete(working / "submission.json", kaggle_input)
+    assert "PHASE predict: planned" in printed and "outcome partial" in printed
+    assert "PARTIAL (8 candidates)" in stages["summary"]["path"]
+
+
+def test_notebook_fine_tuning_killed_for_good_predicts_with_the_pretrained_checkpoint(tmp_path, monkeypatch, kaggle_input):
+    """A draft run (the variable unset) takes draft_time_budget_s (300 s), not time_budget_s (1 s). Every
+    fine-tuning attempt is killed (exit -9, as by the host's OOM killer), the retry at half batch too; prediction
+    then uses the pretrained checkpoint, and the model's answers are submitted."""
+    working, status, printed = _execute_notebook(
+        tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=1, TRM_DRAFT_TIME_BUDGET_S=300, TRM_MIN_TRAIN_S=40,
+        TRM_MAX_RETRIES=1, TRM_FAULTS="train:kill_rows_over=0")
+    stages = status["stages"]
+    assert not status["scored"] and status["time_budget_s"] == 300
+    ft = stages["finetune"]
+    assert ft["state"] == "failed" and "fine-tuning failed for good (2 attempts" in ft["detail"]
+    assert [a["returncode"] for a in ft["attempts"]] == [-9, -9] and [a["micro_batch"] for a in ft["attempts"]] == [8, 4]
+    assert stages["predict"]["state"] == "ok" and stages["predict"]["checkpoint"] == "pretrained (fine-tune failed)"
+    assert stages["submit"]["model_tasks"] == 3
+    _check_complete(working / "submission.json", kaggle_input)
+    assert "PATH: fine-tuning failed -> predicted with the pretrained (fine-tune failed) checkpoint" in printed
+
+
+def test_notebook_fallback_cell_matches_fallback_from_raw(tmp_path):
+    """The notebook's standard-library fallback gives exactly what kaggle_entry's would, on every odd shape."""
+    raw = {
+        "ok": {"train": [], "test": [{"input": [[1, 2]]}, {"input": [[3]]}]},
+        "bool": {"test": [{"input": [[True]]}]}, "wide": {"test": [{"input": [[1] * 31]}]},
+        "ragged": {"test": [{"input": [[1, 2], [3]]}]}, "colour": {"test": [{"input": [[10]]}]},
+        "float": {"test": [{"input": [[1.0]]}]}, "empty_row": {"test": [{"input": [[]]}]},
+        "no_input": {"test": [{"output": [[1]]}]}, "pair_not_dict": {"test": [[[1]]]},
+        "test_not_list": {"test": {"input": [[1]]}}, "not_a_task": [1, 2], "no_tests": {"train": [], "test": []},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "def fallback_entries" in c.source)
+    namespace = {"os": os, "time": time, "PARAMS": {"challenges": str(tmp_path / "c.json"), "working": str(tmp_path)}}
+    exec(compile(cell, "fallback cell", "exec"), namespace)
+    assert namespace["FALLBACK_WRITTEN"]
+    assert json.loads((tmp_path / "submission.json").read_text()) == ke.fallback_from_raw(raw)
 
 
 # ------------------------------------------------------------------------------------------ the pieces
@@ -202,23 +363,86 @@ def test_budget_plans_split_the_time_and_never_reach_past_the_submit_reserve(tmp
     assert plan.timeout_s == pytest.approx(0.7 * 9000 + 100)
     late = ke.plan_predict(s, now=1000.0 + 7000)  # 2700 s left after the reserve
     assert late.run and late.budget_s == pytest.approx(2600) and late.timeout_s == pytest.approx(2700)
-    assert not ke.plan_finetune(s, now=1000.0 + 9600).run  # 100 s left: below min_train_s after the overhead
+    assert not ke.plan_finetune(s, now=1000.0 + 9600).run  # 100 s left: not even prediction fits
     assert not ke.plan_predict(s, now=1000.0 + 9900).run
     tight = _settings(tmp_path, time_budget_s=1000, train_fraction=1.0, submit_reserve_s=100, stage_overhead_s=50,
-                      min_train_s=1)
-    assert ke.plan_finetune(tight, now=1000.0).timeout_s == pytest.approx(900)  # capped at the time left
+                      min_train_s=1, min_predict_s=30)
+    # train_fraction 1.0 still leaves prediction its minimum (overhead + min_predict_s = 80 of the 900 s)
+    assert ke.plan_time(tight, now=1000.0).finetune_s == pytest.approx(820)
+    assert ke.plan_finetune(tight, now=1000.0).timeout_s == pytest.approx(870)
+
+
+@pytest.mark.parametrize("budget, mode, finetune_s, predict_s", [
+    (60, "fallback-only", 0, 0),  # -60 s left after the 120 s submit reserve
+    (300, "predict-only", 0, 180),  # 180 s: prediction (>= 90 + 30) but not fine-tuning as well (>= 270)
+    (600, "finetune+predict", 336, 144),  # 480 s: 0.7 for fine-tuning
+    (40_500, "finetune+predict", 28_266, 12_114),
+])
+def test_time_plan_degrades_step_by_step_with_the_kaggle_defaults(tmp_path, budget, mode, finetune_s, predict_s):
+    plan = ke.plan_time(_settings(tmp_path, time_budget_s=budget), now=1000.0)
+    assert (plan.mode, round(plan.finetune_s), round(plan.predict_s)) == (mode, finetune_s, predict_s)
+    assert (plan.reason != "") == (mode != "finetune+predict")
+    assert ke.plan_finetune(_settings(tmp_path, time_budget_s=budget), now=1000.0).run == (mode == "finetune+predict")
 
 
 def test_settings_from_env_and_parameters(tmp_path):
     env = {"TRM_KAGGLE_INPUT": str(tmp_path / "in"), "TRM_KAGGLE_WORKING": str(tmp_path / "out"),
-           "TRM_TIME_BUDGET_S": "123", "TRM_OVERRIDES": "lr=1e-3  data.num_aug=5", "TRM_NUM_GPUS": "0"}
+           "TRM_DRAFT_TIME_BUDGET_S": "123", "TRM_OVERRIDES": "lr=1e-3  data.num_aug=5", "TRM_NUM_GPUS": "0",
+           "TRM_FAULTS": "train:oom_rows_over=2", "TRM_MAX_RETRIES": "2"}
     s = ke.settings_from_env(started_at=5.0, env=env, train_fraction=0.5)
     assert s.challenges == tmp_path / "in" / "arc-prize-2025" / "arc-agi_test_challenges.json"
     assert s.submission == tmp_path / "out" / "submission.json" and s.run_dir == tmp_path / "out" / "trm_run"
-    assert (s.time_budget_s, s.train_fraction, s.num_gpus, s.deadline) == (123.0, 0.5, 0, 128.0)
-    assert s.overrides == ["lr=1e-3", "data.num_aug=5"] and s.bundle is None
+    assert (s.time_budget_s, s.train_fraction, s.num_gpus, s.deadline, s.max_retries) == (123.0, 0.5, 0, 128.0, 2)
+    assert s.overrides == ["lr=1e-3", "data.num_aug=5"] and s.bundle is None and s.faults == "train:oom_rows_over=2"
     with pytest.raises(ValueError, match="unknown"):
         ke.settings_from_env(env=env, time_limit=3)
+
+
+def test_rerun_variable_set_takes_the_full_budget_and_unset_the_draft_one(tmp_path):
+    """A quick check saved in the notebook (draft budget and overrides) must not reach the scored rerun."""
+    env = {"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_OVERRIDES": "lr=1e-3", "TRM_DRAFT_OVERRIDES": "data.num_aug=5"}
+    params = {"draft_time_budget_s": 300}
+    draft = ke.settings_from_env(env=env, **params)
+    assert (draft.scored, draft.time_budget_s, draft.overrides) == (False, 300, ["lr=1e-3", "data.num_aug=5"])
+    assert "KAGGLE_IS_COMPETITION_RERUN not set" in draft.run_kind
+    scored = ke.settings_from_env(env={**env, "KAGGLE_IS_COMPETITION_RERUN": "1"}, **params)
+    assert (scored.scored, scored.time_budget_s, scored.overrides) == (True, 40_500, ["lr=1e-3"])
+    assert "KAGGLE_IS_COMPETITION_RERUN=1" in scored.run_kind
+    assert ke.settings_from_env(env={**env, "KAGGLE_IS_COMPETITION_RERUN": "1", "TRM_TIME_BUDGET_S": "7200"},
+                                **params).time_budget_s == 7200
+    assert ke.settings_from_env(env={**env, "KAGGLE_IS_COMPETITION_RERUN": ""}, **params).scored is False
+
+
+def test_hidden_test_tasks_count_as_the_scored_run_even_without_the_variable(tmp_path):
+    """The fail-safe: test task ids that are not all public evaluation tasks are the hidden set."""
+    comp = tmp_path / "arc-prize-2025"
+    comp.mkdir()
+    challenges = comp / "arc-agi_test_challenges.json"
+    (comp / "arc-agi_evaluation_challenges.json").write_text(json.dumps({"a": {}, "b": {}, "c": {}}))
+    challenges.write_text(json.dumps({"a": {}, "b": {}}))  # the editing placeholder: public evaluation tasks
+    assert ke.detect_scored_run({}, challenges) == (False, "draft run (KAGGLE_IS_COMPETITION_RERUN not set; the test "
+                                                           "tasks are the public placeholder)")
+    challenges.write_text(json.dumps({"a": {}, "zz": {}}))
+    scored, why = ke.detect_scored_run({}, challenges)
+    assert scored and "1 test task(s) are not public evaluation tasks" in why
+    (comp / "arc-agi_evaluation_challenges.json").unlink()
+    assert ke.detect_scored_run({}, challenges)[0] is False  # nothing to compare with: the variable decides
+
+
+def test_faults_hook_parses_and_out_of_memory_is_recognised():
+    assert ke.parse_faults("train:oom_rows_over=4  predict:kill_after_calls=6 predict:oom_after_calls=9") == {
+        "train": {"oom_rows_over": 4}, "predict": {"kill_after_calls": 6, "oom_after_calls": 9}}
+    for bad in ("train:oom=4", "oom_rows_over=4", "train:oom_rows_over=x"):
+        with pytest.raises(ValueError, match="TRM_FAULTS"):
+            ke.parse_faults(bad)
+    result = lambda code, tail="", timed_out=False: ke.ChildResult(code, timed_out, 1.0, tail)  # noqa: E731
+    assert ke.is_out_of_memory(result(-9)) and ke.is_out_of_memory(result(137))
+    assert ke.is_out_of_memory(result(1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))
+    assert ke.is_out_of_memory(result(1, "rank 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)"))  # torchrun's report
+    assert not ke.is_out_of_memory(result(1, "ValueError: bad task"))
+    assert not ke.is_out_of_memory(result(-9, timed_out=True))  # we stopped it for time
+    assert (ke.next_grad_accum(768, 4, 1), ke.next_grad_accum(768, 4, 2), ke.next_grad_accum(20, 1, 4)) == (2, 4, 10)
+    assert ke.next_grad_accum(8, 1, 8) is None  # already one row per micro-batch
 
 
 def test_child_timeout_stops_a_hung_stage(tmp_path):
@@ -228,6 +452,27 @@ def test_child_timeout_stops_a_hung_stage(tmp_path):
     assert result.timed_out and result.returncode != 0
     assert time.perf_counter() - start < 10
     assert "up" in (tmp_path / "child.log").read_text()
+
+
+def test_prediction_killed_part_way_leaves_its_candidates_so_far(tmp_path, kaggle_input):
+    """SIGKILL cannot be caught: the periodic partial file is what survives (here saved after every batch), and
+    the Kaggle driver's child entry point installs the TRM_FAULTS hook in the child. The run folder and the
+    checkpoint are the driver's own (augment, then the pretrained checkpoint made to fit the dataset)."""
+    env = {"TRM_KAGGLE_INPUT": str(kaggle_input), "TRM_KAGGLE_WORKING": str(tmp_path), "TRM_NUM_GPUS": "0",
+           "TRM_OVERRIDES": OVERRIDES, "TRM_DRAFT_TIME_BUDGET_S": "600", "TRM_STAGE_OVERHEAD_S": "8"}
+    driver = ke.KaggleRun(ke.settings_from_env(env=env))
+    assert driver.write_fallback() and driver.augment()
+    checkpoint = driver._pretrained_for_dataset()
+    run = driver.s.run_dir
+    args = ["--stage", "predict", "--preset", "kaggle", "--out", str(run), "--checkpoint", str(checkpoint), "--quiet",
+            "--set", "predict.batch_size=2", "--set", "predict.max_variants=3", "--set", "predict.save_partial_every_s=1e-9"]
+    child_env = {**os.environ, "TRM_FAULTS": "predict:kill_after_calls=6"}  # halt_max_steps 3: dies in batch 3
+    result = ke.run_child(ke.launch_command(1, args, "pipeline.kaggle_entry"), 120, cwd=tmp_path, env=child_env,
+                          log_path=tmp_path / "predict.log")
+    assert result.returncode == -9 and ke.is_out_of_memory(result) and "TRM_FAULTS: SIGKILL" in result.tail
+    assert not (run / "predictions.npz").exists()
+    partial = Predictions.load(run / "predictions.partial.npz")
+    assert len(partial) == 4  # two batches of 2 rows
 
 
 def test_launch_command_uses_torchrun_for_several_gpus():
@@ -259,6 +504,10 @@ def test_bundle_manifest_lists_every_file_and_the_slim_checkpoint_fine_tunes_lik
     with zipfile.ZipFile(bundle / manifest["project_wheel"]) as wheel:
         assert "pipeline/kaggle_entry.py" in wheel.namelist()
     assert manifest["checkpoint"]["slim"] and manifest["checkpoint"]["step"] == 4
+    slim = load_training_state(bundle / manifest["checkpoint"]["path"])
+    assert manifest["checkpoint"]["model"]["num_puzzle_identifiers"] == slim["config"]["model"]["num_puzzle_identifiers"] == 2
+    source_rows = load_training_state(pretrained)["config"]["model"]["num_puzzle_identifiers"]
+    assert manifest["checkpoint"]["trained_puzzle_rows"] == source_rows - 1 > 2  # the source's count, said as such
 
     config = tiny_config().model
     config.seq_len, config.num_puzzle_identifiers = CANVAS * CANVAS, 7
