@@ -134,3 +134,22 @@ def test_per_cell_likelihood_removes_the_small_grid_bias():
     assert np.array_equal(likelihood(p)[("t", 0)][0].grid, small)
     assert np.array_equal(likelihood_cell(p)[("t", 0)][0].grid, big)
     assert np.isclose(likelihood_cell(p)[("t", 0)][0].score, -0.5)
+
+
+def test_a_failed_rescoring_keeps_the_candidates(tmp_path: Path, monkeypatch):
+    import pipeline.predict as predict_module
+    from pipeline.train import train
+    from tiny import tiny_config
+
+    data = build_tiny_dataset(tmp_path / "data")
+    cfg = tiny_config(max_steps=2)
+    checkpoint = train(cfg, data, tmp_path / "run", progress=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(predict_module, "rescore", out_of_memory)
+    with pytest.warns(UserWarning, match="re-scoring failed"):
+        path = predict_module.predict_to_file(data, checkpoint, tmp_path / "p.npz", cfg.predict, progress=False)
+    predictions = Predictions.load(path)
+    assert len(predictions) > 0 and predictions.logp is None
