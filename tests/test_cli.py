@@ -92,10 +92,10 @@ def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
     import subprocess
     import sys
 
-    from tiny import tiny_overrides
+    from tiny import free_port, tiny_overrides
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "pipeline.run", "--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4),
            "--set", "predict.max_variants=3"]
     done = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,

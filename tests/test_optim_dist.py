@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,12 @@ from pathlib import Path
 import torch
 
 from pipeline.optim import SignSGD
+from tiny import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_signsgd_worker import make_problem  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist_signsgd_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sign_sgd_two_processes_match_one(tmp_path: Path) -> None:

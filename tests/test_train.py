@@ -15,7 +15,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.model import TRM
-from tiny import build_tiny_dataset, tiny_config, tiny_overrides
+from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
@@ -100,7 +100,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_pat
 def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path):
     steps = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3)
     one = _run_cli(_train_args(tiny_data, tmp_path / "one", *steps))
-    two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                     *_train_args(tiny_data, tmp_path / "two", *steps)[1:]])
     log_two = two.communicate(timeout=240)[0]
     assert two.returncode == 0, log_two

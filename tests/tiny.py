@@ -1,6 +1,7 @@
 """A tiny augmented dataset and run config that train in seconds on a CPU, shared by the trainer/chain tests."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from augment.dataset import build_dataset
@@ -40,3 +41,10 @@ def tiny_overrides(**extra: object) -> list[str]:
     for k, v in {**TINY_SETTINGS, **extra}.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous (a fixed one can collide with another job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
