@@ -109,13 +109,15 @@ def preset(name: str) -> RunConfig:
     if name == "demo":
         # A CPU demo (about 5 minutes of training on 2 cores): the 59 ARC-AGI-1 tasks whose grids are all at most
         # 6x6, on a 6x6 canvas, 7 augmentations each, a small model with 2 ACT steps. It learns its training
-        # puzzles visibly (exact accuracy rises from 0); it is far too small to solve evaluation tasks.
+        # puzzles visibly (exact accuracy rises from 0); it is far too small to solve evaluation tasks. It samples
+        # per example: at this budget the reference's group epochs learn markedly slower (docs/QUALITY.md, mini).
         model = ModelConfig(
             hidden_size=64, num_heads=2, expansion=4, num_layers=2, H_cycles=2, L_cycles=2,
             halt_max_steps=2, halt_exploration_prob=0.1, puzzle_emb_len=4, puzzle_emb_ndim=64,
             seq_len=36, vocab_size=12, num_puzzle_identifiers=1,
         )
-        data = DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation", num_aug=7, canvas=6, max_side=6)
+        data = DataConfig(sources="arc-agi-1", eval_set="arc-agi-1/evaluation", num_aug=7, canvas=6, max_side=6,
+                          sampling="examples")
         cfg = RunConfig(model=model, data=data, predict=PredictConfig(max_variants=8, batch_size=256))
         cfg.global_batch_size = 64
         cfg.lr = 1e-3

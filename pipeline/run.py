@@ -215,7 +215,7 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
         tasks = [t for t in AugmentedDataset.load(out / "dataset").eval_tasks() if t.id in solutions]
         print("selectors on the same candidates (pass@2 over test outputs / per task):")
         for name, r in compare_selectors(predictions, tasks, solutions).items():
-            print(f"  {name:12} {r.kaggle_score:.4f} / {r.task_score:.4f}")
+            print(f"  {name:21} {r.kaggle_score:.4f} / {r.task_score:.4f}")
 
 
 def _load_predictions(path: Path):
