@@ -146,24 +146,15 @@ def _mini() -> RunConfig:
     15 minutes on one thread next to another job (less on 2 idle cores); the sizes below and what else was tried
     are in docs/QUALITY.md. Per-example sampling: at this budget it fits the training puzzles and solves dev tasks
     clearly better than the reference's group sampling (docs/QUALITY.md); translation stays the reference's."""
-    model = ModelConfig(
-        hidden_size=64, num_heads=2, expansion=4, num_layers=2, H_cycles=2, L_cycles=2,
-        halt_max_steps=2, halt_exploration_prob=0.1, puzzle_emb_len=4, puzzle_emb_ndim=64,
-        seq_len=100, vocab_size=12, num_puzzle_identifiers=1,
-    )
-    data = DataConfig(sources="arc-agi-1/training", eval_set="dev:4", num_aug=15, canvas=10, max_side=10,
-                      sampling="examples", translation="reference")
-    cfg = RunConfig(model=model, data=data, predict=PredictConfig(max_variants=0, batch_size=256))  # all 16 views
-    cfg.global_batch_size = 64
-    cfg.lr = 1e-3
-    cfg.lr_warmup_steps = 100
-    cfg.epochs = 0
+    cfg = preset("demo")  # the demo's model, optimiser and batch, on more and bigger tasks for longer
+    cfg.model.seq_len = 100
+    cfg.data = DataConfig(sources="arc-agi-1/training", eval_set="dev:4", num_aug=15, canvas=10, max_side=10,
+                          sampling="examples", translation="reference")
+    cfg.predict = PredictConfig(max_variants=0, batch_size=256)  # all 16 views
     cfg.max_steps = 2000
     cfg.checkpoint_every = 250
     cfg.eval_every = 250  # the dev learning curve (8 views per test input, ~2 s each)
     cfg.eval_views = 8
-    cfg.log_every = 50
-    cfg.ema_rate = 0.99
     return cfg
 
 
