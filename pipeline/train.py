@@ -370,21 +370,24 @@ def nominal_epoch(cfg: RunConfig, dataset: AugmentedDataset, step: int) -> float
 
 def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset,
                    evaluator: Evaluator, out_dir: Path) -> dict[str, Any] | None:
-    """Evaluate with the EMA weights (what prediction uses), log a `kind: eval` row, keep the evaluated weights."""
+    """Evaluate with the EMA weights (what prediction uses), log a `kind: eval` row, keep the evaluated weights.
+    Every process calls it (the evaluation is sharded); they leave together, after rank 0 has written."""
     started = time.perf_counter()
     with state.ema.swap(state.model) if state.ema is not None else nullcontext():
         result = evaluator(state.model, rt)
     state.model.train()
-    if not rt.is_main or result is None:
-        return None
-    row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
-           "seconds": time.perf_counter() - started}
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
-               "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
-    atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
-                      lambda f: torch.save(weights, f))
+    row = None
+    if rt.is_main and result is not None:
+        row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
+               "seconds": time.perf_counter() - started}
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
+                   "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
+        atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
+                          lambda f: torch.save(weights, f))
+    if rt.world > 1:
+        dist.barrier()
     return row
 
 
