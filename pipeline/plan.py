@@ -40,7 +40,7 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     """Seconds per optimizer step of `rows` rows per process (median of `steps`, after one warm-up step)."""
     import copy
 
-    from pipeline.train import Refill, blank_carries, build_state, make_runtime, train_step
+    from pipeline.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
 
     small = copy.deepcopy(cfg)
     rt = make_runtime(small)
@@ -49,7 +49,7 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     state = build_state(small, dataset, rt)
     state.carries = blank_carries(state.model, small, rows, rt.device)
     refill = Refill(state.sampler, rt, rows, small.model.seq_len)
-    sums = torch.zeros(7, dtype=torch.float64, device=rt.device)
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     times = []
     for i in range(steps + 1):
