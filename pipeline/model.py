@@ -46,6 +46,7 @@ cache is cleared before the gradient cycle (see `recurse`), so the gradients are
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,6 +123,21 @@ class ModelConfig:
             raise ValueError("ModelConfig: num_puzzle_identifiers must be >= 1")
         if not isinstance(self.compile_backend, str):
             raise ValueError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
+
+
+def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Matmul FLOPs of one ACT step of one row on `seq_len` grid tokens (default m.seq_len), forward + backward
+    (backward = 2 × forward of the gradient cycle).
+
+    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
+    L = m.seq_len if seq_len is None else seq_len
+    D, S = m.hidden_size, L + m.puzzle_len
+    inter = swiglu_width(D, m.expansion)
+    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
+    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
+    grad_blocks = (m.L_cycles + 1) * m.num_layers
+    heads = 2 * L * D * m.vocab_size
+    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,6 +365,8 @@ class TRM(nn.Module):
             self.q_head.bias.fill_(-5.0)
         self.register_buffer("H_init", trunc_normal_(torch.empty(D), std=1.0))  # y's start value
         self.register_buffer("L_init", trunc_normal_(torch.empty(D), std=1.0))  # z's start value
+        # (T, n) to run instead of the config's, or None: training's depth curriculum (pipeline.compute) sets it
+        self.cycles: tuple[int, int] | None = None
         if config.compile_backend:
             self.compile_blocks(config.compile_backend)
 
@@ -389,11 +407,11 @@ class TRM(nn.Module):
     def recurse(self, z_H: Tensor, z_L: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """T cycles of (n times z ← net(z, y + x), then y ← net(y, z)); only the last keeps gradients.
         y does not change during a cycle's n z-updates, so y + x is formed once per cycle."""
-        cfg = self.config
+        H_cycles, L_cycles = self.cycles or (self.config.H_cycles, self.config.L_cycles)
         with torch.no_grad():
-            for _ in range(cfg.H_cycles - 1):
+            for _ in range(H_cycles - 1):
                 injection = z_H + x
-                for _ in range(cfg.L_cycles):
+                for _ in range(L_cycles):
                     z_L = self.net(z_L, injection)
                 z_H = self.net(z_H, z_L)
         if torch.is_grad_enabled():
@@ -403,10 +421,17 @@ class TRM(nn.Module):
             # the cache here makes the gradient cycle cast afresh on every torch (a few µs per step on a GPU).
             torch.clear_autocast_cache()
         injection = z_H + x
-        for _ in range(cfg.L_cycles):
+        for _ in range(L_cycles):
             z_L = self.net(z_L, injection)
         z_H = self.net(z_H, z_L)
         return z_H, z_L
+
+    def flops_per_row_step(self, seq_len: int | None = None) -> float:
+        """`model_flops_per_row_step` at the depth this model runs now (its `cycles`, else the config's)."""
+        config = self.config
+        if self.cycles is not None:
+            config = dataclasses.replace(config, H_cycles=self.cycles[0], L_cycles=self.cycles[1])
+        return model_flops_per_row_step(config, seq_len)
 
     # -- ACT ------------------------------------------------------------------------------------------------
     def initial_carry(self, batch: dict[str, Tensor]) -> Carry:

@@ -201,6 +201,8 @@ class TrainState:
     carries: list[Carry] | None  # one per micro-batch; None until the first step (or after a final checkpoint)
     step: int = 0
     dataset_fingerprint: str | None = None  # saved in every checkpoint: it works only with this dataset
+    flops: float = 0.0  # model FLOPs computed by the training steps so far, all processes (the `flops` column)
+    wall_s: float = 0.0  # seconds spent in training steps so far, evaluations and checkpoints left out
 
 
 def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
@@ -230,6 +232,8 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
         state.ema.load_state_dict(saved["ema"])
     state.sampler.load_state_dict(saved["sampler"])
     state.step = saved["step"]
+    state.flops = float(saved.get("flops", 0.0))
+    state.wall_s = float(saved.get("wall_s", 0.0))
     if saved.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
         state.carries = ckpt.carries_from_state(saved["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
     ckpt.set_rng_state(saved["rng"])
@@ -294,6 +298,8 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "world": rt.world,
                 "final": final,
                 "dataset_fingerprint": state.dataset_fingerprint,
+                "flops": state.flops,
+                "wall_s": state.wall_s,
             },
             keep=cfg.keep_checkpoints,
         )
@@ -329,6 +335,7 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
         sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach()
                              for k in METRIC_KEYS])
         bad |= ~torch.isfinite(loss.detach())
+        state.flops += rt.world * micro * model.flops_per_row_step(fresh["inputs"].shape[-1])
 
     all_reduce_gradients([p for p in model.parameters() if p.requires_grad], rt.world)
     train_dense = state.step >= cfg.freeze_weights_steps
@@ -378,8 +385,8 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
     state.model.train()
     row = None
     if rt.is_main and result is not None:
-        row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
-               "seconds": time.perf_counter() - started}
+        row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step),
+               "flops": state.flops, "wall_s": state.wall_s, **result, "seconds": time.perf_counter() - started}
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
@@ -449,7 +456,9 @@ def train(
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
                dynamic_ncols=True)
     while state.step < steps_total:
+        step_start = time.perf_counter()
         lr_scale = train_step(state, cfg, rt, refill, sums, bad, steps_total)
+        state.wall_s += time.perf_counter() - step_start
         step = state.step
         interval_steps += 1
         bar.update(1)
@@ -460,7 +469,8 @@ def train(
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
             elapsed = time.perf_counter() - interval_start
             row = {"kind": "train", "step": step, "epoch": nominal_epoch(cfg, dataset, step),
-                   "stream_epoch": state.sampler.epoch, "lr": cfg.lr * lr_scale,
+                   "stream_epoch": state.sampler.epoch, "lr": cfg.lr * lr_scale, "flops": state.flops,
+                   "wall_s": state.wall_s,
                    **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             if rt.is_main:
