@@ -37,7 +37,11 @@ class PredictConfig:
     max_variants: int = 0  # views per test input to run (the original counts as one); 0 = all (1001 at num_aug 1000)
     batch_size: int = 256
     selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
-    early_stop: bool = False  # stop a batch once every row's q_halt > 0 (saves time, may cost accuracy)
+    # ACT steps per view (0 = the model's halt_max_steps); more than halt_max_steps continue the recursion
+    act_steps: int = 0
+    # halt at prediction as training does: a row's answer is the one of its first step with q_halt > 0, and a
+    # batch stops once every row has halted (saves time, may cost accuracy: docs/QUALITY.md, ACT steps)
+    early_stop: bool = False
     use_ema: bool = True
     time_budget_s: float = 0.0  # stop predicting after this many seconds (0 = no limit); views run round-robin
     # over test inputs (every input's 1st view, then every input's 2nd, ...) so a cut-off run still covers all
@@ -59,7 +63,8 @@ class RunConfig:
     # examples, so steps = epochs × that / global_batch_size (pipeline.batches.examples_per_epoch)
     epochs: float = 100_000  # ends training unless max_steps is set
     max_steps: int = 0  # 0 = derive from epochs
-    optimizer: str = "adam_atan2"  # or "adamw"
+    flops_budget: float = 0.0  # > 0: as many steps as reach this many model FLOPs (overrides max_steps and epochs)
+    optimizer: str = "adam_atan2"  # or "adamw", or "muon" (Muon for the block matrices; torch >= 2.9: pipeline.muon)
     lr: float = 1e-4
     lr_schedule: str = "constant"  # after warm-up: "constant" (paper) or "cosine"
     lr_warmup_steps: int = 2000
@@ -72,6 +77,7 @@ class RunConfig:
     ema: bool = True
     ema_rate: float = 0.999
     grad_accum_steps: int = 1  # split each process's share of the global batch into this many micro-batches
+    depth_curriculum: float = 0.0  # > 0: H/L cycles grow from 1 to the model's over this fraction of the steps
     freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
     checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
     checkpoint_every_epochs: float = 10_000

@@ -84,6 +84,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     mlp_t: bool = False  # mix tokens with an MLP over the sequence instead of attention (small fixed grids)
+    # > 0 (odd): a depthwise k×k convolution over the grid inside each block's MLP (after URM's short
+    # convolution), added to the SwiGLU activation and zero-initialised; 0 (the paper) = none
+    mlp_conv: int = 0
     # How the blocks run, not what they compute: torch.compile each block with this backend ("" = eager,
     # the default; "inductor" fuses the elementwise work around the GEMMs on a GPU). Off until measured.
     compile_backend: str = ""
@@ -117,6 +120,10 @@ class ModelConfig:
                 f"ModelConfig: puzzle_emb_ndim {self.puzzle_emb_ndim} does not fit in puzzle_emb_len "
                 f"{self.puzzle_len} x hidden_size {self.hidden_size}"
             )
+        if self.mlp_conv < 0 or (self.mlp_conv and self.mlp_conv % 2 == 0):
+            raise ValueError(f"ModelConfig: mlp_conv must be 0 (off) or an odd kernel size, not {self.mlp_conv}")
+        if self.mlp_conv and math.isqrt(self.seq_len) ** 2 != self.seq_len:
+            raise ValueError(f"ModelConfig: mlp_conv needs a square grid (seq_len {self.seq_len} is not a square)")
         if self.H_cycles < 1 or self.L_cycles < 1 or self.halt_max_steps < 1 or self.num_layers < 1:
             raise ValueError("ModelConfig: H_cycles, L_cycles, halt_max_steps and num_layers must be >= 1")
         if self.num_puzzle_identifiers < 1:
@@ -125,18 +132,21 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
 
 
-def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None) -> float:
+def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None, backward: bool = True) -> float:
     """Matmul FLOPs of one ACT step of one row on `seq_len` grid tokens (default m.seq_len), forward + backward
-    (backward = 2 × forward of the gradient cycle).
+    (backward = 2 × forward of the gradient cycle); forward only (prediction) with backward=False.
 
     A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
     L = m.seq_len if seq_len is None else seq_len
     D, S = m.hidden_size, L + m.puzzle_len
     inter = swiglu_width(D, m.expansion)
     per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
+    per_block += 2 * m.mlp_conv**2 * inter * L  # the grid convolution in the MLP (0 unless mlp_conv)
     forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
     grad_blocks = (m.L_cycles + 1) * m.num_layers
     heads = 2 * L * D * m.vocab_size
+    if not backward:
+        return forward_blocks * per_block + heads
     return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
 
 
@@ -236,20 +246,46 @@ class Attention(nn.Module):
         return self.out(attended.transpose(1, 2).reshape(B, S, D))
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate) * up), with gate and up from one fused projection."""
+class GridConv(nn.Module):
+    """a + depthwise_conv(a) over the grid positions of a (B, P + side², C); the P puzzle positions pass as they
+    are. Zero-initialised, so a model starts as the one without it (URM's short convolution, in 2-D)."""
 
-    def __init__(self, width: int, expansion: float):
+    def __init__(self, channels: int, kernel: int, puzzle_len: int):
+        super().__init__()
+        self.puzzle_len = puzzle_len
+        self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, a: Tensor) -> Tensor:
+        B, S, C = a.shape
+        P = self.puzzle_len
+        side = math.isqrt(S - P)
+        grid = a[:, P:].transpose(1, 2).reshape(B, C, side, side)
+        mixed = self.conv(grid).reshape(B, C, side * side).transpose(1, 2)
+        return torch.cat((a[:, :P], a[:, P:] + mixed), dim=1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up), with gate and up from one fused projection (and optionally a grid convolution of
+    the activation before `down`: GridConv)."""
+
+    def __init__(self, width: int, expansion: float, conv: int = 0, puzzle_len: int = 0):
         super().__init__()
         inner = swiglu_width(width, expansion)
         self.gate_up = linear(width, 2 * inner)  # first half gate, second half up
         self.down = linear(inner, width)
+        if conv:
+            self.conv = GridConv(inner, conv, puzzle_len)
 
     def forward(self, h: Tensor) -> Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         if not torch.is_grad_enabled():  # the projection's output is ours: reuse its memory
-            return self.down(F.silu(gate, inplace=True).mul_(up))
-        return self.down(F.silu(gate) * up)
+            a = F.silu(gate, inplace=True).mul_(up)
+        else:
+            a = F.silu(gate) * up
+        if hasattr(self, "conv"):
+            a = self.conv(a)
+        return self.down(a)
 
 
 class Block(nn.Module):
@@ -263,7 +299,7 @@ class Block(nn.Module):
             self.token_mlp = SwiGLU(config.total_len, config.expansion)
         else:
             self.attn = Attention(config.hidden_size, config.num_heads)
-        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion, config.mlp_conv, config.puzzle_len)
 
     def forward(self, h: Tensor, rope: RotaryTables | None) -> Tensor:
         if hasattr(self, "token_mlp"):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from augment.dataset import AugmentedDataset
+from pipeline.compute import run_flops
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
 from pipeline.model import model_flops_per_row_step  # the model's FLOPs (also importable from here)
@@ -53,6 +54,18 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
             "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
 
 
+def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
+    """Model FLOPs of stage predict (forward only): every view of every held-out test input, each for the ACT
+    steps prediction runs; the likelihood re-scoring pass is `predict.rescore_views` more views per input."""
+    views = cfg.predict.max_variants if cfg.predict.max_variants > 0 else None
+    rows = len(dataset.test_rows(views)["variant"])
+    rescored = len(dataset.test_rows(cfg.predict.rescore_views)["variant"]) if cfg.predict.rescore_views > 0 else 0
+    steps = cfg.predict.act_steps or cfg.model.halt_max_steps
+    per_row = model_flops_per_row_step(cfg.model, backward=False)
+    return {"prediction_rows": rows, "prediction_act_steps": steps,
+            "prediction_flops": (rows * steps + rescored * cfg.model.halt_max_steps) * per_row}
+
+
 def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0) -> dict[str, Any]:
     """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours)."""
     from pipeline.train import plan_steps
@@ -62,8 +75,9 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     plan = plan_steps(cfg, dataset)
     flops_row = model_flops_per_row_step(cfg.model)
-    plan["model_flops_per_step"] = flops_row * cfg.global_batch_size
-    plan["model_flops_total"] = flops_row * cfg.global_batch_size * plan["total_steps"]
+    plan["model_flops_per_step"] = flops_row * cfg.global_batch_size  # at full depth
+    plan["model_flops_total"] = run_flops(cfg, plan["total_steps"])  # a depth curriculum's cheaper steps included
+    plan.update(prediction_flops(cfg, dataset))
     plan["evaluations"] = plan["total_steps"] // plan["eval_every"] if plan["eval_every"] else 0
     if time_steps_n > 0:
         on_gpu = torch.cuda.is_available()
@@ -72,7 +86,7 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
         local_batch = cfg.global_batch_size / timing["processes"]
         step_s = timing["seconds_per_step"] * local_batch / rows  # linear in the rows each process runs
         timing["estimated_seconds_per_step"] = step_s
-        timing["estimated_hours"] = step_s * plan["total_steps"] / 3600
+        timing["estimated_hours"] = step_s * plan["model_flops_total"] / plan["model_flops_per_step"] / 3600
         timing["achieved_tflops_per_process"] = flops_row * rows / timing["seconds_per_step"] / 1e12
         timing["note"] = ("training only (evaluations come on top); scaled linearly from the timed rows per "
                           "process to the global batch / processes")

@@ -163,11 +163,25 @@ def _read_manifest(data_dir: Path) -> dict:
 def stage_predict(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from pipeline.predict import predict_to_file
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)
+    checkpoint = _predict_checkpoint(cfg, out, args)
     _check_checkpoint(checkpoint, out / "dataset")
     path = predict_to_file(out / "dataset", checkpoint, out / "predictions.npz", cfg.predict, progress=not args.quiet)
     if _is_main_process():
         print(f"predict: candidates -> {path}")
+
+
+def _predict_checkpoint(cfg: RunConfig, out: Path, args: argparse.Namespace) -> Path:
+    """--checkpoint PATH, `best[:FIGURE]` (pipeline.choose: by a held-out figure, recorded for the score), or the
+    latest."""
+    from pipeline import choose
+
+    if choose.is_best_spec(args.checkpoint):
+        choice = choose.choose_checkpoint(out, args.checkpoint, cfg.data.eval_set)
+        choose.record_choice(out, choice)
+        print(f"predict: {choice.describe()}")
+        return Path(choice.path)
+    choose.forget_choice(out)
+    return Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)
 
 
 def stage_submit(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
@@ -208,6 +222,12 @@ def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     report = score_submission(submission, solutions, predictions)
     write_score(report, out)
     print(format_score(report))
+    if not args.submission:
+        from pipeline.choose import choice_note
+
+        note = choice_note(out, solutions_spec)
+        if note:
+            print(f"score: {note}")
     if predictions is not None and not args.submission and (out / "dataset" / "manifest.json").exists():
         from augment.dataset import AugmentedDataset
         from submissions.score import compare_selectors
@@ -303,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-time-steps", type=int, default=2,
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from this checkpoint (ours or the reference's)")
-    p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out)")
+    p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out); 'best' or "
+                   "'best:FIGURE' = the evaluated checkpoint with the best held-out figure (ce_true by default; "
+                   "pipeline.choose)")
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help="submit: how candidates are ranked (vote, q_weighted, ...)")
     p.add_argument("--submission", help="score: the submission file to score (score.json goes to --out, or beside it)")

@@ -34,6 +34,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.batches import TrainSampler, examples_per_epoch
 from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
                                   gather_rows_to_main)
+from pipeline.compute import depth_at, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
@@ -58,6 +59,8 @@ def steps_for_epochs(cfg: RunConfig, dataset: AugmentedDataset, epochs: float) -
 
 
 def total_steps(cfg: RunConfig, dataset: AugmentedDataset) -> int:
+    if cfg.flops_budget > 0:
+        return steps_for_flops(cfg, cfg.flops_budget)
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, steps_for_epochs(cfg, dataset, cfg.epochs))
@@ -212,7 +215,7 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
     if init_checkpoint is not None:
         ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
     model.to(rt.device)
-    dense = [p for p in model.parameters() if p.requires_grad]
+    dense = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = build_dense_optimizer(
         dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -318,6 +321,7 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     lr_scale = lr_at(state.step + 1, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
     explore_u, explore_k = exploration_draws(cfg.seed, state.step, cfg.global_batch_size, cfg.model.halt_max_steps)
     local_ids, local_grads = [], []
+    model.cycles = depth_at(cfg.model, cfg.depth_curriculum, state.step, steps_total)
     for i in range(len(state.carries)):  # micro-batches (grad_accum_steps of them)
         fresh = refill(i, state.carries[i].halted)
         lo = rt.rank * (cfg.global_batch_size // rt.world) + i * micro
@@ -380,6 +384,7 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
     """Evaluate with the EMA weights (what prediction uses), log a `kind: eval` row, keep the evaluated weights.
     Every process calls it (the evaluation is sharded); they leave together, after rank 0 has written."""
     started = time.perf_counter()
+    state.model.cycles = None  # evaluated at the model's full depth (the next step sets the curriculum's again)
     with state.ema.swap(state.model) if state.ema is not None else nullcontext():
         result = evaluator(state.model, rt)
     state.model.train()
@@ -390,7 +395,8 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
-                   "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
+                   "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row,
+                   "dataset_fingerprint": state.dataset_fingerprint}
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
                           lambda f: torch.save(weights, f))
     if rt.world > 1:
