@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from augment.dataset import AugmentedDataset  # noqa: E402
 from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -37,6 +38,7 @@ from pipeline.predictions import Predictions  # noqa: E402
 from pipeline.vote import SELECTORS, vote  # noqa: E402
 from submissions.score import compare_selectors, score_submission  # noqa: E402
 from submissions.write import build_submission  # noqa: E402
+from time_to_accuracy import markdown as issue17_tables  # noqa: E402
 
 @dataclass(frozen=True)
 class Arm:
@@ -184,6 +186,14 @@ CURVE_KEYS = ("step", "epoch", "flops", "wall_s", "task_pass2", "pass2", "oracle
 COLLECT_VERSION = 2  # bump when collect() gathers something new: cached figures of an older version are redone
 
 
+def act_steps_of(folder: Path) -> list[dict]:
+    from act_steps import act_study
+    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
+
+    model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))
+    return act_study(model, AugmentedDataset.load(folder / "dataset"))
+
+
 def collect(folder: Path) -> dict:
     """Every figure of one finished run folder (cached in quality.json beside it)."""
     cache = folder / "quality.json"
@@ -214,6 +224,10 @@ def collect(folder: Path) -> dict:
         out["views"][str(views or "all")] = {**figures(score_submission(sub, solutions, part)),
                                              "count": int(views or view_of.max() + 1)}
     out["timing"] = time_passes(folder)
+    config = json.loads((folder / "config.json").read_text())
+    out["halt_max_steps"] = config["model"]["halt_max_steps"]
+    if (out.get("flops") or 0) >= 0.99 * mini_flops():  # whole runs: ACT steps at prediction from their weights
+        out["act"] = act_steps_of(folder)
     atomic_write_json(cache, out)
     return out
 
@@ -226,7 +240,8 @@ def pct(x: float | None) -> str:
 def markdown(results: list[dict]) -> str:
     sizes = sorted({(r["num_tasks"], r["num_outputs"]) for r in results})
     split = "; ".join(f"{t} tasks, {o} test outputs" for t, o in sizes)
-    lines = [f"### Arms (dev split: {split}; figures in %)", "",
+    lines = issue17_tables(results, BASELINE)
+    lines += ["" if lines else "", f"### Arms (dev split: {split}; figures in %)", "",
              "| arm | seed | pass@2 per task | pass@2 outputs | pass@1 | oracle | train exact | wall (min) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

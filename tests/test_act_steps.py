@@ -54,3 +54,45 @@ def test_act_steps_beyond_halt_max_steps_continue_the_recursion():
         restarted = model(model(model.initial_carry(batch), batch)[0], batch)[1]  # the plain eval loop: 2 steps
     assert torch.equal(four, outputs["preds"])
     assert torch.equal(two, restarted["preds"])
+
+
+def test_the_act_study_scores_what_predict_would_have_made(tmp_path):
+    """benchmarks/act_steps.py reads K steps (and halting) off one pass; stage predict with act_steps=K (and
+    early_stop) makes the same candidates."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from augment.dataset import AugmentedDataset
+    from pipeline.config import PredictConfig
+    from pipeline.predict import predict
+    from tiny import build_tiny_dataset
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from act_steps import act_study, candidates, halting_steps, step_outputs
+
+    dataset = AugmentedDataset.load(build_tiny_dataset(tmp_path / "data", num_tasks=2, num_aug=2))
+    torch.manual_seed(0)
+    model = TRM(ModelConfig(vocab_size=12, seq_len=36, hidden_size=32, num_heads=2, H_cycles=1, L_cycles=1,
+                            halt_max_steps=2, puzzle_emb_len=1, puzzle_emb_ndim=32,
+                            num_puzzle_identifiers=dataset.num_puzzle_identifiers)).eval()
+    with torch.no_grad():
+        model.q_head.bias.fill_(0.0)
+        model.q_head.weight.normal_()  # some rows halt early, some do not
+
+    def rows(p):
+        return sorted((int(p.task[i]), int(p.test_index[i]), int(p.variant[i]),
+                       None if p.grid(i) is None else p.grid(i).tobytes()) for i in range(len(p)))
+
+    out = step_outputs(model, dataset, 3)
+    n = len(out["variant"])
+    for k in (1, 3):
+        made = predict(model, dataset, PredictConfig(act_steps=k), progress=False)
+        assert rows(candidates(dataset, out, np.full(n, k))) == rows(made)
+    halted = predict(model, dataset, PredictConfig(early_stop=True), progress=False)
+    steps = halting_steps(out["q"], 2)
+    assert 1 in steps and rows(candidates(dataset, out, steps)) == rows(halted)
+    table = act_study(model, dataset, steps=(1, 2, 4))
+    assert [r["name"] for r in table] == ["1 steps", "2 steps", "4 steps", "halt (≤ 2)", "halt (≤ 4)"]
+    assert all(0 <= r["pass2_task"] <= r["oracle_task"] <= 1 and r["ce_true"] > 0 for r in table)
