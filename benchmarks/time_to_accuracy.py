@@ -31,13 +31,14 @@ def flops_to_reach(run: dict, target: float) -> float | None:
     return None
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float | None], digits: int = 4) -> str:
+    """mean (min–max) of the values that exist."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ({min(values):.4f}–{max(values):.4f})"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def verdict(value: float | None, baseline: list[float], lower_is_better: bool = True) -> str:
@@ -75,7 +76,7 @@ def markdown(results: list[dict], baseline: str) -> list[str]:
         wall = f"{r['seconds'] / 60:.1f}" if "seconds" in r else "–"
         lines.append(f"| {r.get('arm')} | {r.get('seed')} | {e['step']} | {e['flops'] / TFLOP:.1f} | {e['ce_true']:.4f} | "
                      f"{pct(e.get('cell_acc_true'))} | {pct(e.get('task_pass2'))} | {wall} | {spread(at)} | "
-                     f"{spread([100 * p for p in pass_at if p is not None]) if any(p is not None for p in pass_at) else '–'} | "
+                     f"{spread([None if p is None else 100 * p for p in pass_at], 1)} | "
                      f"{'(baseline)' if r.get('arm') == baseline else verdict(e['ce_true'], at)} |")
     lines += seed_summary(runs, base)
     lines += targets(results, base)
@@ -109,8 +110,7 @@ def seed_summary(runs: list[dict], base: list[dict]) -> list[str]:
         else:
             beyond = "no"
         p2 = [100 * r["pass2_task"] for r in rs]
-        lines.append(f"| {arm} | {len(rs)} | {spread(ce)} | {spread(at)} | {beyond} | "
-                     f"{np.mean(p2):.1f} ({min(p2):.1f}–{max(p2):.1f}) |")
+        lines.append(f"| {arm} | {len(rs)} | {spread(ce)} | {spread(at)} | {beyond} | {spread(p2, 1)} |")
     return lines
 
 
