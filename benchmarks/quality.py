@@ -91,6 +91,7 @@ ARMS.update({
     "curriculum@25": at_flops(SCREEN, "depth_curriculum=0.6"),
     "b256-lr3e-3@25": at_flops(SCREEN, "global_batch_size=256", "lr=3e-3", "lr_warmup_steps=25"),
     "b128-lr2e-3@25": at_flops(SCREEN, "global_batch_size=128", "lr=2e-3", "lr_warmup_steps=50"),
+    "lr3e-3@25": at_flops(SCREEN, "lr=3e-3"),  # the batch × lr line's third point: 1× batch, 3× lr
     "aug7@25": at_flops(SCREEN, "data.num_aug=7"),
     "aug31@25": at_flops(SCREEN, "data.num_aug=31"),
     "conv3@25": at_flops(SCREEN, "model.mlp_conv=3"),
