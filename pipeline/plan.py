@@ -56,9 +56,13 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
 
 def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
     """Model FLOPs of stage predict (forward only): every view of every held-out test input, each for the ACT
-    steps prediction runs; the likelihood re-scoring pass is `predict.rescore_views` more views per input."""
+    steps prediction runs; the likelihood re-scoring pass is `predict.rescore_views` more views per input. For a
+    config with another data.num_aug than the dataset's, every input is counted with num_aug + 1 views."""
     views = cfg.predict.max_variants if cfg.predict.max_variants > 0 else None
-    rows = len(dataset.test_rows(views)["variant"])
+    if cfg.data.num_aug == dataset.manifest.get("num_aug", cfg.data.num_aug):
+        rows = len(dataset.test_rows(views)["variant"])
+    else:
+        rows = len(dataset.test_rows(1)["variant"]) * min(views or cfg.data.num_aug + 1, cfg.data.num_aug + 1)
     rescored = len(dataset.test_rows(cfg.predict.rescore_views)["variant"]) if cfg.predict.rescore_views > 0 else 0
     steps = cfg.predict.act_steps or cfg.model.halt_max_steps
     per_row = model_flops_per_row_step(cfg.model, backward=False)
@@ -66,8 +70,29 @@ def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any
             "prediction_flops": (rows * steps + rescored * cfg.model.halt_max_steps) * per_row}
 
 
-def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0) -> dict[str, Any]:
-    """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours)."""
+def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop: float | None) -> dict[str, Any]:
+    """The paper recipe and its fast counterpart (config.FAST_RECIPES) on this dataset: steps, training and
+    prediction FLOPs, and hours at this machine's timed seconds per FLOP; {} for a preset without a pair."""
+    from pipeline.config import preset, recipe_pair
+    from pipeline.train import total_steps
+
+    out = {}
+    for name in recipe_pair(preset_name):
+        cfg = preset(name)
+        cfg.model.seq_len = dataset.canvas * dataset.canvas
+        cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
+        steps = total_steps(cfg, dataset)
+        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps), **prediction_flops(cfg, dataset)}
+        if seconds_per_flop is not None:
+            entry["estimated_hours"] = seconds_per_flop * entry["model_flops_total"] / 3600
+        out[name] = entry
+    return out
+
+
+def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0,
+              preset_name: str | None = None) -> dict[str, Any]:
+    """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours). For a preset with a fast
+    counterpart (or the fast one), `recipes` holds both recipes' FLOPs and hours."""
     from pipeline.train import plan_steps
 
     dataset = AugmentedDataset.load(dataset_dir)
@@ -91,11 +116,14 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
         timing["note"] = ("training only (evaluations come on top); scaled linearly from the timed rows per "
                           "process to the global batch / processes")
         plan["timing"] = timing
+    seconds_per_flop = plan["timing"]["estimated_seconds_per_step"] / plan["model_flops_per_step"] if "timing" in plan else None
+    plan["recipes"] = recipes(preset_name, dataset, seconds_per_flop)
     return plan
 
 
-def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n: int = 2, rows: int = 0) -> Path:
-    plan = make_plan(cfg, dataset_dir, time_steps_n, rows)
+def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n: int = 2, rows: int = 0,
+               preset_name: str | None = None) -> Path:
+    plan = make_plan(cfg, dataset_dir, time_steps_n, rows, preset_name)
     path = out / "plan.json"
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_json(path, plan)
@@ -112,8 +140,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  warm-up {plan['warmup_steps']:,} steps; checkpoint every {plan['checkpoint_every']:,} steps; "
         f"evaluation every {plan['eval_every']:,} steps ({plan['evaluations']} evaluations, {plan['eval_views']} views)",
         f"  model: {plan['model_flops_per_step'] / 1e12:,.1f} TFLOP per step, "
-        f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all",
+        f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all; prediction {plan['prediction_flops'] / 1e15:,.1f} PFLOP "
+        f"({plan['prediction_rows']:,} views × {plan['prediction_act_steps']} ACT steps)",
     ]
+    for name, r in plan.get("recipes", {}).items():
+        hours = f", about {r['estimated_hours']:,.1f} hours" if "estimated_hours" in r else ""
+        lines.append(f"  recipe {name}: {r['total_steps']:,} steps, {r['model_flops_total'] / 1e18:,.2f} EFLOP of "
+                     f"training{hours}; prediction {r['prediction_flops'] / 1e15:,.1f} PFLOP")
     t = plan.get("timing")
     if t:
         lines.append(

@@ -92,7 +92,8 @@ def _train_data_dir(out: Path, args: argparse.Namespace) -> Path:
 def stage_plan(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     from pipeline.plan import write_plan
 
-    write_plan(cfg, _train_data_dir(out, args), out, time_steps_n=args.plan_time_steps)
+    preset_name = args.preset or (runfolder.read_marker(out) or {}).get("preset")
+    write_plan(cfg, _train_data_dir(out, args), out, time_steps_n=args.plan_time_steps, preset_name=preset_name)
 
 
 def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
