@@ -24,6 +24,7 @@ from pipeline import runfolder
 from pipeline.config import PRESETS, RunConfig, apply_overrides, from_dict, preset
 from pipeline.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
 from pipeline.io import is_disk_full
+from pipeline.tracking import tracker_names
 
 STAGES = ("augment", "train", "predict", "submit", "score", "report")
 
@@ -276,7 +277,7 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.run",
+        prog="trm-arc" if Path(sys.argv[0]).name == "trm-arc" else "python -m pipeline.run",  # the installed command
         description="TRM-Att ARC pipeline. Stages: augment (load + augment tasks), train, predict (candidates for "
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
@@ -528,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
                              "(or --stage all) first")
     cfg = resolve_config(args, out, marker)
+    if args.stage in ("train", "all"):
+        tracker_names(cfg.log_with)  # a missing tracker package stops the command before any work
     if not _is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
         _run_stages(cfg, out, args, marker)
         return 0
