@@ -134,7 +134,8 @@ def predict_to_file(
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     dataset = AugmentedDataset.load(dataset_dir)
-    model = load_model_for_inference(checkpoint_path, use_ema=cfg.use_ema).to(accelerator.device)
+    model = load_model_for_inference(checkpoint_path, use_ema=cfg.use_ema,
+                                     num_puzzle_identifiers=dataset.num_puzzle_identifiers).to(accelerator.device)
     if model.config.seq_len != dataset.canvas**2:
         raise ValueError(
             f"checkpoint {checkpoint_path} was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
