@@ -244,6 +244,8 @@ def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
 def stage_export(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     """The weights prediction uses (EMA unless predict.use_ema=false) as a portable folder (pipeline.export)."""
+    if not _is_main_process():
+        return  # one writer
     source = Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)
     folder = Path(args.export_dir) if args.export_dir else out / export.EXPORT_DIR
     written = export.export_weights(source, folder, args.puzzle_rows, cfg.predict.use_ema, out / "dataset")
@@ -314,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
                    "reference's checkpoint (its file or folder)")
-    p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out); "
-                   "predict also takes an exported folder or the reference's checkpoint folder")
+    p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
+                   "a checkpoint, an exported folder, or the reference's checkpoint (its file or folder)")
     export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help="submit: how candidates are ranked (vote, q_weighted, ...)")

@@ -63,8 +63,10 @@ def read_weights_config(path: str | Path) -> dict[str, Any]:
         found = config.get("format") if isinstance(config, dict) else None
         raise CheckpointError(f"weights config {config_path}: not a trm-arc weights config (format "
                               f"{found!r}, expected {FORMAT!r})")
-    if not isinstance(config.get("model"), dict) or config.get("puzzle_rows") not in ("all", "mean"):
-        raise CheckpointError(f"weights config {config_path}: lacks its model config or puzzle_rows (all / mean)")
+    if not isinstance(config.get("model"), dict) or config.get("puzzle_rows") not in ("all", "mean") or \
+            not isinstance(config.get("dataset") or {}, dict):
+        raise CheckpointError(f"weights config {config_path}: lacks its model config, puzzle_rows (all / mean) or "
+                              "a readable dataset entry")
     return config
 
 

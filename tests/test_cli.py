@@ -134,3 +134,20 @@ def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
             _sys.argv = old
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+
+
+def test_the_installed_trm_arc_command_is_the_module_form(monkeypatch):
+    """`pip install` puts a `trm-arc` console script beside the interpreter: the same CLI as `python -m pipeline.run`."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    found = Path(sysconfig.get_path("scripts"), "trm-arc")
+    command = str(found) if found.exists() else shutil.which("trm-arc")
+    assert command, "trm-arc is not installed: pip install -e . installs it"
+    done = subprocess.run([command, "--stage", "export", "--out", "/nonexistent/run"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --out /nonexistent/run: not a run folder")
+    monkeypatch.setattr(sys, "argv", [command])
+    assert build_parser().prog == "trm-arc"  # its help names the command it was started as
