@@ -38,12 +38,11 @@ def tracker_names(log_with: str) -> list[str]:
 
 
 def accelerator_settings(log_with: str, out_dir: Path | None) -> dict[str, Any]:
-    """Keyword arguments for `Accelerator(...)`: the trackers and where the file-based ones write."""
+    """Keyword arguments for `Accelerator(...)`: the trackers and where the file-based ones write. Without a run
+    folder (e.g. the plan stage timing a few steps) there are no rows to send, so no trackers."""
     names = tracker_names(log_with)
-    if not names:
+    if not names or out_dir is None:
         return {}
-    if out_dir is None:
-        raise ConfigError(f"--set log_with={log_with}: trackers need a run folder to write in")
     from accelerate.utils import ProjectConfiguration
 
     return {"log_with": names,

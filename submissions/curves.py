@@ -188,6 +188,10 @@ def chart_svg(title: str, lines: Sequence[tuple[str, list[tuple[float, float]]]]
     return "".join(parts)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _constant(points: list[tuple[float, float]]) -> bool:
     return len({y for _, y in points}) == 1
 
@@ -220,7 +224,7 @@ def dashboard_html(rows: Sequence[dict[str, Any]]) -> str:
         title = html.escape(KIND_TITLES.get(kind, f"{kind} rows"))
         body = f'<p class="constants">the same in every row: {", ".join(constants)}</p>' if constants else ""
         body += f'<div class="charts">{"".join(small)}</div>' if small else ""
+        summary = f"{title} ({_plural(count, 'row')}): {_plural(len(small), 'more curve')}"
         if body:
-            parts.append(f"<details open><summary>{title} ({count} rows): {len(small)} more curves</summary>"
-                         f"{body}</details>")
+            parts.append(f"<details open><summary>{summary}</summary>{body}</details>")
     return "".join(parts)

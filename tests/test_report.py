@@ -93,7 +93,7 @@ def test_dashboard_puts_the_headline_curves_first_constants_as_text_and_groups_t
     assert _titles(page)[:3] == ["Training loss", "Training exact accuracy", "Held-out pass@2"]
     assert "cross-entropy" not in page and "FLOPs" not in page  # not logged by this run: not drawn
     assert page.index("Held-out pass@2") < page.index("<details")  # the rest below, grouped by kind
-    assert re.search(r"Training \(10 rows\): 1 more curves.*the same in every row: lr <b>0.001</b>", page)
+    assert re.search(r"Training \(10 rows\): 1 more curve<.*the same in every row: lr <b>0.001</b>", page)
     assert re.search(r"Held-out evaluations \(2 rows\).*views <b>8</b>, tasks <b>13</b>", page)
     assert set(_titles(page)) == {"Training loss", "Training exact accuracy", "Held-out pass@2", "examples_per_s",
                                   "seconds"}  # constants are text, not charts
