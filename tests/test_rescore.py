@@ -56,7 +56,7 @@ def _votes_against_likelihood(dataset: AugmentedDataset) -> tuple[Predictions, d
 def test_likelihood_overrules_votes_when_the_model_prefers_the_rarer_grid(dataset):
     predictions, truth = _votes_against_likelihood(dataset)
     model = CopyModel()
-    predictions.logp = rescore(model, dataset, predictions, top_k=2, views=4, progress=False)
+    predictions.logp, predictions.logp_cells = rescore(model, dataset, predictions, top_k=2, views=4, progress=False)
     assert model.calls == 2  # one batch of (test input, view) rows, all ACT steps; not one run per candidate
     assert not np.isnan(predictions.logp[predictions.valid]).any()
     by_vote, by_likelihood = vote(predictions), likelihood(predictions)
@@ -112,7 +112,8 @@ def test_without_scores_the_likelihood_selectors_fall_back_to_votes(dataset):
 
 def test_scores_survive_save_load_and_concatenate(dataset, tmp_path: Path):
     predictions, _ = _votes_against_likelihood(dataset)
-    predictions.logp = rescore(CopyModel(), dataset, predictions, top_k=1, views=2, progress=False)
+    predictions.logp, predictions.logp_cells = rescore(CopyModel(), dataset, predictions, top_k=1, views=2,
+                                                       progress=False)
     assert np.isnan(predictions.logp).sum() > 0  # only the top-1 group is scored
     predictions.save(tmp_path / "p.npz")
     loaded = Predictions.load(tmp_path / "p.npz")
