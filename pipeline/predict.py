@@ -159,8 +159,8 @@ def predict_to_file(
     if partial is not None:
         partial.unlink(missing_ok=True)  # the whole share is in the file: no partial file left behind
     left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0
-    wanted = cfg.rescore_views > 0 and (cfg.time_budget_s <= 0 or left > 0)
-    if wanted and not _anyone(stop_requested() is not None, world, device):
+    skip = (cfg.time_budget_s > 0 and left <= 0) or stop_requested() is not None
+    if cfg.rescore_views > 0 and not _anyone(skip, world, device):  # every process re-scores, or none does
         try:
             predictions.logp, predictions.logp_cells = rescore(
                 model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pipeline import kaggle_driver as kd
 from pipeline.kaggle_driver import finetune as finetune_stage
+from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.processes import _stat
 from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.predictions import Predictions
@@ -61,7 +62,7 @@ def test_the_windows_and_the_reserve_add_up_to_the_budget(budget, spent, fractio
         return
     assert tune.run and tune.work_s >= min_train and tune.window_s == pytest.approx(plan.finetune_s)
     again = kd.plan_retry(s, start + tune.window_s, min_train, now=start)  # what the stage runs
-    assert again.run and (again.work_s, again.timeout_s) == pytest.approx((tune.work_s, tune.timeout_s))
+    assert again.run and (again.work_s, again.timeout_s) == pytest.approx((tune.work_s, tune.timeout_s), abs=1e-6)
     after = kd.plan_predict(s, now=start + tune.window_s)  # the stage that follows a fine-tune using its window
     assert after.run and after.work_s >= min_predict and after.window_s == pytest.approx(plan.predict_s)
     assert start + tune.window_s + after.window_s + reserve == pytest.approx(s.deadline)
@@ -111,7 +112,7 @@ def test_the_fine_tune_child_runs_on_the_gpus_present(tmp_path, monkeypatch):
         launched.append((cmd, timeout_s, kw))
         return kd.ChildResult(0, False, 1.0)
 
-    monkeypatch.setattr(finetune_stage, "run_child", fake_child)
+    monkeypatch.setattr(stages, "run_child", fake_child)
     with pytest.raises(RuntimeError, match="fine-tuning failed for good"):  # the fake child wrote no checkpoint
         finetune_stage.finetune(run)
     (cmd, timeout_s, kw), = launched

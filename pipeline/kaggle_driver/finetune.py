@@ -7,19 +7,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, replace
 
-from pipeline.kaggle_driver.budget import plan_finetune, plan_retry
-from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
-from pipeline.kaggle_driver.faults import CHILD_MODULE
+from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_retry
+from pipeline.kaggle_driver.child import ChildResult
 from pipeline.kaggle_driver.log import log, plural
 from pipeline.kaggle_driver.retry import Attempt, next_grad_accum, run_attempts
-from pipeline.kaggle_driver.stages import set_args
+from pipeline.kaggle_driver.stages import attempt_record, run_stage_child, set_args
 from pipeline.kaggle_driver.state import RunState, StageResult
-from pipeline.kaggle_driver.budget import StagePlan
-
-
-def child_module(st: RunState) -> str:
-    """The child's entry point: pipeline.run, or the testing hook's wrapper of it when faults are set."""
-    return CHILD_MODULE if st.settings.faults else "pipeline.run"
 
 
 def finetune(st: RunState) -> StageResult:
@@ -47,15 +40,10 @@ def finetune(st: RunState) -> StageResult:
                 *(["--resume"] if resume else ["--init", str(st.checkpoint)]), *set_args(asdict(cfg))]
         log(f"finetune attempt: {attempt.work_s:.0f} s of training, {describe(accum)}, "
             f"{'resuming' if resume else 'from the pretrained checkpoint'}; child timeout {attempt.timeout_s:.0f} s")
-        return run_child(launch_command(processes, args, child_module(st)), attempt.timeout_s, cwd=st.run_dir,
-                         env=st.child_env(), log_path=st.run_dir / "finetune.log", grace_s=attempt.grace_s,
-                         join_s=attempt.join_s, name="finetune", launcher=processes > 1)
+        return run_stage_child(st, "finetune", args, attempt)
 
     def remember(a: Attempt) -> None:
-        record["attempts"].append({
-            "budget_s": round(a.plan.work_s, 1), "grad_accum_steps": a.setting, "micro_batch": local // a.setting,
-            "returncode": a.result.returncode, "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory,
-            "seconds": round(a.result.seconds, 1)})
+        record["attempts"].append({**attempt_record(a, "grad_accum_steps"), "micro_batch": local // a.setting})
 
     attempts = run_attempts("finetune", st.cfg.grad_accum_steps, describe,
                             plan=lambda: plan_retry(s, stage_end, s.min_train_s), launch=launch,

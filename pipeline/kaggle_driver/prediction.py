@@ -9,12 +9,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline.kaggle_driver.budget import StagePlan, plan_predict
-from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
-from pipeline.kaggle_driver.finetune import child_module
+from pipeline.kaggle_driver.child import ChildResult
 from pipeline.kaggle_driver.log import log, plural
 from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
 from pipeline.kaggle_driver.retry import Attempt, halve, run_attempts
-from pipeline.kaggle_driver.stages import set_args
+from pipeline.kaggle_driver.stages import attempt_record, run_stage_child, set_args
 from pipeline.kaggle_driver.state import Outcome, RunState, StageResult
 
 
@@ -60,7 +59,6 @@ def predict(st: RunState) -> StageResult:
     out.unlink(missing_ok=True)
     collect_partial(st.run_dir)  # nothing stale
     best = None
-    processes = st.devices.processes
 
     def launch(batch: int, attempt: StagePlan) -> ChildResult:
         pcfg = replace(st.cfg.predict, time_budget_s=attempt.work_s, batch_size=batch,
@@ -69,15 +67,11 @@ def predict(st: RunState) -> StageResult:
                 *set_args(asdict(pcfg), "predict.")]
         log(f"predict attempt ({source} checkpoint): {attempt.work_s:.0f} s, batch {batch}, "
             f"child timeout {attempt.timeout_s:.0f} s")
-        return run_child(launch_command(processes, args, child_module(st)), attempt.timeout_s, cwd=st.run_dir,
-                         env=st.child_env(), log_path=st.run_dir / "predict.log", grace_s=attempt.grace_s,
-                         join_s=attempt.join_s, name="predict", launcher=processes > 1)
+        return run_stage_child(st, "predict", args, attempt)
 
     def remember(a: Attempt) -> None:
         nonlocal best
-        entry = {"budget_s": round(a.plan.work_s, 1), "batch_size": a.setting, "returncode": a.result.returncode,
-                 "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory,
-                 "seconds": round(a.result.seconds, 1)}
+        entry = attempt_record(a, "batch_size")
         record["attempts"].append(entry)
         if out.exists():
             return

@@ -8,10 +8,13 @@ import shutil
 from dataclasses import asdict
 from typing import Any, Mapping
 
-from pipeline.kaggle_driver.budget import PlanMode, plan_time
+from pipeline.kaggle_driver.budget import PlanMode, StagePlan, plan_time
+from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
+from pipeline.kaggle_driver.faults import CHILD_MODULE
 from pipeline.kaggle_driver.log import log
 from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained
+from pipeline.kaggle_driver.retry import Attempt
 from pipeline.kaggle_driver.state import RunState, StageResult
 
 RUN_MARKER = ".trm_kaggle_run"  # marks a run folder as ours, so a re-run may clear it
@@ -33,6 +36,22 @@ def config_overrides(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]
 def set_args(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
     """config_overrides as `--set key=value` arguments."""
     return [arg for item in config_overrides(cfg_dict, prefix) for arg in ("--set", item)]
+
+
+def run_stage_child(st: RunState, stage: str, args: list[str], attempt: StagePlan) -> ChildResult:
+    """`pipeline.run ARGS` (through the testing hook's wrapper when faults are set) in a child, torchrun over the
+    GPUs when there are several, inside `attempt`'s window; its output also goes to RUN/STAGE.log."""
+    processes = st.devices.processes
+    module = CHILD_MODULE if st.settings.faults else "pipeline.run"
+    return run_child(launch_command(processes, args, module), attempt.timeout_s, cwd=st.run_dir, env=st.child_env(),
+                     log_path=st.run_dir / f"{stage}.log", grace_s=attempt.grace_s, join_s=attempt.join_s,
+                     name=stage, launcher=processes > 1)
+
+
+def attempt_record(a: Attempt, setting: str) -> dict[str, Any]:
+    """One attempt of a child stage, for kaggle_status.json."""
+    return {"budget_s": round(a.plan.work_s, 1), setting: a.setting, "returncode": a.result.returncode,
+            "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory, "seconds": round(a.result.seconds, 1)}
 
 
 def claim_run_dir(st: RunState) -> None:
