@@ -369,7 +369,7 @@ def test_settings_from_env_and_parameters(tmp_path):
     s = ke.settings_from_env(started_at=5.0, env=env, train_fraction=0.5)
     assert s.challenges == tmp_path / "in" / "arc-prize-2025" / "arc-agi_test_challenges.json"
     assert s.submission == tmp_path / "out" / "submission.json" and s.run_dir == tmp_path / "out" / "trm_run"
-    assert (s.time_budget_s, s.train_fraction, s.num_gpus, s.deadline, s.max_retries) == (123.0, 0.5, 0, 128.0, 2)
+    assert (s.time_budget_s, s.train_fraction, s.num_gpus, ke.deadline(s), s.max_retries) == (123.0, 0.5, 0, 128.0, 2)
     assert s.overrides == ["lr=1e-3", "data.num_aug=5"] and s.bundle is None and s.faults == "train:oom_rows_over=2"
     with pytest.raises(ValueError, match="unknown"):
         ke.settings_from_env(env=env, time_limit=3)

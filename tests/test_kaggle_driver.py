@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pipeline import kaggle_driver as kd
 from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import stages
+from pipeline.kaggle_driver.budget import window_end
 from pipeline.kaggle_driver.processes import _stat
 from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.predictions import Predictions
@@ -58,14 +59,14 @@ def test_the_windows_and_the_reserve_add_up_to_the_budget(budget, spent, fractio
         return
     assert predict.run and predict.work_s >= min_predict
     if plan.mode == kd.PlanMode.PREDICT_ONLY:
-        assert not tune.run and start + predict.window_s + reserve == pytest.approx(s.deadline)
+        assert not tune.run and start + predict.window_s + reserve == pytest.approx(kd.deadline(s))
         return
     assert tune.run and tune.work_s >= min_train and tune.window_s == pytest.approx(plan.finetune_s)
-    again = kd.plan_retry(s, start + tune.window_s, min_train, now=start)  # what the stage runs
+    again = kd.plan_retry(s, window_end(tune, now=start), min_train, now=start)  # what the stage runs
     assert again.run and (again.work_s, again.timeout_s) == pytest.approx((tune.work_s, tune.timeout_s), abs=1e-6)
     after = kd.plan_predict(s, now=start + tune.window_s)  # the stage that follows a fine-tune using its window
     assert after.run and after.work_s >= min_predict and after.window_s == pytest.approx(plan.predict_s)
-    assert start + tune.window_s + after.window_s + reserve == pytest.approx(s.deadline)
+    assert start + tune.window_s + after.window_s + reserve == pytest.approx(kd.deadline(s))
 
 
 @pytest.mark.parametrize("budget, mode, finetune_s, predict_s", [

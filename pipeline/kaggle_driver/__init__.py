@@ -24,8 +24,9 @@ process tree stopped at its timeout or on an interrupt) · retry (the out-of-mem
 testing hook TRM_FAULTS) · pretrained (the checkpoint to start from) · stages, finetune, prediction (the stage
 bodies, returning StageResult values) · state (what the stages share) · driver (KaggleRun).
 """
-from pipeline.kaggle_driver.budget import (READER_JOIN_S, PlanMode, StagePlan, TimePlan, plan_finetune,
-                                           plan_predict, plan_retry, plan_time, plan_window, stage_cost)
+from pipeline.kaggle_driver.budget import (READER_JOIN_S, PlanMode, StagePlan, TimePlan, deadline, plan_finetune,
+                                           plan_predict, plan_retry, plan_time, plan_window, remaining_s, stage_cost,
+                                           window_end)
 from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.driver import KaggleRun
 from pipeline.kaggle_driver.fallback import (expected_tasks, fallback_from_raw, merge_submission,
@@ -37,8 +38,8 @@ from pipeline.kaggle_driver.state import Outcome, StageResult
 
 __all__ = [
     "BUNDLE_KIND", "ENV", "READER_JOIN_S", "ChildResult", "Devices", "KaggleRun", "KaggleSettings", "Outcome",
-    "PlanMode", "StagePlan", "StageResult", "TimePlan", "checkpoint_model_config", "detect_scored_run",
+    "PlanMode", "StagePlan", "StageResult", "TimePlan", "checkpoint_model_config", "deadline", "detect_scored_run",
     "expected_tasks", "fallback_from_raw", "find_bundle", "launch_command", "merge_submission", "plan_finetune",
-    "plan_predict", "plan_retry", "plan_time", "plan_window", "read_raw_challenges", "resolve_devices", "run_child",
-    "settings_from_env", "sha256_of", "stage_cost", "write_validated",
+    "plan_predict", "plan_retry", "plan_time", "plan_window", "read_raw_challenges", "remaining_s", "resolve_devices", "run_child",
+    "settings_from_env", "sha256_of", "stage_cost", "window_end", "write_validated",
 ]

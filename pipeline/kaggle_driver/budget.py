@@ -58,6 +58,16 @@ class StagePlan:
         return self.timeout_s + self.grace_s + self.join_s
 
 
+def deadline(s: KaggleSettings) -> float:
+    """When the final submission must be written (time.time() clock)."""
+    return s.started_at + s.time_budget_s
+
+
+def remaining_s(s: KaggleSettings, now: float | None = None) -> float:
+    """Seconds until the deadline."""
+    return deadline(s) - (time.time() if now is None else now)
+
+
 def stage_cost(s: KaggleSettings) -> float:
     """Everything a child stage costs besides its work."""
     return s.stage_overhead_s + s.kill_grace_s + READER_JOIN_S
@@ -69,7 +79,7 @@ def plan_time(s: KaggleSettings, now: float | None = None) -> TimePlan:
     minimum), prediction the rest; enough for prediction only (or train_fraction 0) -> predict with the
     pretrained checkpoint (the round-robin order gives every test input its first views first, so fewer views
     fit, not fewer inputs); less -> the fallback stays."""
-    left = s.remaining_s(now) - s.submit_reserve_s
+    left = remaining_s(s, now) - s.submit_reserve_s
     need_predict = stage_cost(s) + s.min_predict_s
     need_train = stage_cost(s) + s.min_train_s
     if left < need_predict:
@@ -107,7 +117,12 @@ def plan_finetune(s: KaggleSettings, now: float | None = None) -> StagePlan:
 
 def plan_predict(s: KaggleSettings, now: float | None = None) -> StagePlan:
     """Prediction's window: everything left but the submit reserve."""
-    return plan_window(s, s.remaining_s(now) - s.submit_reserve_s, s.min_predict_s)
+    return plan_window(s, remaining_s(s, now) - s.submit_reserve_s, s.min_predict_s)
+
+
+def window_end(plan: StagePlan, now: float | None = None) -> float:
+    """When a stage that starts now with this plan must be over (time.time() clock)."""
+    return (time.time() if now is None else now) + plan.window_s
 
 
 def plan_retry(s: KaggleSettings, stage_end: float, min_work_s: float, now: float | None = None) -> StagePlan:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from pipeline.io import atomic_write_json
 from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import prediction, stages
-from pipeline.kaggle_driver.budget import PlanMode, TimePlan, plan_time
+from pipeline.kaggle_driver.budget import PlanMode, TimePlan, deadline, plan_time, remaining_s
 from pipeline.kaggle_driver.fallback import submission_problems
 from pipeline.kaggle_driver.log import log, plural, start_log_file
 from pipeline.kaggle_driver.settings import KaggleSettings, probe_devices, resolve_devices
@@ -36,7 +36,7 @@ class KaggleRun:
     def _stage(self, name: str, body: Callable[[RunState], StageResult]) -> bool:
         """Run one stage; an exception is logged with its traceback and the stage marked failed. Ends with the
         phase line: planned seconds (what the body put in status[name]["planned_s"]), used seconds, outcome."""
-        log(f"{name}: start ({self.s.remaining_s():.0f} s of the budget left)")
+        log(f"{name}: start ({remaining_s(self.s):.0f} s of the budget left)")
         start = time.time()
         try:
             result = body(self.state)
@@ -56,7 +56,7 @@ class KaggleRun:
         try:
             stages.claim_run_dir(self.state)
             atomic_write_json(self.status_path, {
-                "started_at": self.s.started_at, "deadline": self.s.deadline, "written_at": time.time(),
+                "started_at": self.s.started_at, "deadline": deadline(self.s), "written_at": time.time(),
                 "time_budget_s": self.s.time_budget_s, "scored": self.s.scored, "run_kind": self.s.run_kind,
                 "num_processes": self.state.devices.processes, "devices": self.state.devices.describe(),
                 "stages": self.status,
@@ -74,7 +74,7 @@ class KaggleRun:
         p = plan_time(self.s)
         budget_name = "time_budget_s" if self.s.scored else "draft_time_budget_s"
         log(f"run kind: {self.s.run_kind}; budget {self.s.time_budget_s:.0f} s ({budget_name}), "
-            f"{self.s.remaining_s():.0f} s of it left; devices: {self.state.devices.describe()}")
+            f"{remaining_s(self.s):.0f} s of it left; devices: {self.state.devices.describe()}")
         if p.mode == PlanMode.FALLBACK_ONLY:
             log(f"TIME PLAN: FALLBACK ONLY (every test input answered with itself) - {p.reason}; raise {budget_name} "
                 f"or lower stage_overhead_s / kill_grace_s / submit_reserve_s / min_predict_s")

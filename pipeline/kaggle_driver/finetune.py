@@ -4,10 +4,9 @@ global batch stays), continuing from the checkpoint the failed attempt left (the
 checkpoint_every_s, and on SIGTERM at the timeout)."""
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 
-from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_retry
+from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_retry, window_end
 from pipeline.kaggle_driver.child import ChildResult
 from pipeline.kaggle_driver.log import log, plural
 from pipeline.kaggle_driver.retry import Attempt, next_grad_accum, run_attempts
@@ -25,7 +24,7 @@ def finetune(st: RunState) -> StageResult:
     record = st.status["finetune"] = {"planned_s": round(plan.window_s, 1), "attempts": []}
     if not plan.run:
         return StageResult.skipped(plan.reason)
-    stage_end = time.time() + plan.window_s
+    stage_end = window_end(plan)
     global_batch, processes = st.cfg.global_batch_size, st.devices.processes
     local = global_batch // processes
     ckpt_dir = st.run_dir / "checkpoints"

@@ -133,12 +133,6 @@ class KaggleSettings:
     def submission(self) -> Path:
         return self.working / "submission.json"
 
-    @property
-    def deadline(self) -> float:
-        return self.started_at + self.time_budget_s
-
-    def remaining_s(self, now: float | None = None) -> float:
-        return self.deadline - (time.time() if now is None else now)
 
 
 def _convert_setting(name: str, text: str) -> Any:
