@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import _thread
 import json
-import os
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ from pipeline import kaggle_driver as kd
 from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
-from pipeline.kaggle_driver.processes import _stat
+from pipeline.kaggle_driver.processes import is_running
 from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.predictions import Predictions
 from pipeline.train import train
@@ -130,7 +129,7 @@ def _tree_alive(tmp_path: Path) -> list[int]:
     pids = []
     for path in tmp_path.glob("pid.*"):
         pids += [int(p) for p in path.read_text().split()]
-    return [p for p in pids if _stat(p) is not None]
+    return [p for p in pids if is_running(p)]
 
 
 def _stubborn_cmd(tmp_path: Path, mode: str) -> list[str]:

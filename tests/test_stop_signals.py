@@ -1,12 +1,15 @@
 """Nothing done is lost to a timeout: SIGTERM during fine-tuning leaves a resumable checkpoint that prediction
-uses; SIGTERM during prediction or during re-scoring keeps the candidates made so far; the periodic time-based
-checkpoint survives a crash; re-scoring sharded over 2 processes scores what one process scores."""
+uses (one process, and two under torchrun stopped by the driver); SIGTERM during prediction or during re-scoring
+keeps the candidates made so far; the periodic time-based checkpoint survives a crash; re-scoring sharded over 2
+processes scores what one process scores."""
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,11 +19,13 @@ import pytest
 import pipeline.rescore as rescore_module
 from pipeline import checkpoint as ckpt
 from pipeline.config import PredictConfig
+from pipeline.kaggle_driver import launch_command, run_child
+from pipeline.kaggle_driver.processes import is_running
 from pipeline.model import TRM
 from pipeline.predict import predict_to_file
 from pipeline.predictions import Predictions
 from pipeline.signals import Stopped
-from pipeline.train import train
+from pipeline.train import BUDGET_CHECK_EVERY, train
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +158,33 @@ def test_rescoring_sharded_over_two_processes_scores_as_one_process(data, traine
         assert b[key][1] == cells and (np.isnan(logp) == np.isnan(b[key][0]))
         assert np.isnan(logp) or b[key][0] == pytest.approx(logp, rel=1e-5)
     assert np.isfinite(two.logp).any()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from /proc")
+def test_an_interrupted_two_process_fine_tune_saves_a_checkpoint_and_leaves_nothing_running(data, tmp_path):
+    """The driver's stop under torchrun: both workers get SIGTERM, agree on a step (a collective every
+    BUDGET_CHECK_EVERY steps), save one resumable checkpoint of the whole global batch, and exit; nothing is left."""
+    run = tmp_path / "run"
+    args = ["--stage", "train", "--preset", "demo", "--data", str(data), "--out", str(run), "--quiet",
+            *tiny_overrides(max_steps=10**6, checkpoint_every=10**6, log_every=1)]
+    workers: list[int] = []
+
+    def interrupt_once_training():
+        metrics = run / "metrics.jsonl"
+        end = time.monotonic() + 120
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < end:
+            time.sleep(0.1)
+        workers.extend(int(p) for p in subprocess.run(["pgrep", "-f", str(run)], capture_output=True,
+                                                       text=True).stdout.split())
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_child(launch_command(2, args), 300.0, cwd=tmp_path, grace_s=60.0, join_s=2.0, launcher=True,
+                  env={**os.environ, "OMP_NUM_THREADS": "1"}, log_path=tmp_path / "child.log")
+    log = (tmp_path / "child.log").read_text()
+    assert "train: stopped by a signal at step" in log, log[-3000:]
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert not state["final"] and state["step"] % BUDGET_CHECK_EVERY == 0 and state["world"] == 2
+    assert state["carry"]["halted"].shape[0] == 8  # the whole global batch, gathered from both processes
+    assert len(workers) >= 3 and not any(is_running(pid) for pid in workers)  # torchrun and its 2 workers

@@ -29,6 +29,11 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
     return None if state in ("Z", "X") else (parent, state, start)
 
 
+def is_running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    return _stat(pid) is not None
+
+
 def _all_processes() -> dict[int, tuple[int, str, int]]:
     found = {}
     for name in os.listdir("/proc"):
