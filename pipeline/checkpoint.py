@@ -403,8 +403,9 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
 
 
 def load_model_for_inference(path: str | Path, use_ema: bool = True) -> TRM:
-    """The model of one of our training checkpoints, with its EMA weights unless use_ema is False."""
-    state = load_training_state(path)
+    """The model of one of our training checkpoints, with its EMA weights unless use_ema is False (mapped, not
+    read: a resumable checkpoint's ACT carry, gigabytes at the paper's size, is never loaded)."""
+    state = load_training_state(path, mmap=True)
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config/model inside)")
     try:
