@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = Path(__file__).resolve().parent / "trm_arc_kaggle.ipynb"
-BUNDLE_KIND = "trm-arc-kaggle-bundle"  # = pipeline.kaggle_entry.BUNDLE_KIND (the notebook finds the bundle by it)
+BUNDLE_KIND = "trm-arc-kaggle-bundle"  # = pipeline.kaggle_driver.BUNDLE_KIND (the notebook finds the bundle by it)
 CHECKPOINT_NAME = "model.pt"
 
 # Runtime dependencies that Kaggle's Python image (2025) does not have. torch, numpy, scipy, tqdm, accelerate,
@@ -218,7 +218,7 @@ def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None
                                    Path(arch_config) if arch_config else None)
     if NOTEBOOK.exists():
         shutil.copy2(NOTEBOOK, out / NOTEBOOK.name)
-    from pipeline.kaggle_entry import sha256_of  # the notebook checks the checkpoint with the same function
+    from pipeline.kaggle_driver.pretrained import sha256_of  # the driver checks the checkpoint with the same function
 
     files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"]

@@ -316,8 +316,8 @@ def load_weights(path: str | Path, use_ema: bool = True) -> Weights:
                        run_config=config.get("run_config"))
     if path.is_dir():  # the reference's folder: its newest step_N file and its all_config.yaml
         origin = reference_step_file(path)
-        return _reference_weights(load_training_state(origin), read_reference_arch(path), origin)
-    state = load_training_state(path)
+        return _reference_weights(load_training_state(origin, mmap=True), read_reference_arch(path), origin)
+    state = load_training_state(path, mmap=True)  # mapped: a resumable checkpoint's ACT carry is never read
     if source.kind == "checkpoint":
         ema = use_ema and state.get("ema") is not None
         return Weights(_dense_weights(state, use_ema), _model_config(state["config"].get("model"), path), source, path,
