@@ -82,6 +82,8 @@ class RunConfig:
     eval_every_epochs: float = 10_000  # the reference's eval_interval; 0 = no evaluation during training
     eval_views: int = 64  # augmented views per test input in these evaluations (stage predict uses all)
     log_every: int = 50  # steps between metrics.jsonl lines
+    log_with: str = ""  # experiment trackers fed the metrics.jsonl rows: "tensorboard", "wandb", both comma-separated
+    log_project: str = "trm-arc"  # the trackers' project (W&B project; RUN/tensorboard/PROJECT); the run is the folder
     time_budget_s: float = 0.0  # stop training (with a checkpoint) after this many seconds; 0 = no limit
     mixed_precision: str = "auto"  # "auto" = bf16 on a GPU that has it natively, else fp32; or "no" / "bf16"
 

@@ -192,7 +192,8 @@ def load_checked_model(checkpoint_path: str | Path, dataset: AugmentedDataset, d
     """The checkpoint's model, refused when it was trained on another canvas or on fewer puzzle variants."""
     from pipeline.checkpoint import load_model_for_inference
 
-    model = load_model_for_inference(checkpoint_path, use_ema=use_ema)
+    model = load_model_for_inference(checkpoint_path, use_ema=use_ema,
+                                     num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     if model.config.seq_len != dataset.canvas**2:
         raise ValueError(
             f"checkpoint {checkpoint_path} was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "

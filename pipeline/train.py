@@ -17,7 +17,6 @@ never imports the prediction and scoring stages downstream of it.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
 from contextlib import nullcontext
@@ -39,6 +38,7 @@ from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
+from pipeline.tracking import accelerator_settings, finish_trackers, log_row, start_trackers
 from pipeline.signals import Stopped, stop_requested, stoppable
 
 
@@ -111,13 +111,15 @@ def auto_mixed_precision() -> str:
     return "bf16" if native_bf16() else "no"
 
 
-def make_runtime(cfg: RunConfig) -> Runtime:
+def make_runtime(cfg: RunConfig, out_dir: Path | None = None) -> Runtime:
+    """The Accelerator of this process; with `cfg.log_with`, its experiment trackers too (pipeline.tracking)."""
     from accelerate import Accelerator
 
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = auto_mixed_precision()
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              **accelerator_settings(cfg.log_with, out_dir))
     return Runtime(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.device)
 
 
@@ -410,8 +412,7 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
     if rt.is_main and result is not None:
         row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
                "seconds": time.perf_counter() - started}
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        log_row(rt.accelerator, out_dir / "metrics.jsonl", row)
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
                    "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
@@ -437,8 +438,8 @@ def train(
     The time budget counts from here: loading the dataset, building the model and restoring are part of it.
     SIGTERM: a resumable checkpoint, then pipeline.signals.Stopped."""
     t_begin = time.perf_counter()
-    rt = make_runtime(cfg)
     out_dir = Path(out_dir)
+    rt = make_runtime(cfg, out_dir)
     dataset = AugmentedDataset.load(data_dir)
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
@@ -473,6 +474,7 @@ def train(
             f"checkpoint every {every} steps{f' or {cfg.checkpoint_every_s:.0f} s' if cfg.checkpoint_every_s > 0 else ''}, "
             f"evaluation every {eval_every or 'no'} steps"
         )
+    start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
     refill = Refill(state.sampler, rt, micro, cfg.model.seq_len)
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -499,8 +501,7 @@ def train(
                    **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             if rt.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                log_row(rt.accelerator, metrics_path, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", exact=f"{row['exact_accuracy']:.3f}")
             sums.zero_()
             interval_start, interval_steps = time.perf_counter(), 0
@@ -519,6 +520,7 @@ def train(
             if rt.is_main:
                 print(message, flush=True)
             bar.close()
+            finish_trackers(rt.accelerator)
             raise Stopped(stop_requested() or signal.SIGTERM, message)
         if eval_every and (step % eval_every == 0 or final):
             row = run_evaluation(state, cfg, rt, dataset, evaluator, out_dir)
@@ -531,6 +533,7 @@ def train(
                 print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
             break
     bar.close()
+    finish_trackers(rt.accelerator)
     return last_path
 
 
