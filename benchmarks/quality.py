@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from augment.dataset import AugmentedDataset  # noqa: E402
 from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.predictions import Predictions  # noqa: E402
+from pipeline.predictions import OPTIONAL_COLUMNS, Predictions  # noqa: E402
 from pipeline.vote import SELECTORS, vote  # noqa: E402
 from submissions.score import compare_selectors, score_submission  # noqa: E402
 from submissions.write import build_submission  # noqa: E402
@@ -139,7 +139,8 @@ def subset(predictions: Predictions, keep: np.ndarray) -> Predictions:
     """The rows where `keep` is true (offsets stay valid: they index the shared cell buffer)."""
     return Predictions(
         task_ids=predictions.task_ids, cells=predictions.cells,
-        logp=None if predictions.logp is None else predictions.logp[keep],
+        **{name: None if getattr(predictions, name) is None else getattr(predictions, name)[keep]
+           for name in OPTIONAL_COLUMNS},
         **{name: column[keep] for name, column in predictions.columns().items()},
     )
 
@@ -150,15 +151,18 @@ def figures(report) -> dict:
 
 
 def train_exact_accuracy(metrics_path: Path) -> tuple[float | None, list[dict]]:
-    """Mean exact accuracy of the last 3 training rows, and the evaluation rows (the learning curve)."""
-    train_rows, eval_rows = [], []
+    """Mean exact accuracy of the last 3 training rows, and the evaluation rows (the learning curve). A resumed run
+    logs again the steps between its last checkpoint and the kill: the later row of a step wins."""
+    train_rows: dict[int, dict] = {}
+    eval_rows: dict[int, dict] = {}
     if metrics_path.exists():
         for line in metrics_path.read_text().splitlines():
             row = json.loads(line)
             if row.get("kind") == "eval":
-                eval_rows.append(row)
+                eval_rows[row["step"]] = row
             elif "exact_accuracy" in row:
-                train_rows.append(row)
+                train_rows[row["step"]] = row
+    train_rows, eval_rows = [train_rows[s] for s in sorted(train_rows)], [eval_rows[s] for s in sorted(eval_rows)]
     last = [r["exact_accuracy"] for r in train_rows[-3:]]
     return (float(np.mean(last)) if last else None), eval_rows
 
