@@ -299,10 +299,11 @@ def dataset_fingerprint(dataset_dir: str | Path) -> str:
 
 
 def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_identifiers: int,
-                             dataset_dir: str | Path, resumable: bool = False) -> None:
+                             dataset_dir: str | Path, resumable: bool = False) -> dict[str, Any]:
     """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles), and
     with `resumable` one that lacks what a resumed run needs. An old checkpoint without a fingerprint is accepted,
-    with a warning, when its puzzle table has exactly the dataset's row count."""
+    with a warning, when its puzzle table has exactly the dataset's row count. Returns the checkpoint's contents
+    (tensors memory-mapped)."""
     state = load_training_state(path, mmap=True)
     if resumable:
         check_training_state(state, path)
@@ -310,7 +311,8 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config inside)")
     theirs = state.get("dataset_fingerprint")
     if theirs is None:
-        rows = state["config"].get("model", {}).get("num_puzzle_identifiers")
+        model = state["config"].get("model")
+        rows = model.get("num_puzzle_identifiers") if isinstance(model, dict) else None
         if rows != num_puzzle_identifiers:
             raise CheckpointError(
                 f"checkpoint {path}: has {rows} puzzle embeddings but the dataset {dataset_dir} has "
@@ -318,12 +320,13 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
                 "(to train on new puzzles from it, use --init)")
         warnings.warn(f"checkpoint {path} records no dataset fingerprint (an older checkpoint); it has the dataset's "
                       "puzzle count, so it is used as trained on this dataset", stacklevel=2)
-        return
+        return state
     if theirs != fingerprint:
         raise CheckpointError(
             f"checkpoint {path}: was trained on another dataset (fingerprint {theirs[:12]}, {dataset_dir} has "
             f"{fingerprint[:12]}); a checkpoint works only with the dataset it was trained on (to train on new "
             "puzzles from it, use --init)")
+    return state
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -382,10 +385,7 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
     weights, _ = read_weights(path, use_ema=True)
     key = "puzzle_emb.weights"
     own = model.state_dict()
-    mismatched = [k for k in own if k != key and (k not in weights or weights[k].shape != own[k].shape)]
-    if mismatched:
-        raise CheckpointError(f"checkpoint {path}: does not fit this model config; mismatched or missing: "
-                              f"{', '.join(mismatched[:8])}")
+    _check_fits(own, weights, path)
     if key in own:
         old = weights[key]
         if old.shape == own[key].shape:
@@ -400,6 +400,23 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
     if verbose:
         print(f"init from {path}: dense weights loaded; puzzle table {how}")
+
+
+def _check_fits(own: dict[str, Tensor], weights: dict[str, Tensor], path: str | Path) -> None:
+    """Every dense tensor of the model is in the checkpoint with the same shape (the puzzle table may differ)."""
+    mismatched = [k for k in own if k != "puzzle_emb.weights" and (k not in weights or weights[k].shape != own[k].shape)]
+    if mismatched:
+        raise CheckpointError(f"checkpoint {path}: does not fit this model config; mismatched or missing: "
+                              f"{', '.join(mismatched[:8])}")
+
+
+def check_init_checkpoint(path: str | Path, config: ModelConfig) -> None:
+    """What init_from_checkpoint will need, checked before a command changes anything: the checkpoint is readable
+    and its dense weights fit a model of `config` (built on the meta device: no memory, no time)."""
+    weights, _ = read_weights(path, use_ema=True)
+    with torch.device("meta"):
+        model = TRM(config)
+    _check_fits(model.state_dict(), weights, path)
 
 
 def load_model_for_inference(path: str | Path, use_ema: bool = True) -> TRM:

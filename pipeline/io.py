@@ -160,3 +160,19 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise fail(str(e)) from None
     except ValueError as e:  # e.g. an integer of thousands of digits
         raise fail("a value JSON cannot hold: " + _shorten(str(e), 120)) from None
+
+
+def check_fields(obj: Any, fields: dict[str, type | tuple[type, ...]], path: str | os.PathLike, what: str) -> dict:
+    """`obj` as a JSON object holding every field of `fields` with its type (bool is never an int), or
+    InputFileError naming the file and the first field that is missing or wrong."""
+    if not isinstance(obj, dict):
+        raise InputFileError(path, f"not a JSON object (got {type(obj).__name__})", what)
+    for name, kind in fields.items():
+        if name not in obj:
+            raise InputFileError(path, f"missing {name!r}", what)
+        value = obj[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ if k is not type(None) else "null" for k in kinds)
+            raise InputFileError(path, f"{name!r} should be {names}, got {_shorten(repr(value), 60)}", what)
+    return obj

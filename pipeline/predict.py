@@ -29,6 +29,7 @@ from tqdm import tqdm
 from augment.dataset import AugmentedDataset
 from pipeline.config import PredictConfig
 from pipeline.encoding import IGNORE_LABEL, decode_grids
+from pipeline.errors import CheckpointError
 from pipeline.model import TRM
 from pipeline.predictions import Predictions, PredictionsWriter
 from pipeline.rescore import rescore
@@ -126,23 +127,25 @@ def predict_to_file(
     cfg: PredictConfig,
     progress: bool = True,
 ) -> Path:
-    """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file."""
+    """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file (stamped with
+    the dataset's fingerprint)."""
     from accelerate import Accelerator
 
-    from pipeline.checkpoint import load_model_for_inference
+    from pipeline.checkpoint import dataset_fingerprint, load_model_for_inference
 
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if on_gpu else "no", cpu=not on_gpu)
     dataset = AugmentedDataset.load(dataset_dir)
+    fingerprint = dataset_fingerprint(dataset_dir)  # the file says which dataset's inputs it answers
     model = load_model_for_inference(checkpoint_path, use_ema=cfg.use_ema).to(accelerator.device)
     if model.config.seq_len != dataset.canvas**2:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
             f"the dataset {dataset_dir} uses {dataset.canvas}"
         )
     if model.config.num_puzzle_identifiers < dataset.num_puzzle_identifiers:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} has {model.config.num_puzzle_identifiers} puzzle embeddings but the "
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: has {model.config.num_puzzle_identifiers} puzzle embeddings but the "
             f"dataset {dataset_dir} needs {dataset.num_puzzle_identifiers}: predict with the dataset it was trained on"
         )
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -161,6 +164,7 @@ def predict_to_file(
 
     def with_likelihoods(predictions: Predictions) -> Predictions:
         """The optional second pass; if it fails (out of memory, ...) the candidates are kept without scores."""
+        predictions.dataset_fingerprint = fingerprint
         if cfg.rescore_views <= 0:
             return predictions
         left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0

@@ -84,28 +84,29 @@ def grid_svg(grid: Any, max_px: int = 96) -> str:
 def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[tuple[float, float]]], int]:
     """Series per metric name from a metrics.jsonl file, and how many lines could not be used.
 
-    A line is a JSON object with "step" and numeric metrics; a run killed mid-write leaves a broken last line,
-    which is skipped and counted rather than fatal. Evaluation lines (`"kind": "eval"`, held-out pass@k during
+    The file is a log, read forgivingly: a line that is not a JSON object with a numeric "step" (a run killed
+    mid-write leaves a torn last line; bytes that are not UTF-8, nesting too deep for the parser, a number too big
+    for a float) is skipped and counted, never fatal. Evaluation lines (`"kind": "eval"`, held-out pass@k during
     training) give series named "eval <metric>", listed first.
     """
     series: dict[str, list[tuple[float, float]]] = {}
     skipped = 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
                 step = float(record["step"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                skipped += 1
+                values = [(name, float(value)) for name, value in record.items() if name != "step"
+                          and isinstance(value, (int, float)) and not isinstance(value, bool)]
+            except (ValueError, KeyError, TypeError, RecursionError, OverflowError, AttributeError):
+                skipped += 1  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
                 continue
             prefix = "eval " if record.get("kind") == "eval" else ""
-            for name, value in record.items():
-                if name == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if math.isfinite(value):
-                    series.setdefault(prefix + name, []).append((step, float(value)))
+            for name, value in values:
+                if math.isfinite(value) and math.isfinite(step):
+                    series.setdefault(prefix + name, []).append((step, value))
     ordered = {k: v for k, v in series.items() if k.startswith("eval ")}
     ordered.update((k, v) for k, v in series.items() if not k.startswith("eval "))
     return ordered, skipped
