@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import CheckpointError, InputFileError, RunFolderError
+from pipeline.errors import CheckpointError, RunFolderError
 from pipeline.io import atomic_write_json, is_disk_full, remove_stale_temp_files
 
 MARKER = "run.json"

@@ -142,7 +142,7 @@ def build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
     values = {}
     for key, value in data.items():
         if key not in hints:
-            raise ConfigError(f"{where}: unknown setting {prefix}{key!r}; known: {', '.join(sorted(hints))}")
+            raise ConfigError(f"{where}: unknown setting {prefix + key!r}; known: {', '.join(sorted(hints))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = build(hint, value, where, f"{prefix}{key}.")
