@@ -372,8 +372,11 @@ def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tens
     state = load_training_state(path)
     if isinstance(state, dict) and "model" in state and "config" in state:
         return _dense_weights(state, use_ema), state["config"]
-    if isinstance(state, dict) and any(k.startswith(REFERENCE_PREFIXES) for k in state):
-        return from_reference_state_dict(state), None
+    if isinstance(state, dict) and any(isinstance(k, str) and k.startswith(REFERENCE_PREFIXES) for k in state):
+        try:
+            return from_reference_state_dict(state), None
+        except KeyError as e:  # a tensor TRM-Att does not have: a checkpoint of another model
+            raise CheckpointError(f"checkpoint {path}: {e.args[0]}") from None
     raise CheckpointError(f"checkpoint {path}: neither a checkpoint of this project nor a reference TRM state dict")
 
 
@@ -404,7 +407,8 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
 
 def _check_fits(own: dict[str, Tensor], weights: dict[str, Tensor], path: str | Path) -> None:
     """Every dense tensor of the model is in the checkpoint with the same shape (the puzzle table may differ)."""
-    mismatched = [k for k in own if k != "puzzle_emb.weights" and (k not in weights or weights[k].shape != own[k].shape)]
+    mismatched = [k for k in own
+                  if k != "puzzle_emb.weights" and (k not in weights or weights[k].shape != own[k].shape)]
     if mismatched:
         raise CheckpointError(f"checkpoint {path}: does not fit this model config; mismatched or missing: "
                               f"{', '.join(mismatched[:8])}")

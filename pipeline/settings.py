@@ -125,8 +125,10 @@ def apply_settings(cfg: Any, items: list[str]) -> list[str]:
         target, name, hint = locate(cfg, key)
         value = parse_text(text, hint)
         problem = value_problem(value, hint)
+        if problem and value is text:  # not converted: say what was given, as given
+            problem = f"expected {describe(hint)}, got {text!r}"
         if problem:
-            raise ConfigError(f"--set {key}: {problem if value is not text else f'expected {describe(hint)}, got {text!r}'}")
+            raise ConfigError(f"--set {key}: {problem}")
         setattr(target, name, value)
         keys.append(key)
     return keys

@@ -113,7 +113,8 @@ CASES: list[Case] = [
     Case("manifest-without-num-puzzles", dataset_file("manifest.json", manifest_without("num_puzzles")),
          ("manifest.json", "missing 'num_puzzles'")),
     Case("grids-empty-file", dataset_file("grids.npz", b""), ("grids.npz", "not a readable")),
-    Case("grids-without-table", dataset_file("grids.npz", grids_with_only_pixels), ("grids.npz", "missing array 'table'")),
+    Case("grids-without-table", dataset_file("grids.npz", grids_with_only_pixels),
+         ("grids.npz", "missing array 'table'")),
     Case("variants-garbage", dataset_file("variants.npz", bytes(range(256)) * 8), ("variants.npz", "not a readable")),
     Case("puzzles-wrong-shape", dataset_file("puzzles.json", b'[{"task_id": 5}]'), ("puzzles.json", "task_id")),
     # --- predictions.npz of the wrong shape

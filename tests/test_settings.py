@@ -51,7 +51,8 @@ def test_a_wrong_value_is_named(value, hint, problem):
     assert problem in settings.value_problem(value, hint)
 
 
-@pytest.mark.parametrize("value, hint", [(3, int), (3, float), (0.5, float), (False, bool), ("", str), ("vote", typing.Literal["vote"])])
+@pytest.mark.parametrize("value, hint", [(3, int), (3, float), (0.5, float), (False, bool), ("", str),
+                                         ("vote", typing.Literal["vote"])])
 def test_a_right_value_passes(value, hint):
     assert settings.value_problem(value, hint) is None
 
