@@ -192,8 +192,9 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
     saved = req.out / "config.json"
     continuing = _continues_run(req) and saved.is_file()
     cfg = from_dict(read_json(saved, "run config"), where=str(saved)) if continuing else preset(preset_name)
-    folder_data = (marker or {}).get("data", {}) if marker and preset_name == marker["preset"] else {}
-    for key, value in folder_data.items():  # what the folder was augmented with (--force augment: the defaults)
+    # what the folder was augmented with (kept by --force augment too, unless it changes the preset)
+    folder_data = marker["data"] if marker and preset_name == marker["preset"] else {}
+    for key, value in folder_data.items():
         setattr(cfg.data, key, value)
     before = copy.deepcopy(cfg)
     given = settings.apply_settings(cfg, _flag_overrides(args) + args.set)

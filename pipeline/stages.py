@@ -7,6 +7,7 @@ which stages run, and what a command checks before it changes anything, is pipel
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from pipeline import runfolder
 from pipeline.collectives import is_main_process
 from pipeline.config import RunConfig, changed_settings, run_defining
-from pipeline.errors import CheckpointError, ConfigError, InputFileError, RunFolderError
+from pipeline.errors import CheckpointError, ConfigError, DiskFullError, InputFileError, RunFolderError
 
 STAGES = ("augment", "train", "predict", "submit", "score", "report")  # the order of `--stage all`
 SHARED_STAGES = ("plan", "train", "predict")  # under torchrun every process runs these; rank 0 alone the others
@@ -65,6 +66,7 @@ def stage_augment(cfg: RunConfig, req: Request) -> None:
             f"augment: no task left to build a dataset from ({len(loaded.tasks)} loaded from {d.sources!r}; "
             f"{len(m['too_big'])} too big for data.canvas={d.canvas} or data.max_side={d.max_side}, "
             f"{len(loaded.skipped)} malformed)")
+    _check_free_space(req.out, dataset)
     runfolder.replace_dataset(req.out, dataset.save)  # beside the old one, then swapped in: never half of each
     if left_out["too_big"] or left_out["skipped"]:
         print(f"augment: {len(left_out['too_big'])} tasks over data.max_side={d.max_side} and "
@@ -74,6 +76,19 @@ def stage_augment(cfg: RunConfig, req: Request) -> None:
         f"examples, {m['num_test_inputs']} held-out test inputs, {len(m['short_puzzles'])} puzzles short of "
         f"{d.num_aug} augmentations -> {req.out / runfolder.DATASET}"
     )
+
+
+def _check_free_space(out: Path, dataset: Any) -> None:
+    """Refuse before writing when the disk cannot hold even the uncompressed grids and the puzzle list (a lower
+    bound of the dataset's size, so this never refuses a dataset that would fit)."""
+    import json
+    import shutil
+
+    needed = dataset.pixels.nbytes + dataset.grid_table.nbytes + len(json.dumps(dataset.puzzles))
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise DiskFullError(errno.ENOSPC, f"no space left on device for the dataset in {out}: it needs at least "
+                            f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
 
 
 def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: int) -> dict[str, list]:

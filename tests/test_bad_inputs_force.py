@@ -62,6 +62,16 @@ def augment_on_a_full_disk(name: str) -> Callable[[Ws], list[str]]:
     return setup
 
 
+def augment_with_no_room(ws: Ws) -> list[str]:
+    """The disk has 10 bytes free: known before anything is written."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    ws.monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10, 10))
+    return ws.run_args("augment", "--force", *SMALL)
+
+
 CASES: list[Case] = [
     # --- a setting that cannot work, given with --force train: refused before the old run is removed
     Case("width-not-divisible-by-heads", setting("model.hidden_size", "33"), ("model.hidden_size", "not divisible")),
@@ -95,6 +105,7 @@ CASES: list[Case] = [
          ("no space left on device", "variants.npz")),
     Case("augment-full-disk-at-manifest", augment_on_a_full_disk("manifest.json"),
          ("no space left on device", "manifest.json")),
+    Case("augment-no-room-known-before", augment_with_no_room, ("no space left on device", "at least", "MB")),
 ]
 
 
