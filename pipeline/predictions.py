@@ -33,6 +33,8 @@ COLUMNS: dict[str, np.dtype] = {
     "width": np.dtype(np.uint8),  # grid width, 0 for invalid rows
     "offset": np.dtype(np.int64),  # start of the row's grid in `cells`
 }
+# Optional columns (pipeline.rescore's likelihood scores), absent when prediction did not re-score.
+OPTIONAL_COLUMNS: dict[str, np.dtype] = {"logp": np.dtype(np.float32), "logp_cells": np.dtype(np.uint16)}
 
 
 def _shown(array: np.ndarray) -> str:
@@ -59,6 +61,9 @@ class Predictions:
     # optional float32 (n,): the candidate's likelihood score from pipeline.rescore (mean over views of its summed
     # log-probability); NaN for rows not scored. None when the prediction run did not re-score.
     logp: np.ndarray | None = None
+    # optional uint16 (n,): how many label cells that sum runs over (colours + EOS edge; 0 = not scored), for the
+    # per-cell selectors. None in files written before it existed (pipeline.vote then counts the cells itself).
+    logp_cells: np.ndarray | None = None
     # the fingerprint (pipeline.checkpoint.dataset_fingerprint) of the dataset whose held-out inputs these answer;
     # None in files written before it was recorded
     dataset_fingerprint: str | None = None
@@ -86,8 +91,10 @@ class Predictions:
                 raise PredictionsError(f"{where}: column {name!r} has shape {column.shape}, expected ({n},)")
             if column.dtype != dtype:
                 raise PredictionsError(f"{where}: column {name!r} has dtype {column.dtype}, expected {dtype}")
-        if self.logp is not None and (self.logp.shape != (n,) or self.logp.dtype != np.float32):
-            raise PredictionsError(f"{where}: logp must be float32 ({n},), got {self.logp.dtype} {self.logp.shape}")
+        for name, dtype in OPTIONAL_COLUMNS.items():
+            column = getattr(self, name)
+            if column is not None and (column.shape != (n,) or column.dtype != dtype):
+                raise PredictionsError(f"{where}: {name} must be {dtype} ({n},), got {column.dtype} {column.shape}")
         if self.cells.dtype != np.uint8 or self.cells.ndim != 1:
             raise PredictionsError(f"{where}: cells must be a flat uint8 array, got {self.cells.dtype} {self.cells.shape}")
         if n and (self.task.min() < 0 or self.task.max() >= len(self.task_ids)):
@@ -110,8 +117,9 @@ class Predictions:
         """Write one uncompressed .npz atomically (compression costs seconds and saves little on small grids)."""
         arrays = self.columns()
         arrays["cells"] = self.cells
-        if self.logp is not None:
-            arrays["logp"] = self.logp
+        for name in OPTIONAL_COLUMNS:
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         arrays["task_ids"] = np.array(self.task_ids, dtype=np.str_)
         arrays["format_version"] = np.array(FORMAT_VERSION)
         if self.dataset_fingerprint is not None:
@@ -139,12 +147,12 @@ class Predictions:
             raise PredictionsError(f"{path}: task_ids should be a list of text, got {task_ids.dtype} {task_ids.shape}")
         if fingerprint is not None and (fingerprint.shape != () or fingerprint.dtype.kind != "U"):
             raise PredictionsError(f"{path}: dataset_fingerprint should be one text, got {_shown(fingerprint)}")
-        logp = arrays.get("logp")
+        optional = {name: arrays.get(name) for name in OPTIONAL_COLUMNS}
         columns = {n: arrays[n] for n in COLUMNS}
-        for name, column in [*columns.items(), ("cells", arrays["cells"]), ("logp", logp)]:
+        for name, column in [*columns.items(), ("cells", arrays["cells"]), *optional.items()]:
             if column is not None and column.ndim != 1:
                 raise PredictionsError(f"{path}: column {name!r} has shape {column.shape}, expected one row per entry")
-        predictions = cls(task_ids=[str(t) for t in task_ids.tolist()], cells=arrays["cells"], logp=logp,
+        predictions = cls(task_ids=[str(t) for t in task_ids.tolist()], cells=arrays["cells"], **optional,
                           dataset_fingerprint=None if fingerprint is None else str(fingerprint), **columns)
         predictions.check(where=str(path))
         return predictions
@@ -179,14 +187,19 @@ class Predictions:
                 columns[name].append(column)
             cells.append(part.cells)
             base += len(part.cells)
-        logp = None
-        if any(part.logp is not None for part in parts):
-            logp = np.concatenate([part.logp if part.logp is not None else np.full(len(part), np.nan, np.float32)
-                                   for part in parts])
+        optional = {}
+        for name, missing in (("logp", np.nan), ("logp_cells", 0)):
+            if any(getattr(part, name) is not None for part in parts):
+                dtype = OPTIONAL_COLUMNS[name]
+                optional[name] = np.concatenate([
+                    getattr(part, name) if getattr(part, name) is not None else np.full(len(part), missing, dtype)
+                    for part in parts])
+        fingerprints = {part.dataset_fingerprint for part in parts}
         return cls(
             task_ids=task_ids,
             cells=np.concatenate(cells),
-            logp=logp,
+            **optional,
+            dataset_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,  # kept only when shared
             **{name: np.concatenate(chunks).astype(COLUMNS[name], copy=False) for name, chunks in columns.items()},
         )
 

@@ -2,7 +2,7 @@
 
 A run folder (`--out`, default `runs/PRESET`) collects every stage's artifacts:
   run.json · dataset/ (+ manifest.json) · config.json · checkpoints/step_N.pt · metrics.jsonl · predictions.npz ·
-  submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html
+  submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html · export/
 and is one configuration: run.json (pipeline.runfolder) fixes its preset and dataset settings, and a command that
 contradicts them, writes into a foreign folder, or trains over another run's checkpoints is refused.
 `--stage all` runs augment → train → predict → submit → score → report, skipping stages whose artifact is
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from pipeline import runfolder, settings
+from pipeline import export, runfolder, settings
 from pipeline.collectives import is_main_process, job_barrier, world_size
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
@@ -40,9 +40,10 @@ from pipeline.errors import ConfigError, DiskFullError, InputFileError, Pipeline
 from pipeline.io import is_disk_full, read_json
 from pipeline.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
                              stage_done)
+from pipeline.tracking import tracker_problem
 
 FORCE_THIS = "(this stage)"
-RUN_STAGES = ("predict", "submit", "score", "report")  # stages after training: they use what training used
+RUN_STAGES = ("predict", "submit", "score", "report", "export")  # after training: they use what training used
 
 
 # ---------------------------------------------------------------------------------------------- the command line
@@ -55,13 +56,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m pipeline.run",
+        prog="trm-arc" if Path(sys.argv[0]).name == "trm-arc" else "python -m pipeline.run",  # the installed command
         description="TRM-Att ARC pipeline. Stages: augment (load + augment tasks), train, predict (candidates for "
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
     )
-    p.add_argument("--stage", required=True, choices=(*STAGES, "all", "plan"),
-                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training")
+    p.add_argument("--stage", required=True, choices=(*STAGES, "all", "plan", "export"),
+                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training; "
+                   "export: the weights as a portable folder (model.safetensors + config.json)")
     p.add_argument("--preset", choices=PRESETS,
                    help="starting configuration for a new run folder; a run folder keeps the one it was made with")
     p.add_argument("--out", help="run folder (default: runs/PRESET)")
@@ -81,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="train: only write plan.json (same as --stage plan)")
     p.add_argument("--plan-time-steps", type=int, default=2,
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
-    p.add_argument("--init", help="train: fine-tune from this checkpoint (ours or the reference's)")
-    p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out)")
+    p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
+                   "reference's checkpoint (its file or folder)")
+    p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
+                   "a checkpoint, an exported folder, or the reference's checkpoint (its file or folder)")
+    export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help=f"submit: how candidates are ranked ({', '.join(get_args(Selector))})")
     p.add_argument("--submission", help="score: the submission file to score (score.json goes to --out, or beside it)")
@@ -136,7 +141,8 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
                    init=optional(args.init), checkpoint=optional(args.checkpoint),
                    submission=optional(args.submission), solutions=args.solutions,
-                   predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet)
+                   predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
+                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -207,6 +213,8 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
         return f"{saved}: {key}" if continuing else f"preset {preset_name}: {key}"
 
     check_config(cfg, world_size(), origin)
+    if req.stage in ("train", "all") and (problem := tracker_problem(cfg.log_with)):  # a missing tracker package
+        raise ConfigError(f"{origin('log_with')}: {problem}")
     if marker is not None and "augment" not in req.forced:
         conflicts = runfolder.data_conflicts(marker["data"], dataclasses.asdict(cfg.data))
         if conflicts:

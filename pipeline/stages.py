@@ -32,12 +32,14 @@ class Request:
     data_dir: Path  # the dataset the stages read: the run's own, or the one training was given (--data)
     forced: frozenset[str] = frozenset()  # stages to redo; "train" also allows replacing the folder's checkpoints
     resume: bool = False  # train: continue from the latest checkpoint
-    init: Path | None = None  # train: fine-tune from this checkpoint
-    checkpoint: Path | None = None  # predict: this checkpoint instead of the run's latest
+    init: Path | None = None  # train: fine-tune from these weights (a checkpoint, an exported folder, the reference's)
+    checkpoint: Path | None = None  # predict, export: these weights instead of the run's latest checkpoint
     submission: Path | None = None  # score: this file instead of the run's submission.json
     solutions: str | None = None  # score: a built-in set or a *_solutions.json instead of the run's held-out answers
     predictions: Path | None = None  # score: candidates for the oracle figure
     plan_time_steps: int = 2
+    export_dir: Path | None = None  # export: this folder instead of RUN/export
+    puzzle_rows: str = "all"  # export: every puzzle row, or only their mean (pipeline.export.PUZZLE_ROWS)
     quiet: bool = False
 
 
@@ -322,9 +324,20 @@ def stage_report(cfg: RunConfig, req: Request) -> None:
     print(f"report: {req.out / 'report.html'}")
 
 
+# ---------------------------------------------------------------------------------------------- export
+def stage_export(cfg: RunConfig, req: Request) -> None:
+    """The weights prediction uses (EMA unless predict.use_ema=false) as a portable folder (pipeline.export)."""
+    from pipeline import export
+
+    source = req.checkpoint or latest_or_fail(req.out)
+    folder = req.export_dir or req.out / export.EXPORT_DIR
+    written = export.export_weights(source, folder, req.puzzle_rows, cfg.predict.use_ema, req.data_dir)
+    print(f"export: {source} -> {folder} ({written['weights']} weights, puzzle rows: {written['puzzle_rows']})")
+
+
 STAGE_FUNCS: dict[str, Callable[[RunConfig, Request], None]] = {
     "plan": stage_plan, "augment": stage_augment, "train": stage_train, "predict": stage_predict,
-    "submit": stage_submit, "score": stage_score, "report": stage_report,
+    "submit": stage_submit, "score": stage_score, "report": stage_report, "export": stage_export,
 }
 
 
