@@ -5,6 +5,7 @@ step that removes or replaces something.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -37,6 +38,46 @@ def init_of_something_else(ws: Ws) -> list[str]:
     path = ws.root / "weights.pt"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
     return force_train(ws, "--init", str(path))
+
+
+def exported(ws: Ws, source, name: str = "exported") -> Path:
+    from pipeline.export import export_weights
+
+    export_weights(source, ws.root / name, "mean")
+    return ws.root / name
+
+
+def init_export_of_another_model(ws: Ws) -> list[str]:
+    """An exported folder (pipeline.export) whose metadata is sound but whose tensors fit no model here: only
+    the tensors tell, so they are checked before the old run goes."""
+    def narrow(state: dict) -> None:
+        for weights in (state["model"], state["ema"]["shadow"]):
+            weights["lm_head.weight"] = torch.zeros(12, 16)
+
+    folder = exported(ws, edit_checkpoint(ws, ws.latest, narrow, out=ws.root / "other.pt"))
+    return force_train(ws, "--init", str(folder))
+
+
+def init_export_truncated(ws: Ws) -> list[str]:
+    folder = exported(ws, ws.latest)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return force_train(ws, "--init", str(folder))
+
+
+def init_export_of_another_width(ws: Ws) -> list[str]:
+    """A sound export of this run, given to a command that trains a wider model."""
+    return force_train(ws, "--init", str(exported(ws, ws.latest)), "--set", "model.hidden_size=64")
+
+
+def export_again_on_a_full_disk(ws: Ws) -> list[str]:
+    """An earlier export of the run, exported again (every puzzle row, where it had their mean) when the disk
+    fills at config.json: the earlier export stays whole, never new weights beside the old config."""
+    from pipeline.export import export_weights
+
+    export_weights(ws.latest, ws.run / "export", "mean")
+    fake_disk_full(ws, 100, names=("config.json",))
+    return ws.run_args("export")
 
 
 def broken_variants(ws: Ws) -> list[str]:
@@ -94,6 +135,10 @@ CASES: list[Case] = [
     # --- --init that cannot be used: refused before the old run is removed
     Case("init-of-another-model", init_of_another_model, ("other.pt", "does not fit", "lm_head.weight")),
     Case("init-of-something-else", init_of_something_else, ("weights.pt", "neither a checkpoint")),
+    Case("init-export-of-another-model", init_export_of_another_model,
+         ("exported", "does not fit", "lm_head.weight")),
+    Case("init-export-truncated", init_export_truncated, ("exported/model.safetensors", "not a readable")),
+    Case("init-export-of-another-width", init_export_of_another_width, ("exported", "does not fit")),
     Case("init-inside-the-cleared-folder", lambda ws: force_train(ws, "--init", str(ws.latest)),
          ("--init", "--force train removes", "copy it out")),
     # --- a dataset training cannot read: refused before the old run is removed
@@ -105,6 +150,7 @@ CASES: list[Case] = [
          ("no space left on device", "variants.npz")),
     Case("augment-full-disk-at-manifest", augment_on_a_full_disk("manifest.json"),
          ("no space left on device", "manifest.json")),
+    Case("export-again-on-a-full-disk", export_again_on_a_full_disk, ("no space left on device", "config.json")),
     Case("augment-no-room-known-before", augment_with_no_room, ("no space left on device", "at least", "MB")),
 ]
 

@@ -90,6 +90,23 @@ CASES: list[Case] = [
     Case("plan-grad-accum-does-not-divide", setting("plan", "grad_accum_steps=3"),
          ("global_batch_size", "grad_accum_steps=3")),
     Case("plan-unknown-selector", setting("plan", "predict.selector=best"), ("predict.selector", "best")),
+    # --- the trackers' settings, at every stage (whether a tracker is installed: checked where training starts)
+    Case("plan-unknown-tracker", setting("plan", "log_with=mlflow"), ("--set log_with", "unknown tracker 'mlflow'")),
+    Case("predict-unknown-tracker", setting("predict", "log_with=tensorboard,mlflow"),
+         ("--set log_with", "'mlflow'")),
+    Case("train-tracker-project-a-path", lambda ws: ws.run_args("train", "--force", "--set", "log_project=../x"),
+         ("--set log_project", "not a folder name")),
+    Case("config-unknown-tracker", config_json(lambda c: c.update(log_with="mlflow"), "export"),
+         ("config.json", "log_with", "'mlflow'")),
+    # --- stage export: its arguments and folders
+    Case("export-rows-unknown", lambda ws: ws.run_args("export", "--puzzle-rows", "some"), ("--puzzle-rows", "'some'")),
+    Case("export-weights-missing", lambda ws: ws.run_args("export", "--checkpoint", str(ws.root / "none.pt")),
+         ("none.pt",)),
+    Case("export-into-a-file", lambda ws: ws.run_args("export", "--export-dir", str(ws.file("f.txt", "x"))),
+         ("--export-dir", "f.txt", "is a file")),
+    Case("export-into-a-foreign-folder",
+         lambda ws: ws.run_args("export", "--export-dir", str(ws.file("notes/a.txt", "x").parent)),
+         ("--export-dir", "notes", "not empty")),
     # --- config.json of the wrong shape
     Case("config-batch-size-text", config_json(lambda c: c["predict"].update(batch_size="8"), "predict"),
          ("config.json", "predict.batch_size", "'8'")),
