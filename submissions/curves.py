@@ -59,8 +59,9 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
                 continue
             try:
                 record = json.loads(raw.decode("utf-8"))
-                if not math.isfinite(float(record["step"])):
-                    raise ValueError("step")
+                numbers = [record["step"], *(v for v in record.values() if isinstance(v, int))]
+                if not all(math.isfinite(float(n)) for n in numbers):  # (a 401-digit integer: OverflowError)
+                    raise ValueError("a step that is not a finite number")
             except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
                 skipped += 1  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
                 continue
@@ -69,13 +70,9 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too big for a float (a corrupted row)
-        return None
-    return number if math.isfinite(number) else None
+    return float(value)
 
 
 def series_of(rows: Sequence[dict[str, Any]], kind: str, column: str, x: str = "step") -> list[tuple[float, float]]:
