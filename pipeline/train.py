@@ -35,6 +35,7 @@ from pipeline.batches import TrainSampler, examples_per_epoch
 from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
                                   gather_rows_to_main)
 from pipeline.config import RunConfig, dumps, to_dict
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
@@ -49,8 +50,8 @@ EVALUATED_DIR = "evaluated"  # checkpoints/evaluated/step_N.pt: the weights of e
 Evaluator = Callable[["TRM", "Runtime"], "dict[str, Any] | None"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(PipelineError, RuntimeError):
+    """Training diverged (an expected failure of a bad setting, e.g. too high a learning rate): one error line."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -414,7 +415,8 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
                "seconds": time.perf_counter() - started}
         log_row(rt.accelerator, out_dir / "metrics.jsonl", row)
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
-                   "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
+                   "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row,
+                   "dataset_fingerprint": state.dataset_fingerprint}
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
                           lambda f: torch.save(weights, f))
     if rt.world > 1:
@@ -444,7 +446,7 @@ def train(
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     if cfg.global_batch_size % (rt.world * cfg.grad_accum_steps):
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size {cfg.global_batch_size} must divide by processes × grad_accum_steps "
             f"({rt.world} × {cfg.grad_accum_steps})"
         )
