@@ -40,9 +40,10 @@ import numpy as np
 from tqdm import tqdm
 
 from augment.transforms import DIHEDRAL_SWAPS_AXES, NUM_DIHEDRAL, Augmentation, dihedral_view
-from pipeline.data import Task
+from pipeline.data import Task, TaskError
 from pipeline.encoding import encode_many
-from pipeline.io import atomic_write_json, atomic_write_with
+from pipeline.errors import ConfigError, InputFileError
+from pipeline.io import atomic_write_json, atomic_write_with, check_fields, read_json
 
 FORMAT = "trm-arc-augmented-dataset/1"
 RETRIES_FACTOR = 5  # up to RETRIES_FACTOR * num_aug random draws per puzzle, as the reference
@@ -454,26 +455,95 @@ class AugmentedDataset:
 
     @classmethod
     def load(cls, root: str | Path) -> AugmentedDataset:
+        """The dataset folder, every file checked (shapes, types, ranges, counts against the manifest): a file that
+        is missing, truncated or of something else raises InputFileError naming it, never a numpy error later."""
         root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{manifest_path}: no augmented dataset here (missing or unfinished build)")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-        with np.load(root / "grids.npz") as z:
-            pixels, table = z["pixels"], z["table"]
-        with np.load(root / "variants.npz") as z:
-            vp, vd, vc = z["puzzle_index"], z["dihedral"], z["colours"]
-        puzzles = json.loads((root / "puzzles.json").read_text())
+        manifest = read_manifest(root)
+        pixels, table = _read_arrays(root / "grids.npz", {"pixels": 1, "table": 2}).values()
+        vp, vd, vc = _read_arrays(root / "variants.npz", {"puzzle_index": 1, "dihedral": 1, "colours": 2}).values()
+        puzzles = read_json(root / "puzzles.json", "dataset file")
+        _check_grids(root / "grids.npz", pixels, table, manifest["canvas"])
+        _check_puzzles(root / "puzzles.json", puzzles, len(table))
+        _check_variants(root / "variants.npz", vp, vd, vc, len(puzzles))
         if len(puzzles) != manifest["num_puzzles"] or len(vp) != manifest["num_variants"]:
-            raise ValueError(
-                f"{root}: puzzles.json/variants.npz hold {len(puzzles)} puzzles / {len(vp)} variants but "
-                f"manifest.json says {manifest['num_puzzles']} / {manifest['num_variants']}"
-            )
-        if table.size and (table[:, 0] + table[:, 1] * table[:, 2]).max() > len(pixels):
-            raise ValueError(f"{root / 'grids.npz'}: grid table points past the pixel buffer")
+            raise InputFileError(root / "manifest.json", f"says {manifest['num_puzzles']} puzzles / "
+                                 f"{manifest['num_variants']} variants, but puzzles.json / variants.npz hold "
+                                 f"{len(puzzles)} / {len(vp)}", "dataset manifest")
         return cls(pixels, table, puzzles, vp, vd, vc, manifest)
+
+
+MANIFEST_FIELDS = {"format": str, "canvas": int, "num_puzzles": int, "num_variants": int}
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """A dataset folder's manifest.json, checked; its absence means no complete dataset is there."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise InputFileError(path, "no augmented dataset here (missing or unfinished build; run --stage augment)",
+                             "dataset manifest")
+    manifest = check_fields(read_json(path, "dataset manifest"), MANIFEST_FIELDS, path, "dataset manifest")
+    if manifest["format"] != FORMAT:
+        raise InputFileError(path, f"format {manifest['format']!r}, expected {FORMAT!r}", "dataset manifest")
+    if not 1 <= manifest["canvas"] <= 30 or manifest["num_puzzles"] < 0 or manifest["num_variants"] < 0:
+        raise InputFileError(path, "canvas must be 1..30 and the counts non-negative", "dataset manifest")
+    return manifest
+
+
+def _read_arrays(path: Path, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """The named integer arrays of an .npz file, with their number of dimensions checked."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in dims if name in z.files}
+    except FileNotFoundError:
+        raise InputFileError(path, "no such file", "dataset file") from None
+    except Exception as e:  # noqa: BLE001 - numpy raises many types for a file that is not an .npz; all mean that
+        raise InputFileError(path, f"not a readable .npz file ({type(e).__name__})", "dataset file") from None
+    for name, ndim in dims.items():
+        if name not in arrays:
+            raise InputFileError(path, f"missing array {name!r}", "dataset file")
+        if arrays[name].ndim != ndim or arrays[name].dtype.kind not in "iu":
+            raise InputFileError(path, f"array {name!r} should be {ndim}-D integers, got {arrays[name].dtype} "
+                                 f"{arrays[name].shape}", "dataset file")
+    return arrays
+
+
+def _check_grids(path: Path, pixels: np.ndarray, table: np.ndarray, canvas: int) -> None:
+    if table.shape[1:] != (3,):
+        raise InputFileError(path, f"table should be (grids, 3), got {table.shape}", "dataset file")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 9):
+        raise InputFileError(path, "pixels hold a value outside the colours 0-9", "dataset file")
+    start, h, w = table.T.astype(np.int64)
+    if table.size and (start.min() < 0 or h.min() < 1 or w.min() < 1 or max(h.max(), w.max()) > canvas
+                       or (start + h * w).max() > len(pixels)):
+        raise InputFileError(path, f"the grid table points outside the pixels or holds a side outside 1..{canvas}",
+                             "dataset file")
+
+
+_PUZZLE_FIELDS = {"task_id": str, "source": str, "is_eval": bool, "train_inputs": list, "train_outputs": list,
+                  "test_inputs": list, "test_outputs": (list, type(None))}
+
+
+def _check_puzzles(path: Path, puzzles: Any, num_grids: int) -> None:
+    if not isinstance(puzzles, list):
+        raise InputFileError(path, f"not a JSON list of puzzles (got {type(puzzles).__name__})", "dataset file")
+    for p, puzzle in enumerate(puzzles):
+        check_fields(puzzle, _PUZZLE_FIELDS, f"{path} (puzzle {p})", "dataset file")
+        lists = [puzzle[k] for k in ("train_inputs", "train_outputs", "test_inputs")] + [puzzle["test_outputs"] or []]
+        if not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < num_grids for ids in lists
+                   for g in ids):
+            raise InputFileError(path, f"puzzle {p}: a grid index outside 0..{num_grids - 1}", "dataset file")
+        if len(lists[0]) != len(lists[1]) or (puzzle["test_outputs"] is not None and len(lists[3]) != len(lists[2])):
+            raise InputFileError(path, f"puzzle {p}: inputs and outputs differ in number", "dataset file")
+
+
+def _check_variants(path: Path, vp: np.ndarray, vd: np.ndarray, vc: np.ndarray, num_puzzles: int) -> None:
+    n = len(vp)
+    if vd.shape != (n,) or vc.shape != (n, 10):
+        raise InputFileError(path, f"arrays of different lengths ({vp.shape}, {vd.shape}, {vc.shape})", "dataset file")
+    if n and (vp.min() < 0 or np.any(np.diff(vp) < 0) or vp.max() >= num_puzzles):
+        raise InputFileError(path, f"puzzle_index must be sorted and within 0..{num_puzzles - 1}", "dataset file")
+    if n and (vd.min() < 0 or vd.max() >= NUM_DIHEDRAL or vc.min() < 0 or vc.max() > 9):
+        raise InputFileError(path, "a dihedral id outside 0..7 or a colour outside 0..9", "dataset file")
 
 
 def _as_record(item: Any) -> Any:
@@ -499,7 +569,7 @@ def build_dataset(
     too_big; `skipped` (the loader's skipped tasks) and `sources` are only recorded in the manifest.
     """
     if num_aug < 0:
-        raise ValueError(f"num_aug must be >= 0, got {num_aug}")
+        raise ConfigError(f"data.num_aug must be at least 0, got {num_aug}")
     eval_ids = set(eval_task_ids)
     seen: dict[str, str] = {}
     pieces: list[np.ndarray] = []
@@ -523,7 +593,8 @@ def build_dataset(
 
     for task in tqdm(tasks, desc="augment", unit="task", disable=not progress):
         if task.id in seen:
-            raise ValueError(f"task id {task.id!r} appears twice (in {seen[task.id]!r} and {task.source!r})")
+            raise TaskError(task.source, task.id, None, f"task id appears twice (in {seen[task.id]!r} and "
+                            f"{task.source!r})")
         seen[task.id] = task.source
         is_eval = task.id in eval_ids
         all_grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
@@ -533,7 +604,7 @@ def build_dataset(
             continue
         for g in all_grids:
             if g.ndim != 2 or g.size == 0 or g.max() > 9:
-                raise ValueError(f"task {task.id!r} ({task.source}): a grid of shape {g.shape} is not a valid grid")
+                raise TaskError(task.source, task.id, None, f"a grid of shape {g.shape} is not a valid grid")
 
         p = len(puzzles)
         outputs = None if task.test_outputs is None else [add(g) for g in task.test_outputs]

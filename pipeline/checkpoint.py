@@ -146,12 +146,13 @@ def dataset_fingerprint(dataset_dir: str | Path) -> str:
 
 
 def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_identifiers: int,
-                             dataset_dir: str | Path, resumable: bool = False) -> None:
+                             dataset_dir: str | Path, resumable: bool = False) -> dict[str, Any] | None:
     """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles), and
     with `resumable` one that lacks what a resumed run needs. An old checkpoint without a fingerprint is accepted,
     with a warning, when its puzzle table has exactly the dataset's row count. To predict, an exported folder with
     all its rows must come from this dataset too; one with mean rows, or the reference's checkpoint, fits any
-    (its rows are reset to their mean: load_model_for_inference)."""
+    (its rows are reset to their mean: load_model_for_inference). Returns a training checkpoint's contents (tensors
+    memory-mapped); None for another source."""
     if not resumable:
         source = check_weights_source(path)
         if source.kind != "checkpoint":
@@ -160,7 +161,7 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
                     f"weights {path}: its puzzle rows belong to another dataset (fingerprint "
                     f"{source.rows_fingerprint[:12]}, {dataset_dir} has {fingerprint[:12]}); export it with "
                     "--puzzle-rows mean, or fine-tune from it with --init")
-            return
+            return None
     state = load_training_state(path, mmap=True)
     if resumable:
         check_training_state(state, path)
@@ -168,7 +169,8 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config inside)")
     theirs = state.get("dataset_fingerprint")
     if theirs is None:
-        rows = state["config"].get("model", {}).get("num_puzzle_identifiers")
+        model = state["config"].get("model")
+        rows = model.get("num_puzzle_identifiers") if isinstance(model, dict) else None
         if rows != num_puzzle_identifiers:
             raise CheckpointError(
                 f"checkpoint {path}: has {rows} puzzle embeddings but the dataset {dataset_dir} has "
@@ -176,12 +178,13 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
                 "(to train on new puzzles from it, use --init)")
         warnings.warn(f"checkpoint {path} records no dataset fingerprint (an older checkpoint); it has the dataset's "
                       "puzzle count, so it is used as trained on this dataset", stacklevel=2)
-        return
+        return state
     if theirs != fingerprint:
         raise CheckpointError(
             f"checkpoint {path}: was trained on another dataset (fingerprint {theirs[:12]}, {dataset_dir} has "
             f"{fingerprint[:12]}); a checkpoint works only with the dataset it was trained on (to train on new "
             "puzzles from it, use --init)")
+    return state
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -347,11 +350,8 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
     """Fine-tuning start, from any weights source: the dense weights (EMA when saved), and every row of the
     model's puzzle table (the new dataset's variants) set to the mean of the source's trained rows. If the
     tables have the same shape the source's table is taken as it is."""
-    weights = load_weights(path, use_ema=True).tensors
     own = model.state_dict()
-    problem = _misfit(own, weights, skip=PUZZLE_TABLE)
-    if problem:
-        raise CheckpointError(f"checkpoint {path}: does not fit this model config ({problem})")
+    weights = _fitting_weights(path, own)
     how = "none"
     if PUZZLE_TABLE in own and PUZZLE_TABLE in weights:
         old = weights[PUZZLE_TABLE]
@@ -363,6 +363,24 @@ def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> 
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
     if verbose:
         print(f"init from {path}: dense weights loaded; puzzle table {how}")
+
+
+def check_init_checkpoint(path: str | Path, config: ModelConfig) -> None:
+    """What init_from_checkpoint will need, checked before a command changes anything: the weights are readable
+    and their dense tensors fit a model of `config` (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = TRM(config)
+    _fitting_weights(path, model.state_dict())
+
+
+def _fitting_weights(path: str | Path, own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights fine-tuning starts from (EMA when saved), refused unless every dense tensor of the model is
+    there with its shape (the puzzle table may differ: it is reset to the mean of its rows)."""
+    weights = load_weights(path, use_ema=True).tensors
+    problem = _misfit(own, weights, skip=PUZZLE_TABLE)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: does not fit this model config ({problem})")
+    return weights
 
 
 def load_model_for_inference(path: str | Path, use_ema: bool = True, num_puzzle_identifiers: int | None = None) -> TRM:

@@ -5,6 +5,7 @@ each of them in the same order (they are collectives).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,25 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.model import Carry
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch job, or a process on its own: the one that writes run-folder files.
+    (Read from the launcher's environment, so it holds before torch.distributed is set up.)"""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def job_barrier() -> None:
+    """Every process of a launched job waits here until all have arrived (no-op alone). Sets up the process group
+    the way training will (accelerate's shared state), so that it can be used before training starts."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def all_gather_rows(local: Tensor, world_size: int, group: dist.ProcessGroup | None = None) -> Tensor:

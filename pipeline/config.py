@@ -1,17 +1,26 @@
-"""Run configuration: one dataclass tree, four presets, and `--set key=value` overrides.
+"""Run configuration: one dataclass tree, the presets, `--set key=value` overrides, and what a valid one is.
 
 Training settings sit at the top level (so `--set lr=2e-4` works); the model, data and prediction settings
 are nested (`--set model.hidden_size=256`, `--set data.num_aug=100`, `--set predict.max_variants=64`).
+A string setting lists its choices in its type (`Literal[...]`); numeric bounds are in LIMITS and the relations
+between settings in check_config. Values from outside are read by pipeline.settings; every command checks the
+config it resolved with check_config before it changes anything.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
+from pipeline import settings
+from pipeline.errors import ConfigError
 from pipeline.model import ModelConfig
+
+# How candidates are ranked into attempt_1 / attempt_2 (pipeline.vote.SELECTORS implements each; a test checks
+# that the two lists agree).
+Selector = Literal["vote", "q_weighted", "max_q", "likelihood", "likelihood_vote", "likelihood_cell",
+                   "likelihood_cell_vote"]
 
 
 @dataclass
@@ -26,17 +35,17 @@ class DataConfig:
     seed: int = 0
     # training stream (pipeline.batches): "groups" = the reference's epoch (every puzzle group once, one random
     # variant each with all its examples together); "examples" = every example of every variant once
-    sampling: str = "groups"
+    sampling: Literal["groups", "examples"] = "groups"
     # "reference" = one fixed offset per example, one example per variant untranslated; "per_draw" = a fresh
     # offset at every draw; "none" = all at (0, 0)
-    translation: str = "reference"
+    translation: Literal["reference", "per_draw", "none"] = "reference"
 
 
 @dataclass
 class PredictConfig:
     max_variants: int = 0  # views per test input to run (the original counts as one); 0 = all (1001 at num_aug 1000)
     batch_size: int = 256
-    selector: str = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
+    selector: Selector = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
     # ACT steps per view (0 = the model's halt_max_steps); more than halt_max_steps continue the recursion
     act_steps: int = 0
     # halt at prediction as training does: a row's answer is the one of its first step with q_halt > 0, and a
@@ -64,9 +73,10 @@ class RunConfig:
     epochs: float = 100_000  # ends training unless max_steps is set
     max_steps: int = 0  # 0 = derive from epochs
     flops_budget: float = 0.0  # > 0: as many steps as reach this many model FLOPs (overrides max_steps and epochs)
-    optimizer: str = "adam_atan2"  # or "adamw", or "muon" (Muon for the block matrices; torch >= 2.9: pipeline.muon)
+    # Muon for the block matrices needs torch >= 2.9 (pipeline.muon)
+    optimizer: Literal["adam_atan2", "adamw", "muon"] = "adam_atan2"
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # after warm-up: "constant" (paper) or "cosine"
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: "constant" (paper) or "cosine"
     lr_warmup_steps: int = 2000
     lr_min_ratio: float = 1.0
     beta1: float = 0.9
@@ -91,7 +101,7 @@ class RunConfig:
     log_with: str = ""  # experiment trackers fed the metrics.jsonl rows: "tensorboard", "wandb", both comma-separated
     log_project: str = "trm-arc"  # the trackers' project (W&B project; RUN/tensorboard/PROJECT); the run is the folder
     time_budget_s: float = 0.0  # stop training (with a checkpoint) after this many seconds; 0 = no limit
-    mixed_precision: str = "auto"  # "auto" = bf16 on a GPU that has it natively, else fp32; or "no" / "bf16"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # "auto" = bf16 on a GPU that has it natively, else fp32
 
 
 def _paper(data: DataConfig) -> RunConfig:
@@ -146,7 +156,7 @@ def preset(name: str) -> RunConfig:
     for base, fast in FAST_RECIPES.items():
         if name == fast:
             return _fast(base)
-    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 # ---------------------------------------------------------------------------------------------- fast recipes
@@ -204,58 +214,122 @@ def _mini() -> RunConfig:
     return cfg
 
 
-def _convert(text: str, kind: Any, key: str) -> Any:
-    if kind is bool or kind == "bool":
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--set {key}: expected true/false, got {text!r}")
-    if kind in (int, "int"):
-        try:
-            return int(text)
-        except ValueError:
-            value = float(text)  # accept "1e5"
-            if not value.is_integer():
-                raise ValueError(f"--set {key}: expected an integer, got {text!r}") from None
-            return int(value)
-    if kind in (float, "float"):
-        return float(text)
-    return text
-
-
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `key=value` strings in place (dotted keys reach nested sections); unknown keys are errors."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        target: Any = cfg
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-                raise ValueError(f"--set {key}: no section {part!r}")
-            target = getattr(target, part)
-        name = parts[-1]
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if name not in fields:
-            raise ValueError(f"--set {key}: unknown setting; known: {', '.join(sorted(fields))}")
-        hints = typing.get_type_hints(type(target))
-        setattr(target, name, _convert(text, hints.get(name, str), key))
+    """Apply `key=value` strings in place (dotted keys reach nested sections); every problem is a ConfigError
+    naming the setting (pipeline.settings)."""
+    settings.apply_settings(cfg, overrides)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------- validity
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: low <= value <= high (None = open), or value > low with `above`."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+
+    def problem(self, value: float) -> str | None:
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return f"must be {'above' if self.above else 'at least'} {self.low:g}, got {value!r}"
+        if self.high is not None and value > self.high:
+            return f"must be at most {self.high:g}, got {value!r}"
+        return None
+
+
+MAX_AUGMENTATIONS = 8 * 362_880 - 1  # distinct dihedral × colour-permutation views of a puzzle, the identity aside
+AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, above=True), Range(0, 1)
+# Every numeric setting's bounds; a value outside would only fail deep inside a stage (or silently misbehave).
+LIMITS: dict[str, Range] = {
+    "seed": AT_LEAST_0, "global_batch_size": AT_LEAST_1, "epochs": AT_LEAST_0, "max_steps": AT_LEAST_0,
+    "lr": AT_LEAST_0, "lr_warmup_steps": AT_LEAST_0, "lr_min_ratio": FRACTION, "beta1": Range(0, 0.9999),
+    "beta2": Range(0, 0.9999), "weight_decay": AT_LEAST_0, "puzzle_emb_lr": AT_LEAST_0,
+    "puzzle_emb_weight_decay": AT_LEAST_0, "ema_rate": FRACTION, "grad_accum_steps": AT_LEAST_1,
+    "freeze_weights_steps": AT_LEAST_0, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
+    "checkpoint_every_s": AT_LEAST_0, "flops_budget": AT_LEAST_0, "depth_curriculum": FRACTION,
+    "keep_checkpoints": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_every_epochs": AT_LEAST_0,
+    "eval_views": AT_LEAST_1, "log_every": AT_LEAST_1, "time_budget_s": AT_LEAST_0,
+    "data.num_aug": Range(0, MAX_AUGMENTATIONS), "data.canvas": Range(1, 30), "data.max_side": Range(0, 30),
+    "data.max_tasks": AT_LEAST_0, "data.seed": AT_LEAST_0,
+    "predict.max_variants": AT_LEAST_0, "predict.batch_size": AT_LEAST_1, "predict.time_budget_s": AT_LEAST_0,
+    "predict.save_partial_every_s": AT_LEAST_0, "predict.rescore_views": AT_LEAST_0,
+    "predict.rescore_top_k": AT_LEAST_1, "predict.act_steps": AT_LEAST_0,
+    "model.vocab_size": AT_LEAST_1, "model.seq_len": AT_LEAST_1, "model.hidden_size": AT_LEAST_1,
+    "model.num_heads": AT_LEAST_1, "model.expansion": POSITIVE, "model.num_layers": AT_LEAST_1,
+    "model.H_cycles": AT_LEAST_1, "model.L_cycles": AT_LEAST_1, "model.halt_max_steps": AT_LEAST_1,
+    "model.halt_exploration_prob": FRACTION, "model.puzzle_emb_len": AT_LEAST_0, "model.puzzle_emb_ndim": AT_LEAST_0,
+    "model.num_puzzle_identifiers": AT_LEAST_1, "model.rope_theta": POSITIVE, "model.rms_norm_eps": POSITIVE,
+}
+
+
+def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = lambda key: key) -> None:
+    """Every setting within its bounds and consistent with the others, for a job of `world` processes; else one
+    ConfigError naming the setting(s) (`name` says where each came from: --set, config.json, the preset)."""
+    values = settings.flatten(cfg)
+    for key, value in values.items():
+        hint = settings.field_hints(type(_section(cfg, key)))[key.rsplit(".", 1)[-1]]
+        problem = settings.value_problem(value, hint)
+        if problem is None and key in LIMITS:
+            problem = LIMITS[key].problem(value)
+        if problem:
+            raise ConfigError(f"{name(key)}: {problem}")
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"{name('model.hidden_size')}: {m.hidden_size} is not divisible by model.num_heads="
+                          f"{m.num_heads}")
+    if m.pos_encodings == "rope" and (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError(f"{name('model.hidden_size')}: rotary positions need an even width per head; "
+                          f"{m.hidden_size} / model.num_heads={m.num_heads} = {m.hidden_size // m.num_heads}")
+    m.validate()  # the model's own rules (puzzle-embedding sizes)
+    unit = world * cfg.grad_accum_steps
+    if cfg.global_batch_size % unit:
+        raise ConfigError(f"{name('global_batch_size')}: {cfg.global_batch_size} does not divide into {world} "
+                          f"process(es) × grad_accum_steps={cfg.grad_accum_steps}")
+    from pipeline.tracking import tracker_problem
+
+    problem = tracker_problem(cfg.log_with, installed=False)  # whether installed: checked where training starts
+    if problem:
+        raise ConfigError(f"{name('log_with')}: {problem}")
+    if not cfg.log_project.strip() or cfg.log_project in (".", "..") or any(c in cfg.log_project for c in "/\\\0"):
+        raise ConfigError(f"{name('log_project')}: {cfg.log_project!r} is not a folder name (RUN/tensorboard/PROJECT)")
+    if cfg.data.eval_set.startswith("dev:"):
+        from pipeline.splits import dev_every
+
+        dev_every(cfg.data.eval_set)
+
+
+# The settings a training run is made of: a resumed run, or a stage after training, cannot change them (the weights'
+# shapes, the optimizer's state, the carry of every row, the sampler's stream would no longer fit the run).
+RUN_DEFINING = ("model.", "optimizer", "global_batch_size", "seed", "ema", "data.sampling", "data.translation")
+# Never compared between commands: set from the dataset by training, or how blocks run rather than what they compute.
+NOT_COMPARED = ("model.seq_len", "model.num_puzzle_identifiers", "model.compile_backend")
+
+
+def run_defining(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RUN_DEFINING)
+
+
+def changed_settings(before: RunConfig | dict[str, Any], after: RunConfig | dict[str, Any]) -> dict[str, tuple]:
+    """{dotted key: (before, after)} for every compared setting that differs."""
+    old, new = settings.flatten(before), settings.flatten(after)
+    return {k: (old.get(k), v) for k, v in new.items() if k not in NOT_COMPARED and old.get(k, v) != v}
+
+
+def _section(cfg: RunConfig, key: str) -> Any:
+    target: Any = cfg
+    for part in key.split(".")[:-1]:
+        target = getattr(target, part)
+    return target
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict[str, Any]) -> RunConfig:
-    d = dict(d)
-    model = ModelConfig(**d.pop("model"))
-    data = DataConfig(**d.pop("data"))
-    predict = PredictConfig(**d.pop("predict"))
-    return RunConfig(model=model, data=data, predict=predict, **d)
+def from_dict(d: Any, where: str = "run config") -> RunConfig:
+    """A RunConfig from its JSON form, every value checked (ConfigError naming `where` and the setting)."""
+    return settings.build(RunConfig, d, where)
 
 
 def dumps(cfg: RunConfig) -> str:

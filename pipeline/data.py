@@ -355,7 +355,9 @@ def _load_json_file(path: Path, out: _Collector) -> None:
 
 
 def _load_folder(folder: Path, out: _Collector) -> None:
-    files = sorted(p for p in folder.iterdir() if p.suffix == ".json" and p.is_file())
+    # a symlink counts even when broken or looping: reading it fails, and it is listed as skipped like any
+    # unreadable file rather than silently left out
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".json" and (p.is_file() or p.is_symlink()))
     if not files:
         raise TaskError(folder, None, None, "folder holds no .json task files")
     for path in files:

@@ -17,6 +17,7 @@ from typing import Any
 from augment.dataset import AugmentedDataset
 from pipeline.collectives import gather_objects
 from pipeline.config import PredictConfig
+from pipeline.errors import ConfigError
 from pipeline.predict import predict
 from pipeline.predictions import Predictions
 from pipeline.rescore import merge_truth_scores, truth_scores
@@ -30,7 +31,7 @@ class HeldOutEvaluator:
 
     def __init__(self, dataset: AugmentedDataset, views: int, batch_size: int = 256, selector: str = "vote"):
         if selector not in SELECTORS:
-            raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+            raise ConfigError(f"predict.selector: unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
         self.dataset = dataset
         self.tasks = [t for t in dataset.eval_tasks() if t.test_outputs is not None]
         self.solutions = {t.id: t.test_outputs for t in self.tasks}

@@ -44,8 +44,9 @@ class _WriteGuard:
         return getattr(self._f, name)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
-    path = Path(path)
+def _write_temp(path: Path, write: Callable[[Any], None], mode: str) -> str:
+    """`write` into a temp file beside `path` (flushed to disk), whose name is returned; on failure nothing is left
+    and a full disk is a DiskFullError naming `path`."""
     tmp = None
     guard = None
     try:
@@ -57,17 +58,39 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        return tmp
     except BaseException as e:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            Path(tmp).unlink(missing_ok=True)
         cause = guard.error if guard is not None and guard.error is not None else e
         if is_disk_full(cause):
             raise DiskFullError(cause.errno, f"no space left on device while writing {path}") from e
         raise
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    tmp = _write_temp(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_together(files: dict[Path, bytes]) -> None:
+    """Files that belong together (an exported folder's weights and config): all are written to temp files before
+    any is swapped in, so a failure while writing (a full disk) leaves every old one as it was."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            written.append((_write_temp(Path(path), lambda f, data=data: f.write(data), "wb"), Path(path)))
+    except BaseException:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -160,3 +183,19 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise fail(str(e)) from None
     except ValueError as e:  # e.g. an integer of thousands of digits
         raise fail("a value JSON cannot hold: " + _shorten(str(e), 120)) from None
+
+
+def check_fields(obj: Any, fields: dict[str, type | tuple[type, ...]], path: str | os.PathLike, what: str) -> dict:
+    """`obj` as a JSON object holding every field of `fields` with its type (bool is never an int), or
+    InputFileError naming the file and the first field that is missing or wrong."""
+    if not isinstance(obj, dict):
+        raise InputFileError(path, f"not a JSON object (got {type(obj).__name__})", what)
+    for name, kind in fields.items():
+        if name not in obj:
+            raise InputFileError(path, f"missing {name!r}", what)
+        value = obj[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ if k is not type(None) else "null" for k in kinds)
+            raise InputFileError(path, f"{name!r} should be {names}, got {_shorten(repr(value), 60)}", what)
+    return obj

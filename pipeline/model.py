@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.errors import ConfigError
+
 IGNORE_LABEL = -100  # the same value as pipeline.encoding.IGNORE_LABEL
 BATCH_KEYS = ("inputs", "labels", "puzzle_identifiers")  # the batch entries the model carries per row
 
@@ -110,26 +112,26 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.pos_encodings not in ("rope", "learned", "none"):
-            raise ValueError(f"ModelConfig: pos_encodings must be 'rope', 'learned' or 'none', not {self.pos_encodings!r}")
+            raise ConfigError(f"ModelConfig: pos_encodings must be 'rope', 'learned' or 'none', not {self.pos_encodings!r}")
         if self.puzzle_emb_ndim == 0 and self.puzzle_emb_len > 0:
-            raise ValueError("ModelConfig: puzzle_emb_len > 0 needs puzzle_emb_ndim > 0 (set puzzle_emb_len=0)")
+            raise ConfigError("ModelConfig: puzzle_emb_len > 0 needs puzzle_emb_ndim > 0 (set puzzle_emb_len=0)")
         if self.puzzle_emb_ndim > self.puzzle_len * self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: puzzle_emb_ndim {self.puzzle_emb_ndim} does not fit in puzzle_emb_len "
                 f"{self.puzzle_len} x hidden_size {self.hidden_size}"
             )
         if self.mlp_conv < 0 or (self.mlp_conv and self.mlp_conv % 2 == 0):
-            raise ValueError(f"ModelConfig: mlp_conv must be 0 (off) or an odd kernel size, not {self.mlp_conv}")
+            raise ConfigError(f"ModelConfig: mlp_conv must be 0 (off) or an odd kernel size, not {self.mlp_conv}")
         if self.mlp_conv and math.isqrt(self.seq_len) ** 2 != self.seq_len:
-            raise ValueError(f"ModelConfig: mlp_conv needs a square grid (seq_len {self.seq_len} is not a square)")
+            raise ConfigError(f"ModelConfig: mlp_conv needs a square grid (seq_len {self.seq_len} is not a square)")
         if self.H_cycles < 1 or self.L_cycles < 1 or self.halt_max_steps < 1 or self.num_layers < 1:
-            raise ValueError("ModelConfig: H_cycles, L_cycles, halt_max_steps and num_layers must be >= 1")
+            raise ConfigError("ModelConfig: H_cycles, L_cycles, halt_max_steps and num_layers must be >= 1")
         if self.num_puzzle_identifiers < 1:
-            raise ValueError("ModelConfig: num_puzzle_identifiers must be >= 1")
+            raise ConfigError("ModelConfig: num_puzzle_identifiers must be >= 1")
         if not isinstance(self.compile_backend, str):
-            raise ValueError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
+            raise ConfigError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
 
 
 def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None, backward: bool = True) -> float:

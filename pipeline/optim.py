@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.collectives import all_gather_rows
+from pipeline.errors import ConfigError
 
 __all__ = [
     "AdamAtan2",
@@ -175,7 +176,7 @@ def build_dense_optimizer(
         return AdamAtan2(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"unknown dense optimizer {name!r}; expected 'adam_atan2', 'adamw' or 'muon'")
+    raise ConfigError(f"optimizer: unknown dense optimizer {name!r}; expected 'adam_atan2', 'adamw' or 'muon'")
 
 
 # ---------------------------------------------------------------------------------------------------------

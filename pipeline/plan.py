@@ -10,7 +10,6 @@ estimate errs on the slow side; time with more rows (`--set` a smaller model is 
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from augment.dataset import AugmentedDataset
+from pipeline.collectives import is_main_process
 from pipeline.compute import run_flops
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
@@ -125,7 +125,7 @@ def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n:
                preset_name: str | None = None) -> Path:
     plan = make_plan(cfg, dataset_dir, time_steps_n, rows, preset_name)
     path = out / "plan.json"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         atomic_write_json(path, plan)
         print(format_plan(plan))
         print(f"plan: {path}")

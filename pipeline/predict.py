@@ -34,7 +34,7 @@ from augment.dataset import AugmentedDataset
 from pipeline.config import PredictConfig
 from pipeline.collectives import all_reduce_sum, gather_objects
 from pipeline.encoding import IGNORE_LABEL, decode_grids
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import TRM
 from pipeline.predictions import Predictions, PredictionsWriter
 from pipeline.rescore import rescore
@@ -161,16 +161,19 @@ def predict_to_file(
     cfg: PredictConfig,
     progress: bool = True,
 ) -> Path:
-    """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file, then re-score
-    and write it again with the scores. Every process of a job calls it; rank 0 writes."""
+    """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file (stamped with
+    the dataset's fingerprint: which dataset's inputs it answers), then re-score and write it again with the
+    scores. Every process of a job calls it; rank 0 writes."""
     from accelerate import Accelerator
 
+    from pipeline.checkpoint import dataset_fingerprint
     from pipeline.train import auto_mixed_precision
 
     check_rescore_settings(cfg)
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=auto_mixed_precision(), cpu=not on_gpu)
     dataset = AugmentedDataset.load(dataset_dir)
+    fingerprint = dataset_fingerprint(dataset_dir)
     model = load_checked_model(checkpoint_path, dataset, dataset_dir, cfg.use_ema).to(accelerator.device)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     start_time = time.perf_counter()
@@ -178,6 +181,7 @@ def predict_to_file(
     partial = partial_predictions_path(out_path, rank, world) if cfg.save_partial_every_s > 0 else None
     part = predict(model, dataset, prediction_share(cfg, dataset), device=device, autocast=accelerator.autocast,
                    rank=rank, world=world, progress=progress and rank == 0, partial_path=partial, stop=stop_requested)
+    part.dataset_fingerprint = fingerprint
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
         partial.unlink(missing_ok=True)  # the whole share is in the file: no partial file left behind
@@ -218,13 +222,13 @@ def load_checked_model(checkpoint_path: str | Path, dataset: AugmentedDataset, d
     model = load_model_for_inference(checkpoint_path, use_ema=use_ema,
                                      num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     if model.config.seq_len != dataset.canvas**2:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "
             f"the dataset {dataset_dir} uses {dataset.canvas}"
         )
     if model.config.num_puzzle_identifiers < dataset.num_puzzle_identifiers:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} has {model.config.num_puzzle_identifiers} puzzle embeddings but the "
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: has {model.config.num_puzzle_identifiers} puzzle embeddings but the "
             f"dataset {dataset_dir} needs {dataset.num_puzzle_identifiers}: predict with the dataset it was trained on"
         )
     return model

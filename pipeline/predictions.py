@@ -10,13 +10,13 @@ Voting (`pipeline/vote.py`) reads only this type; the model never sees it.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_with
 
 FORMAT_VERSION = 1
@@ -37,7 +37,12 @@ COLUMNS: dict[str, np.dtype] = {
 OPTIONAL_COLUMNS: dict[str, np.dtype] = {"logp": np.dtype(np.float32), "logp_cells": np.dtype(np.uint16)}
 
 
-class PredictionsError(ValueError):
+def _shown(array: np.ndarray) -> str:
+    text = f"{array.dtype} {array.shape}" if array.size != 1 else repr(array.tolist())
+    return text[:60]
+
+
+class PredictionsError(PipelineError, ValueError):
     """A predictions file or batch that breaks the format; the message names the file and the problem."""
 
 
@@ -59,6 +64,9 @@ class Predictions:
     # optional uint16 (n,): how many label cells that sum runs over (colours + EOS edge; 0 = not scored), for the
     # per-cell selectors. None in files written before it existed (pipeline.vote then counts the cells itself).
     logp_cells: np.ndarray | None = None
+    # the fingerprint (pipeline.checkpoint.dataset_fingerprint) of the dataset whose held-out inputs these answer;
+    # None in files written before it was recorded
+    dataset_fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.task)
@@ -114,6 +122,8 @@ class Predictions:
                 arrays[name] = getattr(self, name)
         arrays["task_ids"] = np.array(self.task_ids, dtype=np.str_)
         arrays["format_version"] = np.array(FORMAT_VERSION)
+        if self.dataset_fingerprint is not None:
+            arrays["dataset_fingerprint"] = np.array(self.dataset_fingerprint, dtype=np.str_)
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
@@ -122,15 +132,28 @@ class Predictions:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise PredictionsError(f"{path}: not a readable predictions .npz ({e})") from e
+        except FileNotFoundError:
+            raise PredictionsError(f"{path}: no such file") from None
+        except Exception as e:  # noqa: BLE001 - numpy raises many types for a file that is not an .npz
+            raise PredictionsError(f"{path}: not a readable predictions .npz ({type(e).__name__}: "
+                                   f"{str(e)[:120]})") from None
         missing = [name for name in (*COLUMNS, "cells", "task_ids", "format_version") if name not in arrays]
         if missing:
             raise PredictionsError(f"{path}: missing arrays {missing}")
-        if int(arrays["format_version"]) != FORMAT_VERSION:
-            raise PredictionsError(f"{path}: format version {int(arrays['format_version'])}, expected {FORMAT_VERSION}")
-        predictions = cls(task_ids=[str(t) for t in arrays["task_ids"].tolist()], cells=arrays["cells"],
-                          **{n: arrays.get(n) for n in OPTIONAL_COLUMNS}, **{n: arrays[n] for n in COLUMNS})
+        version, task_ids, fingerprint = arrays["format_version"], arrays["task_ids"], arrays.get("dataset_fingerprint")
+        if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
+            raise PredictionsError(f"{path}: format_version {_shown(version)}, expected {FORMAT_VERSION}")
+        if task_ids.ndim != 1 or task_ids.dtype.kind != "U":
+            raise PredictionsError(f"{path}: task_ids should be a list of text, got {task_ids.dtype} {task_ids.shape}")
+        if fingerprint is not None and (fingerprint.shape != () or fingerprint.dtype.kind != "U"):
+            raise PredictionsError(f"{path}: dataset_fingerprint should be one text, got {_shown(fingerprint)}")
+        optional = {name: arrays.get(name) for name in OPTIONAL_COLUMNS}
+        columns = {n: arrays[n] for n in COLUMNS}
+        for name, column in [*columns.items(), ("cells", arrays["cells"]), *optional.items()]:
+            if column is not None and column.ndim != 1:
+                raise PredictionsError(f"{path}: column {name!r} has shape {column.shape}, expected one row per entry")
+        predictions = cls(task_ids=[str(t) for t in task_ids.tolist()], cells=arrays["cells"], **optional,
+                          dataset_fingerprint=None if fingerprint is None else str(fingerprint), **columns)
         predictions.check(where=str(path))
         return predictions
 
@@ -171,10 +194,12 @@ class Predictions:
                 optional[name] = np.concatenate([
                     getattr(part, name) if getattr(part, name) is not None else np.full(len(part), missing, dtype)
                     for part in parts])
+        fingerprints = {part.dataset_fingerprint for part in parts}
         return cls(
             task_ids=task_ids,
             cells=np.concatenate(cells),
             **optional,
+            dataset_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,  # kept only when shared
             **{name: np.concatenate(chunks).astype(COLUMNS[name], copy=False) for name, chunks in columns.items()},
         )
 

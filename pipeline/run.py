@@ -1,329 +1,67 @@
-"""The command line: `python -m pipeline.run --stage STAGE ...`, one short function per stage.
+"""The command line: `python -m pipeline.run --stage STAGE ...`.
 
 A run folder (`--out`, default `runs/PRESET`) collects every stage's artifacts:
   run.json · dataset/ (+ manifest.json) · config.json · checkpoints/step_N.pt · metrics.jsonl · predictions.npz ·
-  submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html
+  submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html · export/
 and is one configuration: run.json (pipeline.runfolder) fixes its preset and dataset settings, and a command that
 contradicts them, writes into a foreign folder, or trains over another run's checkpoints is refused.
 `--stage all` runs augment → train → predict → submit → score → report, skipping stages whose artifact is
 already there (`--force STAGE` redoes one and everything after it).
 
+A command goes in three steps, and changes nothing before the third:
+  1. read: the command line becomes a Request (pipeline.stages) and a RunConfig: the folder's preset and dataset
+     settings, the run's own config.json when the command continues a training run (a setting given that differs
+     is named, and refused where the run could not continue with it), then the flags and --set; every setting is
+     checked (pipeline.settings, pipeline.config.check_config);
+  2. take the folder: created if new, locked, and its run.json read again under the lock (a command that claimed
+     the folder meanwhile is checked against, never overwritten);
+  3. run the stages; each checks what it reads (the dataset, --init, the checkpoint) before it removes anything.
+Under torchrun / accelerate launch only rank 0 touches the folder; the others run train, predict and plan, and
+with `--stage all` wait for rank 0's dataset.
+
 Expected failures are `pipeline.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import dataclasses
-import os
+import errno
 import sys
-import time
 from pathlib import Path
+from typing import Any, NoReturn, get_args
 
-from pipeline import export, runfolder
-from pipeline.config import PRESETS, RunConfig, apply_overrides, from_dict, preset
+from pipeline import export, runfolder, settings
+from pipeline.collectives import is_main_process, job_barrier, world_size
+from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
+                             run_defining)
 from pipeline.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
-from pipeline.io import is_disk_full
-from pipeline.tracking import tracker_names
+from pipeline.io import is_disk_full, read_json
+from pipeline.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
+                             stage_done)
+from pipeline.tracking import tracker_problem
 
-STAGES = ("augment", "train", "predict", "submit", "score", "report")
-
-
-# ---------------------------------------------------------------------------------------------- stages
-def stage_augment(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    from augment.dataset import build_dataset
-    from pipeline.data import load_tasks, select_tasks
-    from pipeline.splits import held_out_ids
-
-    d = cfg.data
-    loaded = load_tasks(d.sources, skip_invalid=d.skip_invalid)
-    tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
-    left_out = _left_out_by_selection(loaded.tasks, tasks, d.max_side, d.max_tasks)
-    eval_ids = held_out_ids(tasks, d.eval_set, lambda spec: load_tasks(spec, skip_invalid=True).tasks)
-    for s in loaded.skipped:
-        what = f"task {s.task_id!r} ({s.file})" if s.task_id is not None else f"file {s.file}"
-        print(f"skipped {what}: {s.reason}", file=sys.stderr)
-    dataset = build_dataset(
-        tasks, eval_ids, num_aug=d.num_aug, seed=d.seed, canvas=d.canvas,
-        skipped=[*loaded.skipped, *left_out["skipped"]], sources=d.sources, progress=not args.quiet,
-    )
-    m = dataset.manifest
-    m["too_big"] = m.get("too_big", []) + left_out["too_big"]
-    if m["num_puzzles"] == 0:
-        raise ConfigError(
-            f"augment: no task left to build a dataset from ({len(loaded.tasks)} loaded from {d.sources!r}; "
-            f"{len(m['too_big'])} too big for data.canvas={d.canvas} or data.max_side={d.max_side}, "
-            f"{len(loaded.skipped)} malformed)")
-    dataset.save(out / "dataset")
-    if left_out["too_big"] or left_out["skipped"]:
-        print(f"augment: {len(left_out['too_big'])} tasks over data.max_side={d.max_side} and "
-              f"{len(left_out['skipped'])} over data.max_tasks={d.max_tasks} left out (listed in the manifest)")
-    print(
-        f"augment: {m['num_puzzles']} puzzles, {m['num_variants']} variants, {m['num_train_examples']} training "
-        f"examples, {m['num_test_inputs']} held-out test inputs, {len(m['short_puzzles'])} puzzles short of "
-        f"{d.num_aug} augmentations -> {out / 'dataset'}"
-    )
+FORCE_THIS = "(this stage)"
+RUN_STAGES = ("predict", "submit", "score", "report", "export")  # after training: they use what training used
 
 
-def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: int) -> dict[str, list]:
-    """The tasks select_tasks dropped, with why: a size limit (as `too_big`) or the per-source cap (`skipped`),
-    so that every loaded task is accounted for in the manifest."""
-    kept_ids = {t.id for t in kept}
-    too_big, capped = [], []
-    for task in loaded:
-        if task.id in kept_ids:
-            continue
-        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
-        largest = max(max(g.shape) for g in grids)
-        if max_side and largest > max_side:
-            too_big.append({"task_id": task.id, "source": task.source, "largest_side": int(largest),
-                            "reason": f"over data.max_side={max_side}"})
-        else:
-            capped.append({"file": task.source, "task_id": task.id,
-                           "reason": f"over data.max_tasks={max_tasks} tasks per source"})
-    return {"too_big": too_big, "skipped": capped}
+# ---------------------------------------------------------------------------------------------- the command line
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ConfigError (one `error:` line, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
 
 
-def _train_data_dir(out: Path, args: argparse.Namespace) -> Path:
-    if args.stage in ("train", "plan") and args.data and not Path(args.data, "manifest.json").exists():
-        raise InputFileError(args.data, "no augmented dataset here (no manifest.json)", "--data")
-    return Path(args.data) if args.data and Path(args.data, "manifest.json").exists() else out / "dataset"
-
-
-def stage_plan(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    from pipeline.plan import write_plan
-
-    preset_name = args.preset or (runfolder.read_marker(out) or {}).get("preset")
-    write_plan(cfg, _train_data_dir(out, args), out, time_steps_n=args.plan_time_steps, preset_name=preset_name)
-
-
-def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    if args.dry_run:
-        return stage_plan(cfg, out, args)
-    from augment.dataset import AugmentedDataset
-    from pipeline.evaluate import HeldOutEvaluator
-    from pipeline.train import train
-
-    data_dir = _train_data_dir(out, args)
-    _read_manifest(data_dir)  # everything that can be refused is checked before --force removes anything
-    if args.init:
-        from pipeline.checkpoint import check_weights_source
-
-        check_weights_source(args.init)
-    _own_checkpoints(out, data_dir, args)
-    evaluator = None
-    if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
-        evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data_dir), cfg.eval_views,
-                                                 cfg.predict.batch_size, cfg.predict.selector)
-    path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet,
-                 evaluator=evaluator)
-    if _is_main_process():  # under torchrun every process gets here; one line is enough
-        print(f"train: last checkpoint {path}")
-
-
-def _own_checkpoints(out: Path, data_dir: Path, args: argparse.Namespace) -> None:
-    """Training writes only over its own checkpoints: another run's are refused (or, with --force train, removed
-    first), and a resumed one must belong to this dataset."""
-    from pipeline import checkpoint as ckpt
-
-    existing = ckpt.list_checkpoints(out / "checkpoints")
-    if existing and not args.resume:
-        if "train" not in args.forced:
-            raise RunFolderError(
-                f"run folder {out} already holds checkpoints of a training run (latest {existing[-1].name}): "
-                "--resume continues it, --force train discards them and starts over")
-        if _is_main_process():
-            for path in existing + ckpt.list_checkpoints(out / "checkpoints" / "evaluated"):
-                path.unlink(missing_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            print(f"train: --force: {len(existing)} checkpoints of the previous training run removed")
-    elif existing:
-        _check_checkpoint(existing[-1], data_dir, resumable=True)
-
-
-def _check_checkpoint(path: Path, data_dir: Path, resumable: bool = False) -> None:
-    """A checkpoint may be resumed or predicted with only on the dataset it was trained on (fingerprint)."""
-    from pipeline import checkpoint as ckpt
-
-    manifest = _read_manifest(data_dir)
-    rows = int(manifest.get("num_variants", 0)) + 1
-    ckpt.check_checkpoint_dataset(path, ckpt.dataset_fingerprint(data_dir), rows, data_dir, resumable=resumable)
-
-
-def _read_manifest(data_dir: Path) -> dict:
-    from pipeline.io import read_json
-
-    path = data_dir / "manifest.json"
-    if not path.exists():
-        raise RunFolderError(f"{path}: no augmented dataset here (run --stage augment first)")
-    manifest = read_json(path, "dataset manifest")
-    if not isinstance(manifest, dict):
-        raise InputFileError(path, "not a dataset manifest (not a JSON object)", "dataset manifest")
-    return manifest
-
-
-def stage_predict(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    from pipeline.predict import predict_to_file
-
-    checkpoint = _predict_checkpoint(cfg, out, args)
-    _check_checkpoint(checkpoint, out / "dataset")
-    path = predict_to_file(out / "dataset", checkpoint, out / "predictions.npz", cfg.predict, progress=not args.quiet)
-    if _is_main_process():
-        print(f"predict: candidates -> {path}")
-
-
-def _predict_checkpoint(cfg: RunConfig, out: Path, args: argparse.Namespace) -> Path:
-    """The weights prediction uses; a `best` choice is recorded in the run folder for the score to say."""
-    from pipeline import choose
-
-    path, choice = _chosen_weights(cfg, out, args, "predict")
-    if choice is not None:
-        choose.record_choice(out, choice)
-    else:
-        choose.forget_choice(out)
-    return path
-
-
-def _chosen_weights(cfg: RunConfig, out: Path, args: argparse.Namespace, stage: str):
-    """--checkpoint PATH, `best[:FIGURE]` (pipeline.choose: the evaluated checkpoint with the best held-out figure)
-    or the latest checkpoint; with the choice when `best` made it."""
-    from pipeline import choose
-
-    if choose.is_best_spec(args.checkpoint):
-        choice = choose.choose_checkpoint(out, args.checkpoint, cfg.data.eval_set)
-        print(f"{stage}: {choice.describe()}")
-        return Path(choice.path), choice
-    return (Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)), None
-
-
-def stage_submit(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    from pipeline.submit import submit_from_predictions
-
-    report = submit_from_predictions(
-        out / "dataset", out / "predictions.npz", out / "submission.json", selector=cfg.predict.selector
-    )
-    print(f"submit: {out / 'submission.json'} ({report})")
-
-
-def stage_score(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    """Score this run's submission.json on its held-out tasks (or --submission, see score_file)."""
-    from pipeline.data import load_solutions
-    from pipeline.splits import is_dev_split
-    from submissions.score import format_score, score_submission, write_score
-    from submissions.validate import read_submission_file
-
-    submission_path = Path(args.submission) if args.submission else out / "submission.json"
-    solutions_spec = args.solutions or cfg.data.eval_set
-    if not solutions_spec:
-        raise ConfigError("score: no --solutions given and the run's config has no data.eval_set")
-    submission = read_submission_file(submission_path)
-    if is_dev_split(solutions_spec):  # a dev split's answers are kept in the run's dataset
-        from augment.dataset import AugmentedDataset
-
-        solutions = {t.id: t.test_outputs for t in AugmentedDataset.load(out / "dataset").eval_tasks()}
-    else:
-        solutions = load_solutions(solutions_spec)
-    if not args.submission:  # scoring our own run: only the tasks that were held out
-        solutions = {k: v for k, v in solutions.items() if k in submission}
-    if not solutions:
-        raise InputFileError(solutions_spec, f"no solutions for any task of {submission_path}: nothing to score",
-                             "solutions")
-    if args.predictions and not Path(args.predictions).is_file():
-        raise InputFileError(args.predictions, "no such file", "--predictions")
-    predictions = _load_predictions(Path(args.predictions) if args.predictions else out / "predictions.npz")
-    report = score_submission(submission, solutions, predictions)
-    write_score(report, out)
-    print(format_score(report))
-    if not args.submission:
-        from pipeline.choose import choice_note
-
-        note = choice_note(out, solutions_spec)
-        if note:
-            print(f"score: {note}")
-    if predictions is not None and not args.submission and (out / "dataset" / "manifest.json").exists():
-        from augment.dataset import AugmentedDataset
-        from submissions.score import compare_selectors
-
-        tasks = [t for t in AugmentedDataset.load(out / "dataset").eval_tasks() if t.id in solutions]
-        print("selectors on the same candidates (pass@2 over test outputs / per task):")
-        for name, r in compare_selectors(predictions, tasks, solutions).items():
-            print(f"  {name:21} {r.kaggle_score:.4f} / {r.task_score:.4f}")
-
-
-def _load_predictions(path: Path):
-    from pipeline.predictions import Predictions
-
-    return Predictions.load(path) if path.exists() else None
-
-
-def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    from augment.dataset import AugmentedDataset
-    from submissions.report import write_report
-    from submissions.score import score_submission
-    from submissions.validate import read_submission_file
-
-    dataset = AugmentedDataset.load(out / "dataset")
-    tasks = dataset.eval_tasks()
-    submission = read_submission_file(out / "submission.json")
-    solutions = {t.id: t.test_outputs for t in tasks if t.test_outputs is not None}
-    predictions = _load_predictions(out / "predictions.npz")
-    score = score_submission(submission, solutions, predictions) if solutions else None
-    metrics = out / "metrics.jsonl"
-    write_report(out / "report.html", tasks, submission, solutions or None, score, metrics if metrics.exists() else None)
-    print(f"report: {out / 'report.html'}")
-
-
-def stage_export(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
-    """The weights prediction uses (EMA unless predict.use_ema=false) as a portable folder (pipeline.export)."""
-    if not _is_main_process():
-        return  # one writer
-    source, _ = _chosen_weights(cfg, out, args, "export")
-    folder = Path(args.export_dir) if args.export_dir else out / export.EXPORT_DIR
-    written = export.export_weights(source, folder, args.puzzle_rows, cfg.predict.use_ema, out / "dataset")
-    print(f"export: {source} -> {folder} ({written['weights']} weights, puzzle rows: {written['puzzle_rows']})")
-
-
-STAGE_FUNCS = {
-    "plan": stage_plan, "augment": stage_augment, "train": stage_train, "predict": stage_predict,
-    "submit": stage_submit, "score": stage_score, "report": stage_report, "export": stage_export,
-}
-
-
-def latest_or_fail(out: Path) -> Path:
-    from pipeline.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(out / "checkpoints")
-    if path is None:
-        raise RunFolderError(f"no checkpoint under {out / 'checkpoints'}: run --stage train first or pass --checkpoint")
-    return path
-
-
-def stage_done(stage: str, out: Path) -> bool:
-    """Whether a stage's artifact is already in the run folder (for --stage all)."""
-    from pipeline.checkpoint import latest_checkpoint, load_training_state
-
-    if stage == "augment":
-        return (out / "dataset" / "manifest.json").exists()
-    if stage == "train":
-        last = latest_checkpoint(out / "checkpoints")
-        return last is not None and bool(load_training_state(last, mmap=True).get("final"))
-    return (out / {"predict": "predictions.npz", "submit": "submission.json", "score": "score.json",
-                   "report": "report.html"}[stage]).exists()
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch set RANK; alone we are rank 0
-
-
-# ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="trm-arc" if Path(sys.argv[0]).name == "trm-arc" else "python -m pipeline.run",  # the installed command
         description="TRM-Att ARC pipeline. Stages: augment (load + augment tasks), train, predict (candidates for "
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
     )
-    p.add_argument("--stage", required=True, choices=STAGES + ("all", "plan", "export"),
+    p.add_argument("--stage", required=True, choices=(*STAGES, "all", "plan", "export"),
                    help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training; "
                    "export: the weights as a portable folder (model.safetensors + config.json)")
     p.add_argument("--preset", choices=PRESETS,
@@ -353,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pipeline.choose)")
     export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
-    p.add_argument("--selector", help="submit: how candidates are ranked (vote, q_weighted, ...)")
+    p.add_argument("--selector", help=f"submit: how candidates are ranked ({', '.join(get_args(Selector))})")
     p.add_argument("--submission", help="score: the submission file to score (score.json goes to --out, or beside it)")
     p.add_argument("--solutions", help="score: built-in set name or a Kaggle *_solutions.json")
     p.add_argument("--predictions", help="score: a predictions file, for the oracle figure")
@@ -365,13 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-FORCE_THIS = "(this stage)"
-
-
-def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
-    from pipeline.data import escape_spec
-
-    forced = []
+def _forced(args: argparse.Namespace) -> frozenset[str]:
+    forced = set()
     for name in args.force:
         if name == FORCE_THIS:
             name = STAGES[0] if args.stage == "all" else args.stage
@@ -379,60 +112,57 @@ def _normalise_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--force {name}: not a stage; choose one of {', '.join(STAGES)}")
         if args.stage not in ("all", name):
             raise ConfigError(f"--force {name} applies to --stage {name} or --stage all, not --stage {args.stage}")
-        forced.append(name)
-    args.forced = forced
-    if args.data:  # several --data, or one path holding a comma: one spec string
-        args.data = ",".join(escape_spec(d) if "," in d and Path(d).exists() else d for d in args.data)
-    return args
+        forced.add(name)
+    return frozenset(forced)
 
 
-def _set_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """apply_overrides, one at a time, so that every error names the key it is about (and the type expected)."""
-    for item in overrides:
-        try:
-            apply_overrides(cfg, [item])
-        except (ValueError, TypeError) as e:
-            key, _, value = item.partition("=")
-            if key and key in str(e):
-                raise ConfigError(str(e)) from None
-            raise ConfigError(f"--set {key}: expected {_setting_type(cfg, key)}, got {value!r}") from None
-    return cfg
+def _check_arguments(args: argparse.Namespace, forced: frozenset[str]) -> None:
+    """Arguments that contradict each other, or that no stage can use."""
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out: an empty path; give the run folder")
+    if args.resume:
+        if args.stage not in ("train", "all"):
+            raise ConfigError(f"--resume applies to --stage train (or all), not --stage {args.stage}")
+        if forced & {"augment", "train"}:
+            raise ConfigError(f"--resume continues this folder's training run and --force {min(forced)} starts it "
+                              "over: give one of them")
+        if args.init:
+            raise ConfigError("--resume continues this folder's training run and --init starts a new one from a "
+                              "checkpoint: give one of them")
 
 
-def _setting_type(cfg: RunConfig, key: str) -> str:
-    import typing
+def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None, forced: frozenset[str]) -> Request:
+    data_dir = runfolder.dataset_dir(out, marker)
+    if args.stage in ("train", "plan") and args.data:  # a dataset from elsewhere
+        if len(args.data) > 1:
+            raise ConfigError(f"--data at --stage {args.stage} is one augmented dataset folder, got {len(args.data)}")
+        data_dir = Path(args.data[0])
+        if not (data_dir / "manifest.json").is_file():
+            raise InputFileError(data_dir, "no augmented dataset here (no manifest.json)", "--data")
+    optional = lambda value: Path(value) if value else None  # noqa: E731
+    from pipeline.choose import is_best_spec
 
-    target: object = cfg
-    *sections, name = key.split(".")
-    for section in sections:
-        target = getattr(target, section)
-    kind = typing.get_type_hints(type(target)).get(name)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(kind, str(kind))
-
-
-# Settings whose value outside these bounds would only fail deep inside a stage, naming nothing.
-_AT_LEAST = {"global_batch_size": 1, "grad_accum_steps": 1, "log_every": 1, "keep_checkpoints": 0, "max_steps": 0,
-             "data.num_aug": 0, "data.canvas": 1, "data.max_side": 0, "data.max_tasks": 0,
-             "predict.batch_size": 1, "predict.max_variants": 0}
-
-
-def _check_ranges(cfg: RunConfig) -> None:
-    for key, low in _AT_LEAST.items():
-        target: object = cfg
-        for part in key.split("."):
-            target = getattr(target, part, None)
-        if isinstance(target, (int, float)) and target < low:
-            raise ConfigError(f"--set {key}: must be at least {low}, got {target}")
+    best = args.checkpoint if is_best_spec(args.checkpoint) else None
+    return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
+                   init=optional(args.init), checkpoint=None if best else optional(args.checkpoint), best=best,
+                   preset=args.preset or (marker or {}).get("preset"),
+                   submission=optional(args.submission), solutions=args.solutions,
+                   predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
+                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """The dedicated flags as key=value settings (dataset flags only where a dataset is built)."""
+    from pipeline.data import escape_spec
+
     builds = args.stage in ("augment", "all")
+    sources = None
+    if builds and args.data:  # several --data, or one path holding a comma: one spec string
+        sources = ",".join(escape_spec(d) if "," in d and Path(d).exists() else d for d in args.data)
     flags = {
         "data.eval_set": args.eval_set, "data.num_aug": args.num_aug, "data.canvas": args.canvas,
         "data.seed": args.seed if builds else None, "seed": args.seed,
-        "predict.max_variants": args.max_variants, "predict.selector": args.selector,
-        "data.sources": args.data if builds else None,
+        "predict.max_variants": args.max_variants, "predict.selector": args.selector, "data.sources": sources,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.strict:
@@ -440,11 +170,11 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _choose_preset(args: argparse.Namespace, marker: dict | None, out: Path) -> str:
+# ---------------------------------------------------------------------------------------------- the config
+def _choose_preset(args: argparse.Namespace, marker: dict | None, out: Path, forced: frozenset[str]) -> str:
     """The run folder's preset; a new folder takes --preset, which it must be given."""
-    rebuilding = "augment" in args.forced
-    if marker is not None and not rebuilding:
-        recorded = marker.get("preset")
+    if marker is not None and "augment" not in forced:
+        recorded = marker["preset"]
         if args.preset is not None and args.preset != recorded:
             raise ConfigError(f"run folder {out} was made with --preset {recorded}, this command gives --preset "
                               f"{args.preset}: use another --out, or --force augment to rebuild this folder")
@@ -457,89 +187,190 @@ def _choose_preset(args: argparse.Namespace, marker: dict | None, out: Path) -> 
     return args.preset
 
 
-def resolve_config(args: argparse.Namespace, out: Path, marker: dict | None = None) -> RunConfig:
-    """The preset (the run folder's own), the folder's dataset settings, config.json for stages after training,
-    then the flags and --set overrides; a dataset setting that contradicts the folder is an error."""
-    preset_name = _choose_preset(args, marker, out)
-    saved = out / "config.json"
-    if args.stage in ("predict", "submit", "score", "report", "export") and saved.exists():
-        from pipeline.io import read_json
+def _continues_run(req: Request) -> bool:
+    """Whether the command goes on with the training run in the folder (and so with its config.json)."""
+    if req.stage in RUN_STAGES:
+        return True
+    if req.stage == "train":
+        return req.resume
+    return req.stage == "all" and not req.forced & {"augment", "train"}
 
-        try:
-            cfg = from_dict(read_json(saved, "run config"))  # what training actually used
-        except (TypeError, KeyError, AttributeError) as e:
-            raise InputFileError(saved, f"not a run config of this pipeline ({e})", "run config") from None
-    else:
-        cfg = preset(preset_name)
-    rebuilding = "augment" in args.forced
-    if marker is not None and not rebuilding:
-        for key, value in (marker.get("data") or {}).items():
-            setattr(cfg.data, key, value)
-    _set_overrides(cfg, _flag_overrides(args) + args.set)
-    _check_ranges(cfg)
-    if marker is not None and not rebuilding:
-        conflicts = runfolder.data_conflicts(marker.get("data") or {}, dataclasses.asdict(cfg.data))
+
+def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) -> tuple[RunConfig, list[str]]:
+    """(config, notes to print). The base is the preset (the folder's own; --force augment may change it) with the
+    folder's dataset settings, or, for a command that continues the training run, the run's config.json; then the
+    flags and --set. Every setting is checked; one that contradicts the folder or the run is an error naming it."""
+    preset_name = _choose_preset(args, marker, req.out, req.forced)
+    saved = req.out / "config.json"
+    continuing = _continues_run(req) and saved.is_file()
+    cfg = from_dict(read_json(saved, "run config"), where=str(saved)) if continuing else preset(preset_name)
+    # what the folder was augmented with (kept by --force augment too, unless it changes the preset)
+    folder_data = marker["data"] if marker and preset_name == marker["preset"] else {}
+    for key, value in folder_data.items():
+        setattr(cfg.data, key, value)
+    before = copy.deepcopy(cfg)
+    given = settings.apply_settings(cfg, _flag_overrides(args) + args.set)
+
+    def origin(key: str) -> str:
+        if key in given:
+            return f"--set {key}"
+        if key.startswith("data.") and key[5:] in folder_data:
+            return f"{req.out / runfolder.MARKER}: {key}"
+        return f"{saved}: {key}" if continuing else f"preset {preset_name}: {key}"
+
+    check_config(cfg, world_size(), origin)
+    if req.stage in ("train", "all") and (problem := tracker_problem(cfg.log_with)):  # a missing tracker package
+        raise ConfigError(f"{origin('log_with')}: {problem}")
+    if marker is not None and "augment" not in req.forced:
+        conflicts = runfolder.data_conflicts(marker["data"], dataclasses.asdict(cfg.data))
         if conflicts:
             key, theirs, ours = conflicts[0]
-            raise ConfigError(f"run folder {out} was augmented with data.{key}={theirs!r}, this command asks for "
+            raise ConfigError(f"run folder {req.out} was augmented with data.{key}={theirs!r}, this command asks for "
                               f"data.{key}={ours!r}: use another --out, or --force augment to rebuild this folder")
-    return cfg
+    return cfg, _changes_to_the_run(before, cfg, saved) if continuing else []
 
 
-def _check_dataset_unchanged(out: Path, marker: dict | None) -> None:
-    """The dataset in the folder is the one augment built (not half of another build, not edited)."""
-    from pipeline.checkpoint import dataset_fingerprint
+def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path) -> list[str]:
+    """A command that continues a training run takes the run's settings; one given that differs is named, and
+    refused if the run could not continue with it."""
+    changed = changed_settings(saved, cfg)
+    for key, (old, new) in changed.items():
+        if run_defining(key):
+            raise ConfigError(f"{key}={new!r} on the command line: this run was trained with {key}={old!r} ({path}); "
+                              "it cannot continue with another value: --force train starts the run over, or use "
+                              "another --out")
+    if not changed:
+        return []
+    shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    return [f"{path.name}: the run's own settings, changed on the command line: {shown}"]
 
-    recorded = (marker or {}).get("dataset_fingerprint")
-    data_dir = out / "dataset"
-    if recorded and (data_dir / "manifest.json").exists() and dataset_fingerprint(data_dir) != recorded:
-        raise RunFolderError(f"{data_dir}: the dataset's files changed since augment built them (fingerprint "
-                             "differs from run.json); rebuild it with --force augment")
+
+# ---------------------------------------------------------------------------------------------- running
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except OSError as e:  # the environment, not a bug: said in one line, naming the file
+        if isinstance(e, PipelineError):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        if is_disk_full(e):
+            raise DiskFullError(e.errno, f"no space left on device{where}") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise InputFileError(e.filename or "?", e.strerror or str(e), "file") from e
+        raise
 
 
-def _run_stages(cfg: RunConfig, out: Path, args: argparse.Namespace, marker: dict | None) -> None:
-    if args.stage != "all":
-        if args.stage != "augment":
-            _check_dataset_unchanged(out, marker)
-        STAGE_FUNCS[args.stage](cfg, out, args)
-        if args.stage == "augment":
-            _record_dataset(out, args)
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    forced = _forced(args)
+    _check_arguments(args, forced)
+    if args.stage == "score" and args.submission:
+        return _score_file(args)
+    if not args.out and not args.preset:
+        raise ConfigError("say which run folder with --out (or --preset, for runs/PRESET)")
+    out = Path(args.out or f"runs/{args.preset}")
+    marker = runfolder.check_writable_folder(out)  # refuses a file or a foreign folder; touches nothing
+    if marker is None and args.stage not in ("augment", "all") and not (args.stage == "train" and args.data):
+        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
+                             "(or --stage all) first")
+    req = _request(args, out, marker, forced)
+    cfg, notes = resolve_config(args, req, marker)
+    if not is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
+        if args.stage in SHARED_STAGES or args.stage == "all":
+            _run_stages(cfg, req, marker)
+        return 0
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with runfolder.RunLock(out):
+        now = runfolder.check_writable_folder(out)  # again, under the lock: another command may have claimed it
+        if now != marker:
+            marker = now
+            req = _request(args, out, marker, forced)
+            cfg, notes = resolve_config(args, req, marker)
+        for note in notes:
+            print(note)
+        new_folder = marker is None
+        try:
+            marker = _claim(args, req, cfg, marker)
+            _run_stages(cfg, req, marker)
+        except BaseException:
+            if new_folder:
+                runfolder.undo_new_folder(out, created)
+            raise
+    return 0
+
+
+def _claim(args: argparse.Namespace, req: Request, cfg: RunConfig, marker: dict | None) -> dict[str, Any]:
+    """The marker this command works under: a new folder's is written at once (claiming it); a rebuilt folder's
+    is written by augment once the new dataset is complete; training on a dataset from elsewhere records it."""
+    if marker is None or "augment" in req.forced:
+        pending = runfolder.new_marker(_choose_preset(args, marker, req.out, req.forced),
+                                       dataclasses.asdict(cfg.data))
+        if args.stage == "train" and args.data:  # its dataset settings are that dataset's
+            pending = runfolder.adopt_dataset(req.out, {**pending, "data": {}}, req.data_dir)
+        if marker is None:
+            runfolder.write_marker(req.out, pending)
+        return pending
+    if args.stage == "train" and args.data:
+        adopted = runfolder.adopt_dataset(req.out, marker, req.data_dir)
+        if adopted != marker:
+            runfolder.write_marker(req.out, adopted)
+        return adopted
+    return marker
+
+
+def _run_stages(cfg: RunConfig, req: Request, marker: dict | None) -> None:
+    if req.stage != "all":
+        if req.stage != "augment":
+            runfolder.check_dataset_unchanged(req.out, marker)
+        STAGE_FUNCS[req.stage](cfg, req)
+        if req.stage == "augment":
+            runfolder.record_dataset(req.out, marker)
         return
-    forced = min((STAGES.index(s) for s in args.forced), default=len(STAGES))
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun / accelerate launch: only train and predict are shared
+    first_forced = min((STAGES.index(s) for s in req.forced), default=len(STAGES))
+    main = is_main_process()
+    say = print if main else (lambda *a, **k: None)
     for i, stage in enumerate(STAGES):
-        if rank != 0 and stage not in ("train", "predict"):
-            while stage == "augment" and not stage_done("augment", out):
-                time.sleep(1)  # rank 0 builds the dataset
+        redo = i >= first_forced
+        if stage == "augment":
+            if main:
+                _augment_unless_done(cfg, req, marker, redo)
+            job_barrier()  # every process reads the dataset rank 0 leaves, never the one it replaces
+            marker = runfolder.read_marker(req.out)
+            req = dataclasses.replace(req, data_dir=runfolder.dataset_dir(req.out, marker))
             continue
-        if i < forced and stage_done(stage, out):
-            if stage == "augment":
-                _check_dataset_unchanged(out, runfolder.read_marker(out))
-            print(f"[{stage}] already done in {out}, skipping")
+        if not main and stage not in SHARED_STAGES:
             continue
-        print(f"[{stage}]")
+        if not redo and stage_done(stage, req):
+            say(f"[{stage}] already done in {req.out}, skipping")
+            continue
+        if stage == "score" and not req.solutions and not run_solutions(req):
+            say(f"[score] skipped: the held-out tasks have no known solutions (data.eval_set="
+                f"{cfg.data.eval_set!r}); --stage score --solutions FILE scores them later")
+            continue
+        say(f"[{stage}]")
+        stage_req = req
         if stage == "train":
-            if (out / "checkpoints").exists() and i < forced:
-                args.resume = True  # an unfinished training run continues where it stopped
-            elif i >= forced:
-                args.forced = [*args.forced, "train"]  # redoing training replaces the old checkpoints
-        STAGE_FUNCS[stage](cfg, out, args)
-        if stage == "augment" and rank == 0:
-            _record_dataset(out, args)
+            if redo:  # redoing training replaces the old checkpoints
+                stage_req = dataclasses.replace(req, forced=req.forced | {"train"})
+            elif (req.out / "checkpoints").exists():  # an unfinished training run continues where it stopped
+                stage_req = dataclasses.replace(req, resume=True)
+        STAGE_FUNCS[stage](cfg, stage_req)
 
 
-def _record_dataset(out: Path, args: argparse.Namespace) -> None:
-    """After augment: run.json gets the dataset's fingerprint (and, after --force augment, the new settings)."""
-    from pipeline.checkpoint import dataset_fingerprint
+def _augment_unless_done(cfg: RunConfig, req: Request, marker: dict | None, redo: bool) -> None:
+    if not redo and stage_done("augment", req):
+        runfolder.check_dataset_unchanged(req.out, marker)
+        print(f"[augment] already done in {req.out}, skipping")
+        return
+    print("[augment]")
+    stage_augment(cfg, req)
+    runfolder.record_dataset(req.out, marker)
 
-    marker = getattr(args, "pending_marker", None) or runfolder.read_marker(out)
-    marker["dataset_fingerprint"] = dataset_fingerprint(out / "dataset")
-    runfolder.write_marker(out, marker)
 
-
-def score_file(args: argparse.Namespace) -> int:
-    """`--stage score --submission FILE`: any submission against any solutions. score.json and
-    score_per_task.csv go to --out when given (a new, empty or run folder), else beside the submission."""
+def _score_file(args: argparse.Namespace) -> int:
+    """`--stage score --submission FILE`: score.json and score_per_task.csv go to --out when given (a new, empty
+    or run folder), else beside the submission."""
     from submissions.score import SCORE_FILES
 
     submission = Path(args.submission)
@@ -556,75 +387,14 @@ def score_file(args: argparse.Namespace) -> int:
     if not args.solutions and marker is None:
         raise ConfigError("score: --solutions is needed to score a submission file (a built-in set or a "
                           "*_solutions.json)")
-    cfg = preset("demo")  # only its empty slots are used: everything comes from the flags
-    if marker is not None:
-        cfg.data.eval_set = (marker.get("data") or {}).get("eval_set", "")
-    with runfolder.RunLock(out) if marker is not None else contextlib.nullcontext():
-        stage_score(cfg, out, args)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _normalise_args(build_parser().parse_args(argv))
-    if args.stage == "score" and args.submission:
-        return score_file(args)
-    if not args.out and not args.preset:
-        raise ConfigError("say which run folder with --out (or --preset, for runs/PRESET)")
-    out = Path(args.out or f"runs/{args.preset}")
-    marker = runfolder.check_writable_folder(out)  # refuses a file or a foreign folder; touches nothing
-    if marker is None and args.stage not in ("augment", "all") and not (args.stage == "train" and args.data):
-        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
-                             "(or --stage all) first")
-    cfg = resolve_config(args, out, marker)
-    if args.stage in ("train", "all"):
-        tracker_names(cfg.log_with)  # a missing tracker package stops the command before any work
-    if not _is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
-        _run_stages(cfg, out, args, marker)
+    req = _request(args, out, marker, frozenset())
+    eval_set = (marker or {}).get("data", {}).get("eval_set", "")
+    if marker is None:
+        score_file(req, eval_set)
         return 0
-    created = not out.exists()
-    new_folder = marker is None
-    out.mkdir(parents=True, exist_ok=True)
-    lock = runfolder.RunLock(out).acquire()
-    try:
-        if new_folder or "augment" in args.forced:
-            pending = runfolder.new_marker(_choose_preset(args, marker, out), dataclasses.asdict(cfg.data))
-            if args.stage == "train" and args.data:
-                pending["data"] = {}  # trained on a dataset from elsewhere: its settings are that dataset's
-            if new_folder:  # claims the folder at once; a rebuilt folder keeps its old marker until augment is done
-                runfolder.write_marker(out, pending)
-            args.pending_marker = marker = pending
-        _run_stages(cfg, out, args, marker)
-    except BaseException as e:
-        if new_folder:
-            _undo_new_folder(out, created)
-        if isinstance(e, OSError) and is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, f"no space left on device while writing in {out}"
-                                + (f" ({e.filename})" if e.filename else "")) from e
-        raise
-    finally:
-        lock.release()
+    with runfolder.RunLock(out):
+        score_file(req, eval_set)
     return 0
-
-
-def _undo_new_folder(out: Path, created: bool) -> None:
-    """A command that failed in a new folder before a dataset was complete leaves no trace: the folder was empty
-    when it was claimed (and locked), so what is in it now is this command's half-built work. Checkpoints are
-    never removed (a training run on a dataset from elsewhere keeps what it saved)."""
-    import shutil
-
-    names = runfolder.visible_entries(out)
-    marker = runfolder.read_marker(out) if runfolder.MARKER in names else None
-    if "checkpoints" in names or (marker is not None and marker.get("dataset_fingerprint")):
-        return
-    for name in names:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if created:
-        (out / runfolder.LOCK).unlink(missing_ok=True)
-        try:
-            out.rmdir()
-        except OSError:
-            pass  # something else is in it now: leave it
 
 
 def _one_line(text: str) -> str:
@@ -632,22 +402,14 @@ def _one_line(text: str) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main() for the shell: an expected failure (bad input, a busy or foreign run folder, an unreadable
-    checkpoint, a full disk) is one `error:` line and exit status 2; anything else is a bug and keeps its
-    traceback."""
+    """main() for the shell: an expected failure (a PipelineError: bad input, a busy or foreign run folder, an
+    unreadable checkpoint, a full disk, a diverged training run) is one `error:` line and exit status 2; anything
+    else is a bug and keeps its traceback."""
     try:
         return main(argv)
     except PipelineError as e:
-        message = str(e)
-    except (FileNotFoundError, ValueError) as e:  # other modules' checks of input and settings
-        message = str(e)
-    except OSError as e:
-        if is_disk_full(e):
-            message = f"no space left on device{f' while writing {e.filename}' if e.filename else ''}"
-        else:
-            message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
-    print(f"error: {_one_line(message)}", file=sys.stderr)
-    return 2
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ so a killed run never leaves the folder locked. While holding it, temp files of 
 
 A folder that holds visible files but no marker is not ours: no stage writes into it (it might be anything,
 e.g. a home directory given to --out by mistake).
+
+The folder's dataset is `dataset/`, or, for a run trained with `--stage train --data D`, the folder D recorded in
+the marker (`dataset_dir`). A rebuilt dataset is written beside the old one and swapped in as one unit
+(replace_dataset): a failure or a kill at any point leaves the old dataset whole, and the marker records the new
+one's fingerprint only once it is complete. Training only writes over its own checkpoints (check_training).
 """
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pipeline.errors import RunFolderError
+from pipeline.errors import CheckpointError, RunFolderError
 from pipeline.io import atomic_write_json, is_disk_full, remove_stale_temp_files
 
 MARKER = "run.json"
@@ -34,22 +41,52 @@ FORMAT = "trm-arc-run/1"
 DATASET_KEYS = ("sources", "eval_set", "num_aug", "canvas", "max_side", "max_tasks", "skip_invalid", "seed")
 # Folders a killed atomic write may have left temp files in.
 _WRITE_DIRS = (".", "dataset", "checkpoints", "checkpoints/evaluated")
+DATASET, NEW_DATASET, OLD_DATASET = "dataset", ".dataset.new", ".dataset.old"  # the last two only during a swap
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The folder's run.json, or None when there is none. A broken marker is an error (never guessed around)."""
+    """The folder's run.json, checked, or None when there is none. A broken marker is an error (never guessed
+    around)."""
     path = Path(folder) / MARKER
     if not path.is_file():
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise RunFolderError(f"run folder {folder}: {MARKER} is unreadable ({e}); it is not safe to guess what "
-                             "this folder holds") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunFolderError(f"run folder {folder}: {MARKER} is unreadable ({str(e)[:120]}); it is not safe to guess "
+                             "what this folder holds") from None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise RunFolderError(f"run folder {folder}: {MARKER} is not a marker of this pipeline "
                              f"(expected format {FORMAT!r})")
+    problem = _marker_problem(marker)
+    if problem:
+        raise RunFolderError(f"run folder {folder}: {MARKER} {problem}; it is not safe to guess what this folder "
+                             "holds")
     return marker
+
+
+def _marker_problem(marker: dict[str, Any]) -> str | None:
+    from pipeline import settings
+    from pipeline.config import PRESETS, DataConfig
+
+    if marker.get("preset") not in PRESETS:
+        return f"names an unknown preset {marker.get('preset')!r} (known: {', '.join(PRESETS)})"
+    data = marker.get("data")
+    if not isinstance(data, dict):
+        return f"has 'data' {type(data).__name__}, not an object of dataset settings"
+    hints = settings.field_hints(DataConfig)
+    for key, value in data.items():
+        if key not in DATASET_KEYS:
+            return f"has an unknown dataset setting data.{key}"
+        problem = settings.value_problem(value, hints[key])
+        if problem:
+            return f"data.{key}: {problem}"
+    fingerprint = marker.get("dataset_fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{64}", fingerprint)):
+        return "has a dataset_fingerprint that is not a sha256 hex digest"
+    if not isinstance(marker.get("dataset_dir", ""), str):
+        return "has a dataset_dir that is not a path"
+    return None
 
 
 def write_marker(folder: Path, marker: dict[str, Any]) -> None:
@@ -127,6 +164,7 @@ class RunLock:
         self._fd = fd
         for sub in _WRITE_DIRS:
             remove_stale_temp_files(self.folder / sub)
+        _recover_dataset_swap(self.folder)
         return self
 
     def release(self) -> None:
@@ -144,3 +182,159 @@ class RunLock:
 def data_conflicts(recorded: dict[str, Any], data: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, value in the run folder, value asked for) for every dataset setting that differs."""
     return [(k, recorded[k], data.get(k)) for k in DATASET_KEYS if k in recorded and recorded[k] != data.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+def dataset_dir(folder: Path, marker: dict[str, Any] | None) -> Path:
+    """Where the run's dataset is: its own `dataset/`, or the folder training was given with --data."""
+    recorded = (marker or {}).get("dataset_dir")
+    return Path(recorded) if recorded else Path(folder) / DATASET
+
+
+def adopt_dataset(folder: Path, marker: dict[str, Any], data: Path) -> dict[str, Any]:
+    """The marker of a run that trains on the dataset `data` from elsewhere (`--stage train --data`): recorded
+    once, with its fingerprint; a folder that already has a dataset keeps it (training on another one is refused)."""
+    from pipeline.checkpoint import dataset_fingerprint
+
+    fingerprint = dataset_fingerprint(data)
+    current = dataset_dir(folder, marker)
+    has_own = marker.get("dataset_fingerprint") is not None
+    if has_own and fingerprint != marker["dataset_fingerprint"]:
+        raise RunFolderError(f"--data {data}: run folder {folder} already has its dataset ({current}); a run folder "
+                             "trains on one dataset: use another --out")
+    if has_own and marker.get("dataset_dir") is None:
+        return marker  # the folder's own dataset, named by another path
+    return {**marker, "dataset_dir": str(data.resolve()), "dataset_fingerprint": fingerprint}
+
+
+def check_dataset_unchanged(folder: Path, marker: dict[str, Any] | None) -> None:
+    """The dataset is the one augment built (not half of another build, not edited since)."""
+    from pipeline.checkpoint import dataset_fingerprint
+
+    recorded = (marker or {}).get("dataset_fingerprint")
+    data = dataset_dir(folder, marker)
+    if recorded and (data / "manifest.json").exists() and dataset_fingerprint(data) != recorded:
+        raise RunFolderError(f"{data}: the dataset's files changed since augment built them (fingerprint differs "
+                             "from run.json); rebuild it with --force augment")
+
+
+def replace_dataset(folder: Path, save: Callable[[Path], None]) -> None:
+    """Write a dataset beside the current one (`save(path)`), then swap it in. A failure while writing (a full
+    disk) leaves the old dataset untouched; the old one is kept until record_dataset has recorded the new one."""
+    folder = Path(folder)
+    new, old, current = folder / NEW_DATASET, folder / OLD_DATASET, folder / DATASET
+    _remove(new)
+    try:
+        save(new)
+    except BaseException:
+        _remove(new)
+        raise
+    _remove(old)
+    if current.exists():
+        os.replace(current, old)
+    os.replace(new, current)
+
+
+def record_dataset(folder: Path, marker: dict[str, Any]) -> None:
+    """After augment: run.json gets the new dataset's fingerprint (and, after --force augment, the new settings);
+    only then is the dataset it replaced removed."""
+    from pipeline.checkpoint import dataset_fingerprint
+
+    write_marker(folder, {**marker, "dataset_fingerprint": dataset_fingerprint(Path(folder) / DATASET)})
+    _remove(Path(folder) / OLD_DATASET)
+
+
+def _recover_dataset_swap(folder: Path) -> None:
+    """After a kill during replace_dataset: keep whichever dataset run.json describes (called under the lock)."""
+    new, old, current = folder / NEW_DATASET, folder / OLD_DATASET, folder / DATASET
+    _remove(new)  # a build that never finished
+    if not old.exists():
+        return
+    if not current.exists():  # killed between the two renames
+        os.replace(old, current)
+        return
+    from pipeline.checkpoint import dataset_fingerprint
+
+    try:
+        recorded = (read_marker(folder) or {}).get("dataset_fingerprint")
+        swapped_in = recorded is not None and dataset_fingerprint(current) != recorded
+    except (RunFolderError, CheckpointError):
+        swapped_in = True  # the new dataset is unreadable: the old one is the one to keep
+    if swapped_in:  # killed before run.json recorded the new dataset: the old one is still the run's
+        _remove(current)
+        os.replace(old, current)
+    else:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def check_checkpoint(path: Path, data_dir: Path, resumable: bool = False) -> dict[str, Any]:
+    """A checkpoint may be resumed or predicted with only on the dataset it was trained on (its fingerprint);
+    returns its saved config."""
+    from augment.dataset import read_manifest
+    from pipeline import checkpoint as ckpt
+
+    rows = int(read_manifest(data_dir)["num_variants"]) + 1
+    return ckpt.check_checkpoint_dataset(path, ckpt.dataset_fingerprint(data_dir), rows, data_dir, resumable=resumable)
+
+
+def resumable_checkpoint(folder: Path, data_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """--resume: the folder's latest checkpoint (and its contents), which must be resumable and of this dataset."""
+    from pipeline import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(Path(folder) / "checkpoints")
+    if latest is None:
+        raise RunFolderError(f"--resume: no checkpoint under {Path(folder) / 'checkpoints'} to continue from; "
+                             "run without --resume to start training")
+    return latest, check_checkpoint(latest, data_dir, resumable=True)
+
+
+def previous_training(folder: Path, force: bool) -> list[Path]:
+    """Training writes only over its own checkpoints: another run's are refused unless `force`; then they are
+    returned, for clear_training to remove once everything else has been checked."""
+    from pipeline import checkpoint as ckpt
+
+    existing = ckpt.list_checkpoints(Path(folder) / "checkpoints")
+    if existing and not force:
+        raise RunFolderError(
+            f"run folder {folder} already holds checkpoints of a training run (latest {existing[-1].name}): "
+            "--resume continues it, --force train discards them and starts over")
+    if not existing:
+        return []
+    return existing + ckpt.list_checkpoints(Path(folder) / "checkpoints" / "evaluated")
+
+
+def clear_training(folder: Path, checkpoints: list[Path]) -> None:
+    """--force train, after every check passed: the previous run's checkpoints and log go."""
+    if not checkpoints:
+        return
+    for path in checkpoints:
+        path.unlink(missing_ok=True)
+    (Path(folder) / "metrics.jsonl").unlink(missing_ok=True)
+    print(f"train: --force: {len(checkpoints)} checkpoints of the previous training run removed")
+
+
+def undo_new_folder(folder: Path, created: bool) -> None:
+    """A command that failed in a new folder before a dataset was complete leaves no trace: the folder was empty
+    when it was claimed (and locked), so what is in it now is this command's half-built work. Checkpoints are
+    never removed (a training run on a dataset from elsewhere keeps what it saved)."""
+    names = visible_entries(folder)
+    marker = read_marker(folder) if MARKER in names else None
+    if "checkpoints" in names or (marker is not None and marker.get("dataset_fingerprint") and
+                                  not marker.get("dataset_dir")):
+        return
+    for name in names:
+        _remove(Path(folder) / name)
+    if created:
+        (Path(folder) / LOCK).unlink(missing_ok=True)
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            pass  # something else is in it now: leave it

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from pipeline.data import Task
+from pipeline.errors import ConfigError
 
 DEV_PREFIX = "dev:"
 
@@ -30,7 +31,7 @@ def dev_every(eval_set: str) -> int:
     except ValueError:
         every = 0
     if every < 2:
-        raise ValueError(f"eval set {eval_set!r}: a dev split is 'dev:K' with an integer K >= 2 (every K-th task "
+        raise ConfigError(f"data.eval_set {eval_set!r}: a dev split is 'dev:K' with an integer K >= 2 (every K-th task "
                          f"by sorted id is held out)")
     return every
 

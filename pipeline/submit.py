@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.data import Task
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_write_json
 from pipeline.predictions import Predictions
 from pipeline.vote import SELECTORS
@@ -19,7 +20,7 @@ def submit(
 ) -> SubmissionReport:
     """Vote, build, validate and atomically write `out_path`; a report of fallbacks goes beside it."""
     if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+        raise ConfigError(f"predict.selector: unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
     ranked = SELECTORS[selector](predictions, top_k=2)
     submission, report = build_submission(tasks, ranked)
     problems = validate_submission(submission, tasks)
@@ -29,13 +30,3 @@ def submit(
     write_submission(out_path, submission)
     atomic_write_json(out_path.with_name(out_path.stem + "_report.json"), {"selector": selector, **asdict(report)})
     return report
-
-
-def submit_from_predictions(
-    dataset_dir: str | Path, predictions_path: str | Path, out_path: str | Path, selector: str = "vote"
-) -> str:
-    from augment.dataset import AugmentedDataset
-
-    tasks = AugmentedDataset.load(dataset_dir).eval_tasks()
-    report = submit(tasks, Predictions.load(predictions_path), out_path, selector)
-    return report.summary()

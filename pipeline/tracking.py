@@ -23,18 +23,27 @@ TRACKERS = ("tensorboard", "wandb")  # each one's Python module and pip extra ar
 TENSORBOARD_DIR = "tensorboard"
 
 
-def tracker_names(log_with: str) -> list[str]:
-    """The trackers a `log_with` setting asks for; an unknown or uninstalled one is a ConfigError naming the
-    extra to install (Accelerate itself would silently drop a tracker whose package is missing)."""
-    names = list(dict.fromkeys(n.strip() for n in log_with.split(",") if n.strip()))
-    for name in names:
+def tracker_problem(log_with: str, installed: bool = True) -> str | None:
+    """Why a `log_with` setting cannot be used (an unknown tracker; with `installed`, one whose package is missing,
+    naming the extra to install: Accelerate itself would silently drop it); None when it can."""
+    for name in _names(log_with):
         if name not in TRACKERS:
-            raise ConfigError(f"--set log_with={log_with}: unknown tracker {name!r}; choose {' or '.join(TRACKERS)} "
-                              "(comma-separated for both)")
-        if importlib.util.find_spec(name) is None:
-            raise ConfigError(f"--set log_with={log_with}: the {name} package is not installed; install the extra: "
-                              f"pip install 'trm-arc[{name}]'")
-    return names
+            return f"unknown tracker {name!r} in {log_with!r}; choose {' or '.join(TRACKERS)} (comma-separated for both)"
+        if installed and importlib.util.find_spec(name) is None:
+            return f"the {name} package is not installed; install the extra: pip install 'trm-arc[{name}]'"
+    return None
+
+
+def tracker_names(log_with: str) -> list[str]:
+    """The trackers a `log_with` setting asks for; one that cannot be used is a ConfigError (tracker_problem)."""
+    problem = tracker_problem(log_with)
+    if problem:
+        raise ConfigError(f"log_with: {problem}")
+    return _names(log_with)
+
+
+def _names(log_with: str) -> list[str]:
+    return list(dict.fromkeys(n.strip() for n in log_with.split(",") if n.strip()))
 
 
 def accelerator_settings(log_with: str, out_dir: Path | None) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def start_trackers(accelerator: Any, config: dict[str, Any], out_dir: Path, proj
     except Exception as e:  # noqa: BLE001 - a tracker library failing to start (no login, no network) is the user's to fix
         reason = " ".join(str(e).split())[:200]
         hint = "; without network set WANDB_MODE=offline (and `wandb sync` the run later)" if "wandb" in names else ""
-        raise ConfigError(f"--set log_with={','.join(names)}: a tracker did not start ({type(e).__name__}: "
+        raise ConfigError(f"log_with: a tracker of {','.join(names)} did not start ({type(e).__name__}: "
                           f"{reason}){hint}") from e
 
 

@@ -36,6 +36,7 @@ from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_red
                                   gather_rows_to_main)
 from pipeline.compute import depth_at, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
@@ -50,8 +51,8 @@ EVALUATED_DIR = "evaluated"  # checkpoints/evaluated/step_N.pt: the weights of e
 Evaluator = Callable[["TRM", "Runtime"], "dict[str, Any] | None"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(PipelineError, RuntimeError):
+    """Training diverged (an expected failure of a bad setting, e.g. too high a learning rate): one error line."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -457,7 +458,7 @@ def train(
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     if cfg.global_batch_size % (rt.world * cfg.grad_accum_steps):
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size {cfg.global_batch_size} must divide by processes × grad_accum_steps "
             f"({rt.world} × {cfg.grad_accum_steps})"
         )

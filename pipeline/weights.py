@@ -13,6 +13,7 @@ checkpoints, the reference's), are pipeline.checkpoint's business.
 """
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from pipeline.errors import CheckpointError, InputFileError
-from pipeline.io import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.io import atomic_write_together, read_json
 
 FORMAT = "trm-arc-weights/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,15 +42,16 @@ def is_weights_folder(path: str | Path) -> bool:
 
 
 def write_weights_folder(folder: str | Path, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
-    """Write model.safetensors, then config.json (each atomically; config.json last, so that a folder with a
-    config always has its weights)."""
+    """Write model.safetensors and config.json as one unit: both are written in full before either replaces an
+    earlier export's (a full disk leaves the earlier export whole, never its config beside new weights)."""
     from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    atomic_write_bytes(folder / WEIGHTS_FILE, save(plain, metadata={"format": "pt", "trm_arc": FORMAT}))
-    atomic_write_json(folder / CONFIG_FILE, {"format": FORMAT, "pipeline_version": pipeline_version(), **config})
+    described = {"format": FORMAT, "pipeline_version": pipeline_version(), **config}
+    atomic_write_together({folder / WEIGHTS_FILE: save(plain, metadata={"format": "pt", "trm_arc": FORMAT}),
+                           folder / CONFIG_FILE: (json.dumps(described, indent=1) + "\n").encode()})
 
 
 def read_weights_config(path: str | Path) -> dict[str, Any]:

@@ -48,18 +48,22 @@ HEADLINE = (
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
-    """The rows of a metrics.jsonl file (a JSON object with a numeric "step" each), and how many lines could not be
-    used: a run killed mid-write leaves a broken last line, which is skipped and counted rather than fatal."""
+    """The rows of a metrics.jsonl file (a JSON object with a finite numeric "step" each), and how many lines could
+    not be used. The file is a log, read forgivingly: a line that is not such a row (a run killed mid-write leaves
+    a torn last line; bytes that are not UTF-8, nesting too deep for the parser, a number too big for a float) is
+    skipped and counted, never fatal."""
     rows, skipped = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-                float(record["step"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                skipped += 1
+                record = json.loads(raw.decode("utf-8"))
+                numbers = [record["step"], *(v for v in record.values() if isinstance(v, int))]
+                if not all(math.isfinite(float(n)) for n in numbers):  # (a 401-digit integer: OverflowError)
+                    raise ValueError("a step that is not a finite number")
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
+                skipped += 1  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
                 continue
             rows.append(record)
     return rows, skipped

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.run import STAGES, build_parser, main
 from submissions.validate import validate_submission
@@ -136,6 +137,92 @@ def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
             _sys.argv = old
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+
+
+def test_a_folder_claimed_while_a_command_starts_is_checked_not_overwritten(tmp_path: Path, monkeypatch, capsys):
+    """The marker race: run.json is read before the lock and again under it; a command that claimed the folder in
+    between (another preset) makes this one stop with the conflict, its marker untouched."""
+    from pipeline import runfolder
+    from pipeline.run import cli
+
+    out = tmp_path / "run"
+    claimed = runfolder.new_marker("arc1", {"num_aug": 1000})
+    real_acquire = runfolder.RunLock.acquire
+
+    def acquire_after_another_command(self):
+        if not (self.folder / runfolder.MARKER).exists():
+            runfolder.write_marker(self.folder, claimed)  # the other command, between our check and our lock
+        return real_acquire(self)
+
+    monkeypatch.setattr(runfolder.RunLock, "acquire", acquire_after_another_command)
+    assert cli(["--stage", "augment", "--out", str(out), *SMALL]) == 2
+    assert "made with --preset arc1" in capsys.readouterr().err
+    assert json.loads((out / runfolder.MARKER).read_text()) == claimed
+
+
+def _torchrun(args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    from tiny import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "pipeline.run", *args]
+    return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_force_augment_under_torchrun_trains_every_rank_on_the_new_dataset(base_run: Path, tmp_path: Path):
+    """Rank 0 rebuilds the dataset (canvas 6 -> 5, num_aug 2 -> 3) while rank 1 waits for it: both train, evaluate
+    and predict on the new one (every held-out view predicted once), and the checkpoints carry its fingerprint. (A
+    rank that built its evaluator from the old dataset would feed 6x6 canvases to a 5x5 model.)"""
+    import shutil
+
+    from augment.dataset import AugmentedDataset
+    from pipeline.checkpoint import dataset_fingerprint, latest_checkpoint
+    from pipeline.predictions import Predictions
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    done = _torchrun(["--stage", "all", "--force", "augment", "--out", str(run), "--quiet", "--num-aug", "3",
+                      "--canvas", "5", "--set", "data.max_side=5",
+                      *tiny_overrides(max_steps=4, checkpoint_every=2), "--set", "predict.max_variants=0"],
+                     Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    dataset = AugmentedDataset.load(run / "dataset")
+    assert dataset.manifest["num_aug"] == 3 and dataset.canvas == 5 and dataset.num_test_inputs > 0
+    state = torch.load(latest_checkpoint(run / "checkpoints"), weights_only=True, mmap=True)
+    assert state["dataset_fingerprint"] == dataset_fingerprint(run / "dataset")
+    assert state["config"]["model"]["num_puzzle_identifiers"] == dataset.num_puzzle_identifiers
+    predictions = Predictions.load(run / "predictions.npz")
+    rows = dataset.test_rows()
+    assert len(predictions) == len(rows["variant"])
+    assert sorted(predictions.variant.tolist()) == sorted(rows["variant"].tolist())
+
+
+def test_under_torchrun_only_rank_0_does_folder_work(base_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    done = _torchrun(["--stage", "submit", "--out", str(run), "--quiet"], Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("submit: ") == 1
+
+
+def test_a_run_trained_on_a_dataset_from_elsewhere_predicts_with_it(base_run: Path, tmp_path: Path, capsys):
+    """`--stage train --data D` records D (and its fingerprint) in run.json; predict, submit, score and report
+    read D."""
+    out = tmp_path / "run"
+    assert main(["--stage", "train", "--preset", "demo", "--data", str(base_run / "dataset"), "--out", str(out),
+                 "--quiet", *tiny_overrides(max_steps=2), "--set", "predict.max_variants=2"]) == 0
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["dataset_dir"] == str((base_run / "dataset").resolve()) and marker["dataset_fingerprint"]
+    for stage in ("predict", "submit", "score", "report"):
+        assert main(["--stage", stage, "--out", str(out), "--quiet"]) == 0, stage
+    assert not (out / "dataset").exists() and (out / "report.html").exists()
+    assert "tasks" in capsys.readouterr().out
 
 
 def test_the_installed_trm_arc_command_is_the_module_form(monkeypatch):

@@ -14,6 +14,7 @@ from augment.dataset import (
 from augment.transforms import Augmentation
 from pipeline.data import Task, load_tasks
 from pipeline.encoding import encode_pair
+from pipeline.errors import InputFileError
 
 G = lambda rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 
@@ -220,7 +221,7 @@ def test_save_load_round_trip(tmp_path: Path, arc_tasks):
         np.testing.assert_array_equal(back.encode_train_examples(ks)[key], value)
     # a folder without its manifest is an unfinished build
     (tmp_path / "ds" / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(InputFileError, match="manifest.json.*no augmented dataset"):
         AugmentedDataset.load(tmp_path / "ds")
 
 

@@ -65,7 +65,7 @@ def test_missing_tracker_package_stops_the_command_with_one_error_line(tiny_data
                 "--quiet", "--set", "log_with=tensorboard"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: --set log_with=tensorboard") and "trm-arc[tensorboard]" in err[0]
+    assert err[0].startswith("error: --set log_with: the tensorboard package") and "trm-arc[tensorboard]" in err[0]
     assert not (tmp_path / "run").exists()
 
 
