@@ -30,6 +30,15 @@ class DataConfig:
     # "reference" = one fixed offset per example, one example per variant untranslated; "per_draw" = a fresh
     # offset at every draw; "none" = all at (0, 0)
     translation: str = "reference"
+    # canvas buckets (pipeline.canvas, docs/BUCKETS.md): "" = every example on the whole canvas (the reference's
+    # computation); or ascending square sides, e.g. "12,16,20,24,30" (PAPER_BUCKETS): each training pair and test
+    # input is computed on the smallest that holds it, cells at their canvas positions (the canvas is always the
+    # last bucket). A compute setting: the dataset and the weights are the same either way.
+    canvas_buckets: str = ""
+
+
+# The buckets measured on the arc1/arc2 data (docs/BUCKETS.md): 0.32 / 0.36 of the full canvas's tokens per example.
+PAPER_BUCKETS = "12,16,20,24,30"
 
 
 @dataclass

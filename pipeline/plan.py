@@ -20,20 +20,7 @@ import torch
 from augment.dataset import AugmentedDataset
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
-from pipeline.model import ModelConfig, swiglu_width
-
-
-def model_flops_per_row_step(m: ModelConfig) -> float:
-    """Matmul FLOPs of one ACT step of one row, forward + backward (backward = 2 × forward of the grad cycle).
-
-    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
-    D, S = m.hidden_size, m.seq_len + m.puzzle_len
-    inter = swiglu_width(D, m.expansion)
-    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
-    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
-    grad_blocks = (m.L_cycles + 1) * m.num_layers
-    heads = 2 * m.seq_len * D * m.vocab_size
-    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
+from pipeline.model import model_flops_per_row_step  # noqa: F401 - re-exported (it lived here before)
 
 
 def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:

@@ -369,6 +369,12 @@ _AT_LEAST = {"global_batch_size": 1, "grad_accum_steps": 1, "log_every": 1, "kee
 
 
 def _check_ranges(cfg: RunConfig) -> None:
+    from pipeline.canvas import parse_buckets
+
+    try:
+        parse_buckets(cfg.data.canvas_buckets, cfg.data.canvas)
+    except ValueError as e:
+        raise ConfigError(f"--set {e}") from None
     for key, low in _AT_LEAST.items():
         target: object = cfg
         for part in key.split("."):
