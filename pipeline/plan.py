@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from augment.dataset import AugmentedDataset
@@ -35,7 +36,8 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     small.grad_accum_steps = 1
     state = build_state(small, dataset, rt)
     state.carries = blank_carries(state.model, small, rows, rt.device)
-    refill = Refill(state.sampler, rt, rows, small.model.seq_len)
+    state.sides = np.full(small.global_batch_size, dataset.canvas, dtype=np.int64)
+    refill = Refill(state.sampler, rt, rows, small.model.seq_len, state.sides)
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     times = []
