@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from augment.transforms import DIHEDRAL_SWAPS_AXES, NUM_DIHEDRAL, Augmentation, dihedral_view
-from pipeline.canvas import output_bound
+from pipeline.canvas import output_bound, side_for
 from pipeline.data import Task
 from pipeline.encoding import IGNORE_LABEL, PAD, encode_many
 from pipeline.io import atomic_write_json, atomic_write_with
@@ -398,6 +398,10 @@ class AugmentedDataset:
                     extent[self.puzzle_first_test[p] + t] = self.canvas if bound is None else max(bound, *shape(g))
             self._held_out_extent = extent
         return self._held_out_extent[self.puzzle_first_test[np.asarray(puzzle_index)] + np.asarray(test_index)]
+
+    def held_out_sides(self, puzzle_index: np.ndarray, test_index: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+        """int64 (n,): the canvas bucket side each held-out row is computed on (the canvas without buckets)."""
+        return side_for(self.held_out_extent(puzzle_index, test_index), buckets, self.canvas)
 
     def encode_grids(
         self,

@@ -951,6 +951,7 @@ class KaggleRun:
                 args = ["--stage", "predict", "--preset", "kaggle", "--checkpoint", str(checkpoint), *self._common_args()]
                 for item in config_overrides(asdict(pcfg), "predict."):
                     args += ["--set", item]
+                args += ["--set", f"data.canvas_buckets={self.cfg.data.canvas_buckets}"]  # also without a fine-tune
                 log(f"predict attempt {attempt + 1} ({source} checkpoint): {plan.budget_s:.0f} s, batch {batch}, "
                     f"child timeout {plan.timeout_s:.0f} s")
                 result = run_child(self._launch(args), plan.timeout_s, cwd=self.s.run_dir, env=self._child_env(),

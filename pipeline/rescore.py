@@ -15,6 +15,9 @@ prediction pass, for every held-out test input:
   4. store the mean over views (= the product of experts up to a constant per test input) on every prediction
      row of that candidate (`Predictions.logp`; NaN = not scored).
 
+With canvas buckets the model runs on each test input's bucket (the one prediction used), so every candidate it
+produced fits there; a candidate larger than the bucket scores -inf.
+
 The model is run once per (test input, view), not per candidate: every candidate of one test input is scored from
 the same logits. The cost is therefore M views per test input, the same as M more views of prediction (M / N of
 a prediction with N views). The selectors that read the scores (`likelihood`, `likelihood_vote`) live in
@@ -34,6 +37,7 @@ from augment.dataset import AugmentedDataset
 from pipeline.encoding import IGNORE_LABEL, encode_many
 from pipeline.model import TRM, log_stablemax
 from pipeline.predictions import Predictions
+from pipeline.rows import bucket_groups
 from pipeline.vote import group_candidates
 
 
@@ -57,11 +61,12 @@ def view_logprobs(
     variant: np.ndarray,
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] | None = None,
+    side: int | None = None,
 ) -> np.ndarray:
-    """float32 (n, canvas*canvas, vocab): log-probabilities after all ACT steps for test inputs `grid` (original
-    grid indices) seen through `variant`s."""
+    """float32 (n, side*side, vocab): log-probabilities after all ACT steps for test inputs `grid` (original
+    grid indices) seen through `variant`s, on the bucket of side `side` (default the whole canvas)."""
     model.eval()
-    inputs = dataset.encode_grids(grid, variant)
+    inputs = dataset.encode_grids(grid, variant, canvas=side)
     batch = {
         "inputs": torch.from_numpy(inputs).to(device),
         "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
@@ -109,10 +114,11 @@ def rescore(
     autocast: Callable[[], ContextManager] | None = None,
     time_budget_s: float = 0.0,
     progress: bool = True,
+    buckets: tuple[int, ...] = (),
 ) -> np.ndarray:
     """float32 (len(predictions),): each candidate row's mean over `views` views of its summed log-probability,
     for the top-`top_k` candidates by vote of every test input; NaN for the rest (and for test inputs left when
-    `time_budget_s` runs out: those keep their vote order)."""
+    `time_budget_s` runs out: those keep their vote order). `buckets`: the canvas buckets prediction ran on."""
     start_time = time.perf_counter()
     groups = group_candidates(predictions)
     best = top_groups(predictions, top_k)
@@ -126,20 +132,23 @@ def rescore(
             for p, t in zip(rows["puzzle_index"], rows["test_index"])]
     wanted = np.array([key in best for key in keys], bool)  # inputs with at least one valid candidate
     rows = {k: v[wanted] for k, v in rows.items()}
+    rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
     keys = [key for key, w in zip(keys, wanted) if w]
     bar = tqdm(total=len(keys), disable=not progress, desc="rescore", unit="view", dynamic_ncols=True)
     for start in range(0, len(keys), batch_size):
-        sl = slice(start, start + batch_size)
-        logp = view_logprobs(model, dataset, rows["grid"][sl], rows["variant"][sl], device, autocast)
-        for i, (key, variant) in enumerate(zip(keys[sl], rows["variant"][sl].tolist())):
-            ids = best[key]
-            scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
-                                    dataset.variant_colours[variant])
-            group_logp[ids] += scores
-            group_views[ids] += 1
-        bar.update(len(keys[sl]))
+        stop = min(len(keys), start + batch_size)
+        for side, part in bucket_groups(rows["side"][start:stop], dataset.canvas):
+            at = np.arange(start, stop) if part is None else start + part
+            logp = view_logprobs(model, dataset, rows["grid"][at], rows["variant"][at], device, autocast, side)
+            for i, row in enumerate(at.tolist()):
+                ids, variant = best[keys[row]], int(rows["variant"][row])
+                scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
+                                        dataset.variant_colours[variant])
+                group_logp[ids] += scores
+                group_views[ids] += 1
+        bar.update(stop - start)
         if time_budget_s > 0 and time.perf_counter() - start_time > time_budget_s:
-            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {start + len(keys[sl])} of "
+            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {stop} of "
                       f"{len(keys)} views")
             break
     bar.close()

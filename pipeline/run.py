@@ -109,10 +109,13 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
         load_training_state(args.init, mmap=True)
     _own_checkpoints(out, data_dir, args)
+    from pipeline.canvas import parse_buckets
+
     evaluator = None
     if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
-        evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data_dir), cfg.eval_views,
-                                                 cfg.predict.batch_size, cfg.predict.selector)
+        dataset = AugmentedDataset.load(data_dir)
+        evaluator = HeldOutEvaluator.for_dataset(dataset, cfg.eval_views, cfg.predict.batch_size, cfg.predict.selector,
+                                                 parse_buckets(cfg.data.canvas_buckets, dataset.canvas))
     path = train(cfg, data_dir, out, resume=args.resume, init_checkpoint=args.init, progress=not args.quiet,
                  evaluator=evaluator)
     if _is_main_process():  # under torchrun every process gets here; one line is enough
@@ -165,7 +168,8 @@ def stage_predict(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)
     _check_checkpoint(checkpoint, out / "dataset")
-    path = predict_to_file(out / "dataset", checkpoint, out / "predictions.npz", cfg.predict, progress=not args.quiet)
+    path = predict_to_file(out / "dataset", checkpoint, out / "predictions.npz", cfg.predict, progress=not args.quiet,
+                           canvas_buckets=cfg.data.canvas_buckets)
     if _is_main_process():
         print(f"predict: candidates -> {path}")
 

@@ -137,8 +137,11 @@ class Refill:
     computed token count is known everywhere without a collective. Fresh rows come in bucket-local layout.
     """
 
-    def __init__(self, sampler: TrainSampler, rt: Runtime, local_batch: int, seq_len: int, sides: np.ndarray):
+    def __init__(self, sampler: TrainSampler, rt: Runtime, local_batch: int, seq_len: int,
+                 sides: np.ndarray | None = None):
         self.sampler, self.rt, self.local_batch, self.seq_len = sampler, rt, local_batch, seq_len
+        if sides is None:  # one micro-batch, every row on the whole canvas
+            sides = np.full(rt.world * local_batch, sampler.dataset.canvas, dtype=np.int64)
         self.sides = sides
         self.micro_batches = len(sides) // (rt.world * local_batch)
         self._pending: dict[int, tuple[torch.Tensor, Any]] = {}
@@ -178,8 +181,9 @@ class Refill:
         self.sides[self._global_rows(index)[rows]] = sides
         lo = self.rt.rank * self.local_batch
         mine = (rows >= lo) & (rows < lo + self.local_batch)
-        fresh = self.sampler.dataset.encode_train_examples(ks[mine], None if offsets is None else offsets[mine],
-                                                           sides[mine] if self.sampler.buckets else None)
+        at = None if offsets is None else offsets[mine]
+        encode = self.sampler.dataset.encode_train_examples
+        fresh = encode(ks[mine], at, sides[mine]) if self.sampler.buckets else encode(ks[mine], at)
         batch = {
             "inputs": np.zeros((self.local_batch, self.seq_len), np.int32),
             "labels": np.full((self.local_batch, self.seq_len), -100, np.int32),

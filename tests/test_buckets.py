@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from augment.dataset import build_dataset
 from pipeline.canvas import output_bound, parse_buckets, side_for, translation_room
+from pipeline.config import PredictConfig
+from pipeline.data import Task
 from pipeline.encoding import IGNORE_LABEL, PAD, encode_many
 from pipeline.model import TRM, ModelConfig, act_loss, grid_positions
+from pipeline.predict import predict
+from pipeline.predictions import Predictions, PredictionsWriter
+from pipeline.rescore import rescore
 
 CANVAS, SIDE, P = 6, 4, 2
 
@@ -43,11 +49,11 @@ def on_bucket(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, cells] if v.ndim == 2 else v for k, v in batch.items()}
 
 
-def keys_only_in_bucket(monkeypatch) -> None:
+def keys_only_in_bucket(monkeypatch, side: int = SIDE, canvas: int = CANVAS) -> None:
     """Full-canvas attention with every key outside the bucket masked out (puzzle positions stay visible)."""
-    visible = torch.zeros(P + CANVAS * CANVAS, dtype=torch.bool)
+    visible = torch.zeros(P + canvas * canvas, dtype=torch.bool)
     visible[:P] = True
-    visible[P + grid_positions(SIDE, CANVAS)] = True
+    visible[P + grid_positions(side, canvas)] = True
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: real(q, k, v, attn_mask=visible[None, :]))
 
@@ -154,3 +160,112 @@ def test_a_grid_on_a_bucket_is_the_corner_of_its_full_canvas(h, w, dihedral, r, 
         outside = np.ones(canvas * canvas, bool)
         outside[grid_positions(side, canvas).numpy()] = False
         assert (full[0, outside] == (IGNORE_LABEL if labels else PAD)).all()  # nothing lost outside the bucket
+
+
+# -- prediction and re-scoring on buckets ------------------------------------------------------------------------------
+PREDICT_CANVAS, SMALL = 8, 4
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset():
+    """Four held-out tasks on an 8x8 canvas: three whose outputs have their input's shape (grids <= 3: bucket 4 of
+    buckets 4,8) and one whose demonstrations follow no size rule (the whole canvas)."""
+    rng = np.random.default_rng(0)
+    grid = lambda h, w: rng.integers(0, 10, (h, w), dtype=np.uint8)  # noqa: E731
+    tasks = [Task(f"same{n}", [(grid(2, 3), grid(2, 3)), (grid(3, 1), grid(3, 1))], [grid(3, 2)], [grid(3, 2)], "t")
+             for n in range(3)]
+    tasks.append(Task("odd", [(grid(2, 2), grid(3, 3)), (grid(3, 3), grid(2, 2))], [grid(2, 2)], [grid(3, 3)], "t"))
+    return build_dataset(tasks, {t.id for t in tasks}, num_aug=3, seed=0, canvas=PREDICT_CANVAS, progress=False)
+
+
+def predict_model(dataset) -> TRM:
+    torch.manual_seed(1)
+    model = TRM(model_config(seq_len=PREDICT_CANVAS ** 2, num_puzzle_identifiers=dataset.num_puzzle_identifiers))
+    with torch.no_grad():
+        model.puzzle_emb.weights.normal_()
+    return model.eval()
+
+
+def by_view(predictions: Predictions) -> dict[tuple[str, int, int], tuple[float, object, float]]:
+    return {(predictions.task_ids[t], int(i), int(v)): (float(q), predictions.grid(k), np.nan if predictions.logp is
+             None else float(predictions.logp[k]))
+            for k, (t, i, v, q) in enumerate(zip(predictions.task, predictions.test_index, predictions.variant,
+                                                 predictions.q))}
+
+
+def assert_same_views(a: dict, b: dict, task_prefix: str, side: int) -> None:
+    """Same q and likelihood; the same decoded grid unless the full canvas's extends to the bucket's edge or past it
+    (a bucket's crop stops at its edge: the full canvas's cells beyond it may hold colours)."""
+    keys = [k for k in a if k[0].startswith(task_prefix)]
+    assert keys and set(keys) == {k for k in b if k[0].startswith(task_prefix)}
+    for k in keys:
+        assert a[k][0] == pytest.approx(b[k][0], abs=1e-5), k
+        assert a[k][2] == pytest.approx(b[k][2], abs=1e-3, nan_ok=True), k
+        if b[k][1] is None or max(b[k][1].shape) < side:
+            assert (a[k][1] is None) == (b[k][1] is None) and (a[k][1] is None or np.array_equal(a[k][1], b[k][1])), k
+
+
+def test_held_out_inputs_take_the_bucket_their_demonstrations_predict(mixed_dataset):
+    rows = mixed_dataset.test_rows()
+    sides = mixed_dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], (SMALL, PREDICT_CANVAS))
+    odd = [mixed_dataset.puzzles[p]["task_id"] == "odd" for p in rows["puzzle_index"]]
+    assert sides.tolist() == [PREDICT_CANVAS if o else SMALL for o in odd]
+
+
+def test_prediction_and_rescoring_on_buckets_compute_the_masked_full_canvas(mixed_dataset, monkeypatch):
+    """Rows on the small bucket get what the whole canvas gives with attention kept off the cells outside it; rows
+    of the task without a size rule are computed on the whole canvas, as without buckets."""
+    ds, model = mixed_dataset, predict_model(mixed_dataset)
+    cfg = PredictConfig(max_variants=0, batch_size=5)  # batches that mix both buckets
+    writer = PredictionsWriter([t.id for t in ds.eval_tasks()])  # candidates to score: the truth and the input
+    for task in ds.eval_tasks():
+        writer.add(task.id, 0, 0, 0.5, [task.test_outputs[0]])
+        writer.add(task.id, 0, 1, 0.5, [task.test_inputs[0]])
+    candidates = writer.finish()
+
+    def run(buckets: tuple[int, ...]) -> tuple[dict, dict]:
+        predicted = predict(model, ds, cfg, progress=False, buckets=buckets)
+        candidates.logp = rescore(model, ds, candidates, top_k=2, views=3, batch_size=5, progress=False,
+                                  buckets=buckets)
+        return by_view(predicted), by_view(candidates)
+
+    bucketed, plain = run((SMALL, PREDICT_CANVAS)), run(())
+    keys_only_in_bucket(monkeypatch, SMALL, PREDICT_CANVAS)
+    masked = run(())
+    for got, full, want in zip(bucketed, plain, masked):
+        assert_same_views(got, want, "same", SMALL)
+        assert_same_views(got, full, "odd", PREDICT_CANVAS + 1)
+    assert not np.isnan([v[2] for v in bucketed[1].values()]).any()  # every candidate fits its bucket
+
+
+# -- the training stream on buckets ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("translation", ["reference", "per_draw"])
+def test_the_stream_is_the_same_with_buckets_only_placed_inside_them(mixed_dataset, translation):
+    from pipeline.batches import TrainSampler
+
+    buckets = (SMALL, 6, PREDICT_CANVAS)
+    kw = dict(seed=3, sampling="groups", translation=translation, batch_size=4)
+    plain, bucketed = TrainSampler(mixed_dataset, **kw), TrainSampler(mixed_dataset, buckets=buckets, **kw)
+    n = 3 * mixed_dataset.num_train_examples
+    ks, _ = plain.take_indices(n)
+    state = bucketed.state_dict()
+    ks_b, offsets = bucketed.take_indices(n)
+    np.testing.assert_array_equal(ks, ks_b)  # the same examples in the same order
+    extent = mixed_dataset.train_extent(ks)
+    sides = bucketed.sides(ks)
+    assert sorted(set(sides.tolist())) == [SMALL]  # the demonstrations here are all <= 3: the small bucket
+    assert ((offsets >= 0) & (offsets + extent + 1 <= sides[:, None])).all()  # the EOS edge stays inside
+    assert len({tuple(o) for o in offsets.tolist()}) > 1  # still translated, over a smaller range
+
+    again = TrainSampler(mixed_dataset, buckets=buckets, **kw)
+    again.load_state_dict(state)
+    batch = again.take(n)
+    np.testing.assert_array_equal(batch["sides"], sides)
+    cells = SMALL * SMALL
+    for k, (ex, offset) in enumerate(zip(ks.tolist(), offsets.tolist())):
+        alone = mixed_dataset.encode_train_examples(np.array([ex]), np.array([offset]))
+        for key, fill in (("inputs", PAD), ("labels", IGNORE_LABEL)):  # bucket-local layout
+            np.testing.assert_array_equal(batch[key][k, :cells], alone[key][0, grid_positions(SMALL, PREDICT_CANVAS)])
+            assert (batch[key][k, cells:] == fill).all()
+    with pytest.raises(ValueError, match="canvas buckets"):
+        plain.load_state_dict(bucketed.state_dict())
