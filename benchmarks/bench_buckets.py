@@ -8,6 +8,8 @@
     python benchmarks/bench_buckets.py learn --seeds 0,1,2 --report-only
     # prediction from one run's final weights: views per second and accuracy, both arms interleaved
     python benchmarks/bench_buckets.py predict --run runs/buckets/full_s0 --buckets 4,7,10
+    # torch.compile's graphs for the blocks over steps on two buckets with varying row counts
+    python benchmarks/bench_buckets.py compile --backend aot_eager
 
 `step` builds the preset's dataset with a few augmentations (a dihedral view never changes an example's bucket)
 and two trainers with the same seed, so the same weights and the same stream: one on the whole canvas, one on
@@ -90,6 +92,29 @@ def step_times(args: argparse.Namespace) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------- torch.compile
+def compile_graphs(args: argparse.Namespace) -> dict:
+    """Graphs torch.compile makes for the blocks over training steps on two buckets with varying row counts."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.model import TRM, ModelConfig, act_loss
+
+    torch.manual_seed(0)
+    model = TRM(ModelConfig(seq_len=36, hidden_size=32, num_heads=2, H_cycles=2, L_cycles=2, halt_max_steps=3,
+                            puzzle_emb_len=2, puzzle_emb_ndim=32, num_puzzle_identifiers=5,
+                            compile_backend=args.backend)).train()
+    graphs = []
+    for rows, side in ((5, 4), (7, 4), (3, 4), (9, 6), (4, 6), (11, 4), (2, 6), (6, 4), (8, 6), (13, 4)):
+        batch = {"inputs": torch.randint(0, 12, (rows, side * side), dtype=torch.int32),
+                 "labels": torch.randint(0, 12, (rows, side * side), dtype=torch.int32),
+                 "puzzle_identifiers": torch.randint(1, 5, (rows,), dtype=torch.int32)}
+        carry, outputs = model(model.initial_carry(batch), batch)
+        act_loss(outputs, carry)[0].backward()
+        model.zero_grad()
+        graphs.append({"rows": rows, "side": side, "graphs_so_far": counters["stats"]["unique_graphs"]})
+    return {"backend": args.backend, "steps": graphs}
+
+
 # ---------------------------------------------------------------------------------------------- learning
 # The learning benchmark: the demo preset's 59 tasks (every grid <= 6, ARC-AGI-1; its 13 evaluation tasks held out)
 # on a 10x10 canvas, 32 rows per step for the demo's 1400 steps (about 12 minutes of one core on the whole canvas).
@@ -113,6 +138,15 @@ def learn(args: argparse.Namespace) -> dict:
                 (folder / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
             if (folder / "score.json").exists():
                 results["runs"].append({"arm": arm, "seed": seed, **learn_figures(folder, buckets)})
+    if results["runs"]:  # the translation range of this data, whole canvas against buckets
+        from pipeline.canvas import side_for, translation_room
+
+        dataset = AugmentedDataset.load(root / f"full_s{args.seeds.split(',')[0]}" / "dataset")
+        extent = dataset.train_extent(np.arange(dataset.num_train_examples))
+        sides = side_for(extent.max(axis=1), parse_buckets(LEARN_ARMS["buckets"], dataset.canvas), dataset.canvas)
+        results["offsets_per_example"] = {
+            arm: float(np.prod(translation_room(extent, side, dataset.canvas) + 1, axis=1).mean())
+            for arm, side in (("full", dataset.canvas), ("buckets", sides[:, None]))}
     return results
 
 
@@ -143,6 +177,29 @@ def learn_figures(folder: Path, buckets: str) -> dict:
     }
 
 
+LEARN_COLUMNS = (("train_exact", "train exact", 100), ("train_accuracy", "train token acc", 100),
+                 ("lm_loss", "train lm loss", 1), ("pass2", "held-out pass@2", 100), ("oracle", "oracle", 100),
+                 ("ce_true", "held-out CE of truth (nats/cell)", 1), ("train_minutes", "train min", 1))
+
+
+def learn_table(result: dict) -> str:
+    """The learning runs as Markdown: one row per run, then each arm's mean (min–max) over seeds."""
+    head = "| arm | seed | " + " | ".join(name for _, name, _ in LEARN_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(LEARN_COLUMNS) + 2)]
+    for run in result["runs"]:
+        cells = [f"{run[key] * scale:.3g}" for key, _, scale in LEARN_COLUMNS]
+        lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(cells) + " |")
+    for arm in LEARN_ARMS:
+        runs = [r for r in result["runs"] if r["arm"] == arm]
+        if runs:
+            cells = []
+            for key, _, scale in LEARN_COLUMNS:
+                values = [r[key] * scale for r in runs]
+                cells.append(f"{np.mean(values):.3g} ({min(values):.3g}–{max(values):.3g})")
+            lines.append(f"| **{arm}**, mean (min–max) | {len(runs)} seeds | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- prediction
 def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[int, ...], views: int = 8) -> float:
     """Mean over held-out test outputs of the per-cell cross-entropy (nats) of the true answer, averaged over
@@ -171,7 +228,7 @@ def predict_arms(args: argparse.Namespace) -> dict:
 
     run = Path(args.run)
     cfg = from_dict(json.loads((run / "config.json").read_text()))
-    dataset = AugmentedDataset.load(run / "dataset")
+    dataset = AugmentedDataset.load(args.dataset or run / "dataset")
     model = load_model_for_inference(latest_checkpoint(run / "checkpoints"))
     tasks = [t for t in dataset.eval_tasks() if t.test_outputs is not None]
     solutions = {t.id: t.test_outputs for t in tasks}
@@ -212,16 +269,21 @@ def main() -> None:
     q.add_argument("--run", required=True)
     q.add_argument("--buckets", required=True)
     q.add_argument("--repeats", type=int, default=2)
+    q.add_argument("--dataset", help="the run's dataset when it trained on one from elsewhere (default RUN/dataset)")
     g = sub.add_parser("learn")
     g.add_argument("--seeds", default="0,1,2")
     g.add_argument("--root", default=str(ROOT / "runs" / "buckets"))
     g.add_argument("--report-only", action="store_true")
-    for parser in (s, q, g):
+    c = sub.add_parser("compile")
+    c.add_argument("--backend", default="aot_eager")
+    for parser in (s, q, g, c):
         parser.add_argument("--out", help="also write the result here as JSON")
     args = p.parse_args()
-    result = {"step": step_times, "predict": predict_arms, "learn": learn}[args.what](args)
+    result = {"step": step_times, "predict": predict_arms, "learn": learn, "compile": compile_graphs}[args.what](args)
     text = json.dumps(result, indent=1)
     print(text)
+    if args.what == "learn":
+        print(learn_table(result))
     if args.out:
         Path(args.out).write_text(text)
 

@@ -43,8 +43,8 @@ from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_red
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
-from pipeline.rows import bucket_groups, put_rows, take_rows
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
+from pipeline.rows import bucket_groups, put_rows, take_rows
 
 
 METRIC_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
