@@ -212,8 +212,7 @@ def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[i
         for i, out in enumerate(task.test_outputs):
             writer.add(task.id, i, 0, 1.0, [out])
     truth = writer.finish()
-    logp = rescore(model, dataset, truth, top_k=1, views=views, progress=False, buckets=buckets)
-    cells = truth.height.astype(np.float64) * truth.width + truth.height + truth.width
+    logp, cells = rescore(model, dataset, truth, top_k=1, views=views, progress=False, buckets=buckets)
     return float(np.mean(-logp / cells))
 
 
@@ -240,8 +239,9 @@ def predict_arms(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             predictions = predict(model, dataset, pcfg, progress=False, buckets=buckets)
             seconds = time.perf_counter() - started
-            predictions.logp = rescore(model, dataset, predictions, top_k=pcfg.rescore_top_k, views=pcfg.rescore_views,
-                                       batch_size=pcfg.batch_size, progress=False, buckets=buckets)
+            predictions.logp, predictions.logp_cells = rescore(
+                model, dataset, predictions, top_k=pcfg.rescore_top_k, views=pcfg.rescore_views,
+                batch_size=pcfg.batch_size, progress=False, buckets=buckets)
             arm = result.setdefault(name, {"seconds": []})
             arm["seconds"].append(seconds)
             arm["views_per_s"] = len(predictions) / min(arm["seconds"])

@@ -24,7 +24,7 @@ from pipeline.batches import TrainSampler
 from pipeline.collectives import gather_objects
 from pipeline.config import preset
 from pipeline.data import load_tasks
-from pipeline.train import Refill, budget_spent, make_runtime
+from pipeline.train import Refill, check_loop, make_runtime
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         t1 = time.perf_counter()
         refill(0, halted_local)  # in the trainer: at the start of the next step (draw, encode, copy)
         t2 = time.perf_counter()
-        budget_spent(cfg, rt, step + 1, time.perf_counter() - t_begin)
+        check_loop(cfg, rt, step + 1, time.perf_counter() - t_begin, 0.0)
         t3 = time.perf_counter()
         times.append((t1 - t0, t2 - t1, t3 - t2))
     steady = np.array(times[1:]) * 1e3

@@ -8,6 +8,7 @@
 
 Usage:
   python kaggle/build_bundle.py --checkpoint runs/arc2/checkpoints/step_00100000.pt --out dist/trm-arc-bundle
+  python kaggle/build_bundle.py --checkpoint runs/arc2/export --out dist/trm-arc-bundle       (an exported folder)
   python kaggle/build_bundle.py --checkpoint ref.pt --arch-config all_config.yaml --out ...   (reference TRM)
 Dependency wheels come from PyPI (`pip download`, needs network) or, with --wheels-from DIR, from a local folder.
 """
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = Path(__file__).resolve().parent / "trm_arc_kaggle.ipynb"
-BUNDLE_KIND = "trm-arc-kaggle-bundle"  # = pipeline.kaggle_entry.BUNDLE_KIND (the notebook finds the bundle by it)
+BUNDLE_KIND = "trm-arc-kaggle-bundle"  # = pipeline.kaggle_driver.BUNDLE_KIND (the notebook finds the bundle by it)
 CHECKPOINT_NAME = "model.pt"
 
 # Runtime dependencies that Kaggle's Python image (2025) does not have. torch, numpy, scipy, tqdm, accelerate,
@@ -105,12 +106,13 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
     Ours are slimmed by default to what fine-tuning reads (pipeline.checkpoint.init_from_checkpoint): the dense
     weights (EMA folded in) and a 2-row puzzle table [blank row, mean of the trained rows], because every new
     row starts at that mean. The training state (optimizers, ACT carry, RNG, the full puzzle table) can be
-    gigabytes. A reference state dict is copied as it is, with its model config (required for it)."""
-    import torch
-
+    gigabytes. An exported folder (`--stage export`) or the reference's checkpoint folder is slimmed the same way.
+    A reference state dict file is copied as it is, with its model config (required for it)."""
     from pipeline.checkpoint import load_training_state
 
     folder.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        return _bundle_weights_folder(source, folder)
     state = load_training_state(source)  # once: a full training checkpoint can be gigabytes
     entry: dict[str, Any] = {"path": f"checkpoint/{CHECKPOINT_NAME}", "source": str(source)}
     if not (isinstance(state, dict) and "model" in state and "config" in state):  # a reference TRM state dict
@@ -121,27 +123,56 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
         shutil.copy2(arch_config, arch_target)
         entry.update(format="reference", slim=False, arch_config=f"checkpoint/{arch_target.name}")
         return entry
-    config = state["config"]
     entry.update(format="ours", step=int(state.get("step", 0)), slim=not full)
     if full:
         shutil.copy2(source, folder / CHECKPOINT_NAME)
+        config = state["config"]
     else:
-        weights = dict(state["model"])  # the weights fine-tuning starts from: EMA when saved (as read_weights)
+        weights = dict(state["model"])  # the weights fine-tuning starts from: EMA when saved (as load_weights)
         if state.get("ema") is not None:
             weights.update(state["ema"]["shadow"])
-        key = "puzzle_emb.weights"
-        if key in weights:
-            table = weights[key]
-            trained = table[1:] if table.shape[0] > 1 else table
-            weights[key] = torch.stack([table[0], trained.mean(0)])
-            config = json.loads(json.dumps(config))
-            config["model"]["num_puzzle_identifiers"] = 2
-            entry["trained_puzzle_rows"] = int(trained.shape[0])
-        slim = {"step": state.get("step", 0), "config": config, "model": weights, "ema": None, "final": True,
-                "slim": True}
-        tmp = folder / (CHECKPOINT_NAME + ".tmp")
-        torch.save(slim, tmp)
-        tmp.replace(folder / CHECKPOINT_NAME)
+        config = _write_slim(folder, weights, state["config"], int(state.get("step", 0)), entry)
+    return _finish_entry(folder, config, entry)
+
+
+def _bundle_weights_folder(source: Path, folder: Path) -> dict[str, Any]:
+    """An exported folder (or the reference's checkpoint folder) as the bundle's slim checkpoint of ours."""
+    from dataclasses import asdict
+
+    from pipeline.checkpoint import load_weights
+
+    weights = load_weights(source)
+    step = int(weights.step or 0)
+    entry: dict[str, Any] = {"path": f"checkpoint/{CHECKPOINT_NAME}", "source": str(source),
+                             "format": weights.source.kind, "step": step, "slim": True}
+    config = {**(weights.run_config or {}), "model": asdict(weights.model_config)}
+    config = _write_slim(folder, weights.tensors, config, step, entry, weights.trained_rows if weights.mean_rows else None)
+    return _finish_entry(folder, config, entry)
+
+
+def _write_slim(folder: Path, weights: dict[str, Any], config: dict[str, Any], step: int, entry: dict[str, Any],
+                trained_rows: int | None = None) -> dict[str, Any]:
+    """model.pt with the puzzle table cut to [blank row, mean of the trained rows]; returns its config."""
+    import torch
+
+    from pipeline.checkpoint import PUZZLE_TABLE, mean_rows
+
+    weights, config = dict(weights), json.loads(json.dumps(config))
+    if PUZZLE_TABLE in weights:
+        table = weights[PUZZLE_TABLE]
+        if trained_rows is None:  # a full table (a mean-row export is already cut)
+            weights[PUZZLE_TABLE] = torch.cat([table[:1], mean_rows(table, 1)])
+            trained_rows = max(table.shape[0] - 1, 1)
+        config["model"]["num_puzzle_identifiers"] = 2
+        entry["trained_puzzle_rows"] = int(trained_rows)
+    slim = {"step": step, "config": config, "model": weights, "ema": None, "final": True, "slim": True}
+    tmp = folder / (CHECKPOINT_NAME + ".tmp")
+    torch.save(slim, tmp)
+    tmp.replace(folder / CHECKPOINT_NAME)
+    return config
+
+
+def _finish_entry(folder: Path, config: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     entry["model"] = config["model"]  # of the bundled file (a slim one holds 2 puzzle rows, not the source's count)
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     entry["config"] = "checkpoint/config.json"
@@ -187,7 +218,7 @@ def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None
                                    Path(arch_config) if arch_config else None)
     if NOTEBOOK.exists():
         shutil.copy2(NOTEBOOK, out / NOTEBOOK.name)
-    from pipeline.kaggle_entry import sha256_of  # the notebook checks the checkpoint with the same function
+    from pipeline.kaggle_driver.pretrained import sha256_of  # the driver checks the checkpoint with the same function
 
     files = [{"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"]
@@ -211,7 +242,8 @@ def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="pretrained checkpoint (ours, or a reference TRM state dict)")
+    p.add_argument("--checkpoint", required=True, help="pretrained weights: our checkpoint, an exported folder "
+                   "(--stage export), the reference's checkpoint folder, or a reference TRM state dict")
     p.add_argument("--out", required=True, help="bundle folder to create (an earlier bundle there is replaced)")
     p.add_argument("--arch-config", help="a reference checkpoint's model config (JSON, or the reference all_config.yaml)")
     p.add_argument("--wheels-from", help="take the dependency wheels from this folder instead of downloading them")

@@ -6,7 +6,7 @@
   INPUT/arc-prize-2025/arc-agi_evaluation_solutions.json   their test outputs, to score the rehearsal against
 
 Because the test tasks are all among the evaluation tasks beside them, the notebook treats the run as a draft
-(pipeline.kaggle_entry.detect_scored_run), as it would while editing on Kaggle.
+(pipeline.kaggle_driver.detect_scored_run), as it would while editing on Kaggle.
 
 Usage:
   python kaggle/fake_input.py --out /tmp/rehearsal/input                          (the 120 ARC-AGI-2 evaluation tasks)

@@ -1,28 +1,11 @@
-"""Checkpoints.
-
-Reference conversion (this part): the published TRM code names its tensors differently from pipeline.model and
-prefixes them by how the model was wrapped. These functions translate explicitly, both ways, so a reference
-checkpoint loads into `TRM` and ours can be given back to the reference code.
-
-    reference (after the prefix)                      ours
-    inner.embed_tokens.embedding_weight               embed_tokens.weight
-    inner.embed_pos.embedding_weight                  embed_pos.weight          (pos_encodings="learned")
-    inner.puzzle_emb.weights                          puzzle_emb.weights        (buffer)
-    inner.H_init / inner.L_init                       H_init / L_init           (buffers: y's and z's start)
-    inner.lm_head.weight                              lm_head.weight
-    inner.q_head.weight / .bias                       q_head.weight / .bias
-    inner.L_level.layers.{i}.self_attn.qkv_proj.weight  blocks.{i}.attn.qkv.weight
-    inner.L_level.layers.{i}.self_attn.o_proj.weight    blocks.{i}.attn.out.weight
-    inner.L_level.layers.{i}.mlp.gate_up_proj.weight    blocks.{i}.mlp.gate_up.weight
-    inner.L_level.layers.{i}.mlp.down_proj.weight       blocks.{i}.mlp.down.weight
-    inner.L_level.layers.{i}.mlp_t.gate_up_proj.weight  blocks.{i}.token_mlp.gate_up.weight   (mlp_t)
-    inner.L_level.layers.{i}.mlp_t.down_proj.weight     blocks.{i}.token_mlp.down.weight      (mlp_t)
-
-Accepted reference prefixes: "inner." (the ACT model itself), "model.inner." (its loss-head wrapper) and
-"_orig_mod.model.inner." (the torch.compile'd wrapper, as pretrain.py saves it).
+"""Checkpoints: this pipeline's training checkpoints, and weights from any source for fine-tuning (`--init`) and
+prediction (`--checkpoint`): a training checkpoint, an exported folder (pipeline.weights: model.safetensors +
+config.json), or the reference's checkpoint, a state-dict file or its folder (pipeline.reference). Nothing is
+loaded in a way that could run code from the file (torch.load weights_only, safetensors, yaml.safe_load).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import warnings
@@ -37,158 +20,22 @@ from torch import Tensor
 from pipeline.errors import CheckpointError
 from pipeline.io import atomic_write_with
 from pipeline.model import TRM, Carry, ModelConfig
-
-# ----------------------------------------------------------------------------------------------------------
-# Reference key names
-
-REFERENCE_PREFIXES = ("_orig_mod.model.inner.", "model.inner.", "inner.")  # longest first
-
-_TOP_LEVEL = {  # reference name (without prefix) -> ours
-    "embed_tokens.embedding_weight": "embed_tokens.weight",
-    "embed_pos.embedding_weight": "embed_pos.weight",
-    "puzzle_emb.weights": "puzzle_emb.weights",
-    "H_init": "H_init",
-    "L_init": "L_init",
-    "lm_head.weight": "lm_head.weight",
-    "q_head.weight": "q_head.weight",
-    "q_head.bias": "q_head.bias",
-}
-_PER_LAYER = {  # reference name inside L_level.layers.{i} -> ours inside blocks.{i}
-    "self_attn.qkv_proj.weight": "attn.qkv.weight",
-    "self_attn.o_proj.weight": "attn.out.weight",
-    "mlp.gate_up_proj.weight": "mlp.gate_up.weight",
-    "mlp.down_proj.weight": "mlp.down.weight",
-    "mlp_t.gate_up_proj.weight": "token_mlp.gate_up.weight",
-    "mlp_t.down_proj.weight": "token_mlp.down.weight",
-}
-_REF_LAYERS, _OUR_LAYERS = "L_level.layers.", "blocks."
-
-
-def strip_reference_prefix(key: str) -> str:
-    """'_orig_mod.model.inner.X' / 'model.inner.X' / 'inner.X' -> 'X'; a key without one is an error."""
-    for prefix in REFERENCE_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    raise KeyError(f"reference state dict: key {key!r} has none of the prefixes {REFERENCE_PREFIXES}")
-
-
-def _reference_to_ours(name: str) -> str:
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    if name.startswith(_REF_LAYERS):
-        index, _, rest = name[len(_REF_LAYERS) :].partition(".")
-        if index.isdigit() and rest in _PER_LAYER:
-            return f"{_OUR_LAYERS}{index}.{_PER_LAYER[rest]}"
-    raise KeyError(f"reference state dict: unknown tensor {name!r} (not part of TRM-Att)")
-
-
-def _ours_to_reference(name: str) -> str:
-    for ref, ours in _TOP_LEVEL.items():
-        if name == ours:
-            return ref
-    if name.startswith(_OUR_LAYERS):
-        index, _, rest = name[len(_OUR_LAYERS) :].partition(".")
-        for ref, ours in _PER_LAYER.items():
-            if index.isdigit() and rest == ours:
-                return f"{_REF_LAYERS}{index}.{ref}"
-    raise KeyError(f"state dict: tensor {name!r} has no reference counterpart")
-
-
-def from_reference_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A reference state dict (any accepted prefix; non-persistent buffers may be present and are dropped)
-    -> our names. Tensors are shared, not copied."""
-    converted: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        name = strip_reference_prefix(key)
-        if name.startswith("rotary_emb.") or name in ("puzzle_emb.local_weights", "puzzle_emb.local_ids"):
-            continue  # rebuilt or per-batch state, never part of a checkpoint's meaning
-        ours = _reference_to_ours(name)
-        if ours in converted:
-            raise KeyError(f"reference state dict: {key!r} duplicates another key after removing its prefix")
-        converted[ours] = value
-    return converted
-
-
-def to_reference_state_dict(state_dict: dict[str, Tensor], prefix: str = "inner.") -> dict[str, Tensor]:
-    """Our state dict -> reference names under `prefix` ("inner." for the ACT model itself)."""
-    return {prefix + _ours_to_reference(name): value for name, value in state_dict.items()}
-
-
-def config_from_reference(arch: dict) -> ModelConfig:
-    """A reference model config (the `arch` section of its all_config.yaml, or the fixture's model_config)
-    -> ModelConfig. Settings that only change how the reference runs (batch_size, forward_dtype, H_layers,
-    loss) are ignored; the Q-continue variant (no_ACT_continue=False) is not supported."""
-    if not arch.get("no_ACT_continue", True):
-        raise ValueError("reference config: no_ACT_continue=False (the Q-continue loss) is not supported")
-    return ModelConfig(
-        vocab_size=int(arch["vocab_size"]),
-        seq_len=int(arch["seq_len"]),
-        hidden_size=int(arch["hidden_size"]),
-        num_heads=int(arch["num_heads"]),
-        expansion=float(arch["expansion"]),
-        num_layers=int(arch["L_layers"]),
-        H_cycles=int(arch["H_cycles"]),
-        L_cycles=int(arch["L_cycles"]),
-        halt_max_steps=int(arch["halt_max_steps"]),
-        halt_exploration_prob=float(arch["halt_exploration_prob"]),
-        puzzle_emb_len=int(arch.get("puzzle_emb_len", 16)),
-        puzzle_emb_ndim=int(arch.get("puzzle_emb_ndim", 0)),
-        num_puzzle_identifiers=int(arch["num_puzzle_identifiers"]),
-        pos_encodings=arch["pos_encodings"],
-        rope_theta=float(arch.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(arch.get("rms_norm_eps", 1e-5)),
-        mlp_t=bool(arch.get("mlp_t", False)),
-    )
-
-
-@dataclass
-class ReferenceLoadReport:
-    """What `load_reference_state_dict` did. The puzzle rows differ when the checkpoint was trained on a
-    different augmented dataset; `puzzle_table` says which table the model now holds."""
-
-    checkpoint_puzzle_rows: int | None
-    model_puzzle_rows: int | None
-    puzzle_table: Literal["loaded", "resized_to_checkpoint", "kept_model"] | None
-
-    @property
-    def puzzle_rows_differ(self) -> bool:
-        return self.checkpoint_puzzle_rows != self.model_puzzle_rows
-
-
-def load_reference_state_dict(
-    model: TRM,
-    state_dict: dict[str, Tensor],
-    on_puzzle_mismatch: Literal["error", "resize", "keep_model"] = "error",
-) -> ReferenceLoadReport:
-    """Load a reference state dict into `model` (strict: every tensor must match in name and shape).
-
-    When the puzzle tables have different row counts: "error" raises (naming both counts); "resize" makes the
-    model's table the checkpoint's (e.g. to evaluate the checkpoint on its own dataset); "keep_model" keeps the
-    model's table and loads everything else (e.g. to fine-tune on a new dataset's variants)."""
-    ours = from_reference_state_dict(state_dict)
-    key = "puzzle_emb.weights"
-    ckpt_rows = ours[key].shape[0] if key in ours else None
-    model_rows = model.puzzle_emb.weights.shape[0] if model.config.puzzle_emb_ndim > 0 else None
-    action = "loaded" if key in ours else None
-    if ckpt_rows != model_rows and ckpt_rows is not None and model_rows is not None:
-        if on_puzzle_mismatch == "error":
-            raise ValueError(
-                f"reference checkpoint: its puzzle table has {ckpt_rows} rows but the model's has {model_rows} "
-                "(choose on_puzzle_mismatch='resize' or 'keep_model')"
-            )
-        if on_puzzle_mismatch == "resize":
-            model.puzzle_emb.resize(ckpt_rows)
-            model.config.num_puzzle_identifiers = ckpt_rows
-            action = "resized_to_checkpoint"
-        elif on_puzzle_mismatch == "keep_model":
-            ours = dict(ours)
-            ours[key] = model.puzzle_emb.weights
-            action = "kept_model"
-        else:
-            raise ValueError(f"on_puzzle_mismatch must be 'error', 'resize' or 'keep_model', not {on_puzzle_mismatch!r}")
-    model.load_state_dict(ours, strict=True)
-    return ReferenceLoadReport(ckpt_rows, model_rows, action)
-
+from pipeline.reference import (  # noqa: F401 - re-exported: callers import the reference conversion from here
+    REFERENCE_CONFIG,
+    REFERENCE_PREFIXES,
+    ReferenceLoadReport,
+    config_from_reference,
+    from_reference_state_dict,
+    is_reference_folder,
+    load_reference_state_dict,
+    read_reference_arch,
+    reference_model_config,
+    reference_step_file,
+    strip_reference_prefix,
+    to_reference_state_dict,
+)
+from pipeline.weights import (CONFIG_FILE, WEIGHTS_FILE, check_weights_file, is_weights_folder, read_weights_config,
+                              read_weights_folder)
 
 # ---------------------------------------------------------------------------------------------------------
 # Training checkpoints: one file per checkpoint (`checkpoints/step_00001000.pt`), written atomically, holding
@@ -302,7 +149,18 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
                              dataset_dir: str | Path, resumable: bool = False) -> None:
     """Refuse a checkpoint trained on another dataset (its puzzle embeddings would belong to other puzzles), and
     with `resumable` one that lacks what a resumed run needs. An old checkpoint without a fingerprint is accepted,
-    with a warning, when its puzzle table has exactly the dataset's row count."""
+    with a warning, when its puzzle table has exactly the dataset's row count. To predict, an exported folder with
+    all its rows must come from this dataset too; one with mean rows, or the reference's checkpoint, fits any
+    (its rows are reset to their mean: load_model_for_inference)."""
+    if not resumable:
+        source = check_weights_source(path)
+        if source.kind != "checkpoint":
+            if source.rows_fingerprint not in (None, fingerprint):
+                raise CheckpointError(
+                    f"weights {path}: its puzzle rows belong to another dataset (fingerprint "
+                    f"{source.rows_fingerprint[:12]}, {dataset_dir} has {fingerprint[:12]}); export it with "
+                    "--puzzle-rows mean, or fine-tune from it with --init")
+            return
     state = load_training_state(path, mmap=True)
     if resumable:
         check_training_state(state, path)
@@ -355,6 +213,120 @@ def carries_from_state(
     return carries
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights from any source: a training checkpoint, an exported folder, the reference's file or folder
+# ---------------------------------------------------------------------------------------------------------
+
+PUZZLE_TABLE = "puzzle_emb.weights"  # (rows, puzzle_emb_ndim): row 0 the blank id, then one row per puzzle variant
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """What a path holds, from its metadata alone (no tensors read)."""
+
+    kind: Literal["checkpoint", "export", "reference"]
+    rows_fingerprint: str | None  # the dataset whose variants the puzzle rows are, when known and all are there
+
+
+@dataclass
+class Weights:
+    """Model weights from any source, in pipeline.model's names."""
+
+    tensors: dict[str, Tensor]
+    model_config: ModelConfig | None  # None: a bare reference state dict, without its all_config.yaml
+    source: WeightsSource
+    origin: Path  # the file the tensors came from (named in errors)
+    mean_rows: bool = False  # the table is [blank row, mean of the trained rows] (an export for new puzzles)
+    copy: Literal["ema", "live", "reference"] = "reference"  # which weights of the run these are
+    # where they came from, for an export's config.json: the training dataset (also when only the mean row is
+    # kept), the rows a mean was taken over, the step, the resolved training config
+    dataset_fingerprint: str | None = None
+    trained_rows: int | None = None
+    step: int | None = None
+    run_config: dict[str, Any] | None = None
+
+    @property
+    def rows_are_a_datasets(self) -> bool:
+        """Whether the puzzle rows are one dataset's variants, usable as they are on that dataset."""
+        return self.source.kind == "checkpoint" or (self.source.rows_fingerprint is not None and not self.mean_rows)
+
+
+def _is_ours(state: Any) -> bool:
+    return isinstance(state, dict) and "model" in state and isinstance(state.get("config"), dict)
+
+
+def _is_reference(state: Any) -> bool:
+    return isinstance(state, dict) and any(str(k).startswith(REFERENCE_PREFIXES) for k in state)
+
+
+def check_weights_source(path: str | Path) -> WeightsSource:
+    """What `path` holds, refusing with one CheckpointError anything this pipeline cannot load (cheap: metadata
+    only, so it can run before any work)."""
+    path = Path(path)
+    if is_weights_folder(path):
+        config = read_weights_config(path)
+        check_weights_file(path)
+        all_rows = config["puzzle_rows"] == "all"
+        return WeightsSource("export", (config.get("dataset") or {}).get("fingerprint") if all_rows else None)
+    if is_reference_folder(path):
+        read_reference_arch(path)
+        path = reference_step_file(path)
+    elif path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a folder, but neither exported weights ({WEIGHTS_FILE} + "
+                              f"{CONFIG_FILE}) nor the reference's checkpoint folder ({REFERENCE_CONFIG} + step_N)")
+    state = load_training_state(path, mmap=True)
+    if _is_ours(state):
+        return WeightsSource("checkpoint", state.get("dataset_fingerprint"))
+    if _is_reference(state):
+        return WeightsSource("reference", None)
+    raise CheckpointError(f"checkpoint {path}: neither a checkpoint of this project nor a reference TRM state dict")
+
+
+def _model_config(settings: Any, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**settings)
+    except TypeError as e:
+        raise CheckpointError(f"{where}: its model config is not this pipeline's ({e})") from None
+
+
+def _reference_weights(state: dict[str, Tensor], arch: dict[str, Any] | None, origin: Path) -> Weights:
+    try:
+        tensors = from_reference_state_dict(state)
+        config = reference_model_config(arch, tensors) if arch is not None else None
+    except (KeyError, ValueError) as e:
+        reason = e.args[0] if e.args else type(e).__name__  # a KeyError's str() would add quotes
+        raise CheckpointError(f"checkpoint {origin}: not a TRM-Att checkpoint this pipeline can load ({reason})") from None
+    return Weights(tensors, config, WeightsSource("reference", None), origin)
+
+
+def load_weights(path: str | Path, use_ema: bool = True) -> Weights:
+    """The weights `path` holds (see the module docstring for the sources). `use_ema` picks the EMA copy of a
+    training checkpoint; an export holds the copy it was exported with."""
+    source = check_weights_source(path)
+    path = Path(path)
+    if source.kind == "export":
+        tensors, config = read_weights_folder(path)
+        origin = (path.parent if path.name == WEIGHTS_FILE else path) / WEIGHTS_FILE
+        return Weights(tensors, _model_config(config["model"], origin.parent / CONFIG_FILE), source, origin,
+                       mean_rows=config["puzzle_rows"] == "mean", copy=config.get("weights", "ema"),
+                       dataset_fingerprint=(config.get("dataset") or {}).get("fingerprint"),
+                       trained_rows=config.get("trained_puzzle_rows"), step=config.get("step"),
+                       run_config=config.get("run_config"))
+    if path.is_dir():  # the reference's folder: its newest step_N file and its all_config.yaml
+        origin = reference_step_file(path)
+        return _reference_weights(load_training_state(origin, mmap=True), read_reference_arch(path), origin)
+    state = load_training_state(path, mmap=True)  # mapped: a resumable checkpoint's ACT carry is never read
+    if source.kind == "checkpoint":
+        ema = use_ema and state.get("ema") is not None
+        return Weights(_dense_weights(state, use_ema), _model_config(state["config"].get("model"), path), source, path,
+                       copy="ema" if ema else "live", dataset_fingerprint=state.get("dataset_fingerprint"),
+                       step=state.get("step"), run_config=state["config"])
+    arch = read_reference_arch(path.parent) if is_reference_folder(path.parent) else None
+    return _reference_weights(state, arch, path)
+
+
 def _dense_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
     """Our checkpoint's model state, with the EMA shadow in place of the live weights when asked and present."""
     weights = dict(state["model"])
@@ -363,54 +335,72 @@ def _dense_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
     return weights
 
 
-def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """(state dict in our naming, our saved run config or None) from our training checkpoint or a reference
-    checkpoint / state dict (any of its key prefixes)."""
-    state = load_training_state(path)
-    if isinstance(state, dict) and "model" in state and "config" in state:
-        return _dense_weights(state, use_ema), state["config"]
-    if isinstance(state, dict) and any(k.startswith(REFERENCE_PREFIXES) for k in state):
-        return from_reference_state_dict(state), None
-    raise CheckpointError(f"checkpoint {path}: neither a checkpoint of this project nor a reference TRM state dict")
+def mean_rows(table: Tensor, rows: int) -> Tensor:
+    """A (rows, ndim) table whose every row is the mean of `table`'s trained rows (row 0, the blank, left out):
+    where training on new puzzles starts. The reference does the same when shapes differ; random rows were
+    measured to hurt."""
+    trained = table[1:] if table.shape[0] > 1 else table
+    return trained.mean(0, keepdim=True).expand(rows, -1).clone()
 
 
 def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> None:
-    """Fine-tuning start: dense weights (EMA when saved) from a checkpoint trained on other puzzles; every row of
-    the model's puzzle table (the new dataset's variants) set to the mean of the checkpoint's trained rows
-    (row 0, the blank, left out). The reference does the same when shapes differ; random rows were measured
-    to hurt. If the tables have the same shape the checkpoint's table is taken as it is."""
-    weights, _ = read_weights(path, use_ema=True)
-    key = "puzzle_emb.weights"
+    """Fine-tuning start, from any weights source: the dense weights (EMA when saved), and every row of the
+    model's puzzle table (the new dataset's variants) set to the mean of the source's trained rows. If the
+    tables have the same shape the source's table is taken as it is."""
+    weights = load_weights(path, use_ema=True).tensors
     own = model.state_dict()
-    mismatched = [k for k in own if k != key and (k not in weights or weights[k].shape != own[k].shape)]
-    if mismatched:
-        raise CheckpointError(f"checkpoint {path}: does not fit this model config; mismatched or missing: "
-                              f"{', '.join(mismatched[:8])}")
-    if key in own:
-        old = weights[key]
-        if old.shape == own[key].shape:
+    problem = _misfit(own, weights, skip=PUZZLE_TABLE)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: does not fit this model config ({problem})")
+    how = "none"
+    if PUZZLE_TABLE in own and PUZZLE_TABLE in weights:
+        old = weights[PUZZLE_TABLE]
+        if old.shape == own[PUZZLE_TABLE].shape:
             how = "loaded as is (same shape)"
         else:
-            trained = old[1:] if old.shape[0] > 1 else old
-            weights = dict(weights)
-            weights[key] = trained.mean(0, keepdim=True).expand_as(own[key]).clone()
-            how = f"{own[key].shape[0]} rows set to the mean of the checkpoint's {trained.shape[0]} rows"
-    else:
-        how = "none"
+            weights = {**weights, PUZZLE_TABLE: mean_rows(old, own[PUZZLE_TABLE].shape[0])}
+            how = f"{own[PUZZLE_TABLE].shape[0]} rows set to the mean of the checkpoint's {max(old.shape[0] - 1, 1)} rows"
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
     if verbose:
         print(f"init from {path}: dense weights loaded; puzzle table {how}")
 
 
-def load_model_for_inference(path: str | Path, use_ema: bool = True) -> TRM:
-    """The model of one of our training checkpoints, with its EMA weights unless use_ema is False."""
-    state = load_training_state(path)
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
-        raise CheckpointError(f"checkpoint {path}: not a training checkpoint of this project (no config/model inside)")
+def load_model_for_inference(path: str | Path, use_ema: bool = True, num_puzzle_identifiers: int | None = None) -> TRM:
+    """The model any weights source holds (EMA weights unless use_ema is False). When its puzzle rows are not
+    a dataset's (an export with mean rows, the reference's checkpoint) and `num_puzzle_identifiers` is given, the
+    table gets that many rows at the mean of the trained ones, as fine-tuning on new puzzles starts."""
+    weights = load_weights(path, use_ema)
+    if weights.model_config is None:
+        raise CheckpointError(f"checkpoint {path}: a reference state dict without its model config; give its "
+                              f"checkpoint folder (the one with {REFERENCE_CONFIG})")
+    config, tensors = weights.model_config, weights.tensors
+    if not weights.rows_are_a_datasets and num_puzzle_identifiers and PUZZLE_TABLE in tensors:
+        warnings.warn(f"{path}: its puzzle rows are not this dataset's; every row starts at the mean of its trained "
+                      "rows (as fine-tuning on new puzzles does)", stacklevel=2)
+        config = dataclasses.replace(config, num_puzzle_identifiers=num_puzzle_identifiers)
+        tensors = {**tensors, PUZZLE_TABLE: mean_rows(tensors[PUZZLE_TABLE], num_puzzle_identifiers)}
     try:
-        model = TRM(ModelConfig(**state["config"]["model"]))
-        model.load_state_dict(_dense_weights(state, use_ema), strict=True)
+        model = TRM(config)
+        problem = _misfit(model.state_dict(), tensors, unexpected=True)
+        if problem is None:
+            model.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"checkpoint {path}: its weights do not fit its own model config ({reason})") from e
+        problem = " ".join(str(e).split())[:200]
+    if problem:
+        raise CheckpointError(f"checkpoint {weights.origin}: its weights do not fit its own model config ({problem})")
     return model
+
+
+def _misfit(expected: dict[str, Tensor], weights: dict[str, Tensor], skip: str = "", unexpected: bool = False
+            ) -> str | None:
+    """What keeps `weights` from loading into a model whose state dict is `expected`, in a few names; None if
+    nothing. Tensors the model lacks count only with `unexpected` (fine-tuning ignores them)."""
+    groups = {
+        "missing": [k for k in expected if k != skip and k not in weights],
+        "not TRM-Att's": [k for k in weights if k not in expected] if unexpected else [],
+        "other shape": [f"{k} {tuple(weights[k].shape)}, not {tuple(expected[k].shape)}" for k in expected
+                        if k != skip and k in weights and weights[k].shape != expected[k].shape],
+    }
+    parts = [f"{label}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+             for label, names in groups.items() if names]
+    return "; ".join(parts) or None

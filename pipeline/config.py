@@ -84,14 +84,17 @@ class RunConfig:
     freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
     checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
     checkpoint_every_epochs: float = 10_000
+    checkpoint_every_s: float = 0.0  # also a checkpoint when this many seconds passed since the last (0 = off)
     keep_checkpoints: int = 2  # resumable checkpoints kept (evaluated weights are kept apart, all of them)
     # evaluation during training on the held-out test inputs with known answers (pass@1/2, oracle -> metrics.jsonl)
     eval_every: int = 0  # steps between evaluations (0 = derive from eval_every_epochs)
     eval_every_epochs: float = 10_000  # the reference's eval_interval; 0 = no evaluation during training
     eval_views: int = 64  # augmented views per test input in these evaluations (stage predict uses all)
     log_every: int = 50  # steps between metrics.jsonl lines
+    log_with: str = ""  # experiment trackers fed the metrics.jsonl rows: "tensorboard", "wandb", both comma-separated
+    log_project: str = "trm-arc"  # the trackers' project (W&B project; RUN/tensorboard/PROJECT); the run is the folder
     time_budget_s: float = 0.0  # stop training (with a checkpoint) after this many seconds; 0 = no limit
-    mixed_precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "no" / "bf16"
+    mixed_precision: str = "auto"  # "auto" = bf16 on a GPU that has it natively, else fp32; or "no" / "bf16"
 
 
 def _paper(data: DataConfig) -> RunConfig:
@@ -112,7 +115,9 @@ def preset(name: str) -> RunConfig:
     if name == "kaggle":
         cfg = _paper(DataConfig(sources="", eval_set="", num_aug=1000))
         cfg.lr_warmup_steps = 100
-        cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end
+        cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end,
+        cfg.checkpoint_every_s = 900.0  # every 15 minutes (an out-of-memory kill or a crash loses at most that),
+        # and on SIGTERM (pipeline.signals)
         cfg.eval_every_epochs = 0  # the hidden tasks have no known answers
         return cfg
     if name == "demo":

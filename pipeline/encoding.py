@@ -67,6 +67,14 @@ def _draw(grid: np.ndarray, canvas: int, offset: tuple[int, int], background: in
     return out.reshape(-1)
 
 
+def label_cells(height: np.ndarray, width: np.ndarray, canvas: int) -> np.ndarray:
+    """int64: how many label cells an (h, w) grid drawn at offset (0, 0) has: its h*w colours, the EOS row under
+    it (w cells) unless it is `canvas` high, the EOS column right of it (h cells) unless it is `canvas` wide.
+    The same for every dihedral transform of the grid (a transpose swaps both terms)."""
+    h, w = np.asarray(height, np.int64), np.asarray(width, np.int64)
+    return h * w + np.where(h < canvas, w, 0) + np.where(w < canvas, h, 0)
+
+
 def encode_grid(grid: np.ndarray, canvas: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """int32 (canvas*canvas,): the grid's tokens with its top-left corner at `offset`."""
     return _draw(grid, canvas, offset, PAD)

@@ -33,6 +33,8 @@ COLUMNS: dict[str, np.dtype] = {
     "width": np.dtype(np.uint8),  # grid width, 0 for invalid rows
     "offset": np.dtype(np.int64),  # start of the row's grid in `cells`
 }
+# Optional columns (pipeline.rescore's likelihood scores), absent when prediction did not re-score.
+OPTIONAL_COLUMNS: dict[str, np.dtype] = {"logp": np.dtype(np.float32), "logp_cells": np.dtype(np.uint16)}
 
 
 class PredictionsError(ValueError):
@@ -54,6 +56,9 @@ class Predictions:
     # optional float32 (n,): the candidate's likelihood score from pipeline.rescore (mean over views of its summed
     # log-probability); NaN for rows not scored. None when the prediction run did not re-score.
     logp: np.ndarray | None = None
+    # optional uint16 (n,): how many label cells that sum runs over (colours + EOS edge; 0 = not scored), for the
+    # per-cell selectors. None in files written before it existed (pipeline.vote then counts the cells itself).
+    logp_cells: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.task)
@@ -78,8 +83,10 @@ class Predictions:
                 raise PredictionsError(f"{where}: column {name!r} has shape {column.shape}, expected ({n},)")
             if column.dtype != dtype:
                 raise PredictionsError(f"{where}: column {name!r} has dtype {column.dtype}, expected {dtype}")
-        if self.logp is not None and (self.logp.shape != (n,) or self.logp.dtype != np.float32):
-            raise PredictionsError(f"{where}: logp must be float32 ({n},), got {self.logp.dtype} {self.logp.shape}")
+        for name, dtype in OPTIONAL_COLUMNS.items():
+            column = getattr(self, name)
+            if column is not None and (column.shape != (n,) or column.dtype != dtype):
+                raise PredictionsError(f"{where}: {name} must be {dtype} ({n},), got {column.dtype} {column.shape}")
         if self.cells.dtype != np.uint8 or self.cells.ndim != 1:
             raise PredictionsError(f"{where}: cells must be a flat uint8 array, got {self.cells.dtype} {self.cells.shape}")
         if n and (self.task.min() < 0 or self.task.max() >= len(self.task_ids)):
@@ -102,8 +109,9 @@ class Predictions:
         """Write one uncompressed .npz atomically (compression costs seconds and saves little on small grids)."""
         arrays = self.columns()
         arrays["cells"] = self.cells
-        if self.logp is not None:
-            arrays["logp"] = self.logp
+        for name in OPTIONAL_COLUMNS:
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         arrays["task_ids"] = np.array(self.task_ids, dtype=np.str_)
         arrays["format_version"] = np.array(FORMAT_VERSION)
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
@@ -122,7 +130,7 @@ class Predictions:
         if int(arrays["format_version"]) != FORMAT_VERSION:
             raise PredictionsError(f"{path}: format version {int(arrays['format_version'])}, expected {FORMAT_VERSION}")
         predictions = cls(task_ids=[str(t) for t in arrays["task_ids"].tolist()], cells=arrays["cells"],
-                          logp=arrays.get("logp"), **{n: arrays[n] for n in COLUMNS})
+                          **{n: arrays.get(n) for n in OPTIONAL_COLUMNS}, **{n: arrays[n] for n in COLUMNS})
         predictions.check(where=str(path))
         return predictions
 
@@ -156,14 +164,17 @@ class Predictions:
                 columns[name].append(column)
             cells.append(part.cells)
             base += len(part.cells)
-        logp = None
-        if any(part.logp is not None for part in parts):
-            logp = np.concatenate([part.logp if part.logp is not None else np.full(len(part), np.nan, np.float32)
-                                   for part in parts])
+        optional = {}
+        for name, missing in (("logp", np.nan), ("logp_cells", 0)):
+            if any(getattr(part, name) is not None for part in parts):
+                dtype = OPTIONAL_COLUMNS[name]
+                optional[name] = np.concatenate([
+                    getattr(part, name) if getattr(part, name) is not None else np.full(len(part), missing, dtype)
+                    for part in parts])
         return cls(
             task_ids=task_ids,
             cells=np.concatenate(cells),
-            logp=logp,
+            **optional,
             **{name: np.concatenate(chunks).astype(COLUMNS[name], copy=False) for name, chunks in columns.items()},
         )
 

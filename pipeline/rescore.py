@@ -12,29 +12,34 @@ prediction pass, for every held-out test input:
   3. transform every candidate into each view (dihedral + colours) and encode it as a label canvas (its colours
      and its EOS edge, so the size counts too); its score in that view is the sum of the log-probabilities of
      those labels;
-  4. store the mean over views (= the product of experts up to a constant per test input) on every prediction
-     row of that candidate (`Predictions.logp`; NaN = not scored).
+  4. store the mean over the views that were run (= the product of experts up to a constant per test input) on
+     every prediction row of that candidate (`Predictions.logp`; NaN = not scored), and the number of label cells
+     the sum runs over (`Predictions.logp_cells`, for the per-cell selectors).
 
 With canvas buckets the model runs on each test input's bucket (the one prediction used), so every candidate it
 produced fits there; a candidate larger than the bucket scores -inf.
 
 The model is run once per (test input, view), not per candidate: every candidate of one test input is scored from
-the same logits. The cost is therefore M views per test input, the same as M more views of prediction (M / N of
-a prediction with N views). The selectors that read the scores (`likelihood`, `likelihood_vote`) live in
-`pipeline.vote` and need no model.
+the same logits, so all of them always have the same views and compare fairly even when the time budget cuts the
+pass short. The (test input, view) rows go round-robin over the test inputs (every input's first view, then every
+input's second, ...), as prediction's do, so a cut-off pass still scores every input; with several processes each
+takes an interleaved share of those rows and the per-candidate sums are added up over processes (every process
+ends with the same scores). The cost is M views per test input, the same as M more views of prediction. The
+selectors that read the scores (`likelihood`, `likelihood_vote`, ...) live in `pipeline.vote` and need no model.
 """
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from augment.dataset import AugmentedDataset
-from pipeline.encoding import IGNORE_LABEL, encode_many
+from pipeline.collectives import all_reduce_sum
+from pipeline.encoding import IGNORE_LABEL, encode_many, label_cells
 from pipeline.model import TRM, log_stablemax
 from pipeline.predictions import Predictions
 from pipeline.rows import bucket_groups
@@ -102,6 +107,18 @@ def candidate_logp(logp: np.ndarray, candidates: list[np.ndarray], dihedral: int
     return scores
 
 
+class Likelihoods(NamedTuple):
+    """Per prediction row: the mean over views of the summed label log-probability (float32, NaN = not scored),
+    and how many label cells that sum runs over (uint16, 0 = not scored)."""
+
+    logp: np.ndarray
+    cells: np.ndarray
+
+
+class RescoreError(RuntimeError):
+    """Re-scoring failed on some process (out of memory, ...); every process raises it, none is left waiting."""
+
+
 def rescore(
     model: TRM,
     dataset: AugmentedDataset,
@@ -114,52 +131,91 @@ def rescore(
     autocast: Callable[[], ContextManager] | None = None,
     time_budget_s: float = 0.0,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    stop: Callable[[], object] | None = None,
     buckets: tuple[int, ...] = (),
-) -> np.ndarray:
-    """float32 (len(predictions),): each candidate row's mean over `views` views of its summed log-probability,
-    for the top-`top_k` candidates by vote of every test input; NaN for the rest (and for test inputs left when
-    `time_budget_s` runs out: those keep their vote order). `buckets`: the canvas buckets prediction ran on."""
-    start_time = time.perf_counter()
+) -> Likelihoods:
+    """The likelihood scores of the top-`top_k` candidates by vote of every test input, over its first `views`
+    views; NaN / 0 for the rest. Every process passes the same (whole) `predictions` and scores its share of the
+    (test input, view) rows; the sums are added up over processes. `time_budget_s` (this call's) or `stop()`
+    returning true ends the pass early: candidates of inputs with no view run yet stay unscored (vote order).
+    `buckets`: the canvas buckets prediction ran on (() = the whole canvas)."""
+    if top_k < 1 or views < 1:
+        raise ValueError(f"rescore: top_k and views must be at least 1, got top_k={top_k}, views={views}")
     groups = group_candidates(predictions)
     best = top_groups(predictions, top_k)
-    group_logp = np.zeros(len(groups.row))
-    group_views = np.zeros(len(groups.row), np.int64)
+    sums = np.zeros((2, len(groups.row)))  # per group: summed log-probability over views, number of views
+    failed, error = 0.0, None
+    try:
+        _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
+                     time_budget_s, progress, rank, world, stop, buckets)
+    except Exception as e:  # noqa: BLE001 - said to every process below, so that none waits for this one
+        failed, error = 1.0, e
+    total = torch.from_numpy(np.concatenate([sums.ravel(), [failed]])).to(device)
+    total = all_reduce_sum(total, world).cpu().numpy()
+    if total[-1] > 0:
+        raise RescoreError(f"re-scoring failed on {int(total[-1])} process(es)"
+                           + (f": {error!r}" if error is not None else "")) from error
+    group_sum, group_views = total[:-1].reshape(2, -1)
+    scored = group_views > 0
+    per_group = np.where(scored, group_sum / np.maximum(group_views, 1), np.nan)
+    heights = predictions.height[groups.row].astype(np.int64)
+    widths = predictions.width[groups.row].astype(np.int64)
+    sides = _group_sides(dataset, predictions, groups, buckets)  # the EOS edge stops at the bucket's edge
+    cells = np.where(scored & np.isfinite(per_group), label_cells(heights, widths, sides), 0)
+    logp = np.full(len(predictions), np.nan, np.float32)
+    counts = np.zeros(len(predictions), np.uint16)
+    valid_rows = np.flatnonzero(predictions.valid)
+    logp[valid_rows] = per_group[groups.member[valid_rows]]
+    counts[valid_rows] = cells[groups.member[valid_rows]]
+    return Likelihoods(logp, counts)
+
+
+def _group_sides(dataset: AugmentedDataset, predictions: Predictions, groups, buckets: tuple[int, ...]) -> np.ndarray:
+    """int64 (G,): the bucket side each candidate group's test input is computed on (the canvas without buckets)."""
+    if not buckets:
+        return np.full(len(groups.row), dataset.canvas, np.int64)
+    rows = dataset.test_rows(1)
+    sides = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
+    side_of = {(dataset.puzzles[int(p)]["task_id"], int(t)): int(b)
+               for p, t, b in zip(rows["puzzle_index"], rows["test_index"], sides)}
+    return np.array([side_of.get((predictions.task_ids[int(task)], int(t)), dataset.canvas)
+                     for task, t in zip(groups.task, groups.test_index)], np.int64)
+
+
+def _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
+                 time_budget_s, progress, rank, world, stop, buckets) -> None:
+    """This process's (test input, view) rows, round-robin over inputs, added into `sums` (2, G) in place."""
+    start_time = time.perf_counter()
     task_index = {t: i for i, t in enumerate(predictions.task_ids)}
     grids = [predictions.grid(int(r)) for r in groups.row]
-
-    rows = dataset.test_rows(views if views > 0 else None)
+    rows = dataset.test_rows(views)
     keys = [(task_index.get(dataset.puzzles[int(p)]["task_id"], -1), int(t))
             for p, t in zip(rows["puzzle_index"], rows["test_index"])]
-    wanted = np.array([key in best for key in keys], bool)  # inputs with at least one valid candidate
-    rows = {k: v[wanted] for k, v in rows.items()}
+    view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]
+    order = [i for i in np.lexsort((np.arange(len(view)), view)).tolist() if keys[i] in best][rank::world]
+    rows = {k: v[order] for k, v in rows.items()}
     rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
-    keys = [key for key, w in zip(keys, wanted) if w]
+    keys = [keys[i] for i in order]
     bar = tqdm(total=len(keys), disable=not progress, desc="rescore", unit="view", dynamic_ncols=True)
     for start in range(0, len(keys), batch_size):
-        stop = min(len(keys), start + batch_size)
-        for side, part in bucket_groups(rows["side"][start:stop], dataset.canvas):
-            at = np.arange(start, stop) if part is None else start + part
+        end = min(len(keys), start + batch_size)
+        for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
+            at = np.arange(start, end) if part is None else start + part
             logp = view_logprobs(model, dataset, rows["grid"][at], rows["variant"][at], device, autocast, side)
             for i, row in enumerate(at.tolist()):
                 ids, variant = best[keys[row]], int(rows["variant"][row])
                 scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
                                         dataset.variant_colours[variant])
-                group_logp[ids] += scores
-                group_views[ids] += 1
-        bar.update(stop - start)
+                sums[0, ids] += scores
+                sums[1, ids] += 1
+        bar.update(end - start)
+        if stop is not None and stop():
+            bar.write(f"rescore: stopped by a signal after {end} of {len(keys)} views")
+            break
         if time_budget_s > 0 and time.perf_counter() - start_time > time_budget_s:
-            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {stop} of "
+            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {end} of "
                       f"{len(keys)} views")
             break
     bar.close()
-    # a test input cut off midway has fewer views for some candidates than others: score only complete ones
-    complete = np.zeros(len(groups.row), bool)
-    for ids in best.values():
-        counts = group_views[ids]
-        if counts[0] > 0 and (counts == counts[0]).all():
-            complete[ids] = True
-    per_group = np.where(complete, group_logp / np.maximum(group_views, 1), np.nan)
-    out = np.full(len(predictions), np.nan, np.float32)
-    valid_rows = np.flatnonzero(predictions.valid)
-    out[valid_rows] = per_group[groups.member[valid_rows]]
-    return out

@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import runfolder
+from pipeline import export, runfolder
 from pipeline.config import PRESETS, RunConfig, apply_overrides, from_dict, preset
 from pipeline.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
 from pipeline.io import is_disk_full
+from pipeline.tracking import tracker_names
 
 STAGES = ("augment", "train", "predict", "submit", "score", "report")
 
@@ -105,9 +106,9 @@ def stage_train(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     data_dir = _train_data_dir(out, args)
     _read_manifest(data_dir)  # everything that can be refused is checked before --force removes anything
     if args.init:
-        from pipeline.checkpoint import load_training_state
+        from pipeline.checkpoint import check_weights_source
 
-        load_training_state(args.init, mmap=True)
+        check_weights_source(args.init)
     _own_checkpoints(out, data_dir, args)
     from pipeline.canvas import parse_buckets
 
@@ -245,9 +246,19 @@ def stage_report(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.html'}")
 
 
+def stage_export(cfg: RunConfig, out: Path, args: argparse.Namespace) -> None:
+    """The weights prediction uses (EMA unless predict.use_ema=false) as a portable folder (pipeline.export)."""
+    if not _is_main_process():
+        return  # one writer
+    source = Path(args.checkpoint) if args.checkpoint else latest_or_fail(out)
+    folder = Path(args.export_dir) if args.export_dir else out / export.EXPORT_DIR
+    written = export.export_weights(source, folder, args.puzzle_rows, cfg.predict.use_ema, out / "dataset")
+    print(f"export: {source} -> {folder} ({written['weights']} weights, puzzle rows: {written['puzzle_rows']})")
+
+
 STAGE_FUNCS = {
     "plan": stage_plan, "augment": stage_augment, "train": stage_train, "predict": stage_predict,
-    "submit": stage_submit, "score": stage_score, "report": stage_report,
+    "submit": stage_submit, "score": stage_score, "report": stage_report, "export": stage_export,
 }
 
 
@@ -280,13 +291,14 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.run",
+        prog="trm-arc" if Path(sys.argv[0]).name == "trm-arc" else "python -m pipeline.run",  # the installed command
         description="TRM-Att ARC pipeline. Stages: augment (load + augment tasks), train, predict (candidates for "
         "every augmented view of every held-out test input), submit (vote, write submission.json), score, "
         "report (HTML pictures + training curves), all (the whole chain, skipping finished stages).",
     )
-    p.add_argument("--stage", required=True, choices=STAGES + ("all", "plan"),
-                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training")
+    p.add_argument("--stage", required=True, choices=STAGES + ("all", "plan", "export"),
+                   help="plan: write plan.json (steps, intervals, FLOPs, hours timed on this device) without training; "
+                   "export: the weights as a portable folder (model.safetensors + config.json)")
     p.add_argument("--preset", choices=PRESETS,
                    help="starting configuration for a new run folder; a run folder keeps the one it was made with")
     p.add_argument("--out", help="run folder (default: runs/PRESET)")
@@ -306,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="train: only write plan.json (same as --stage plan)")
     p.add_argument("--plan-time-steps", type=int, default=2,
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
-    p.add_argument("--init", help="train: fine-tune from this checkpoint (ours or the reference's)")
-    p.add_argument("--checkpoint", help="predict: checkpoint to use (default: the latest in --out)")
+    p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
+                   "reference's checkpoint (its file or folder)")
+    p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
+                   "a checkpoint, an exported folder, or the reference's checkpoint (its file or folder)")
+    export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help="submit: how candidates are ranked (vote, q_weighted, ...)")
     p.add_argument("--submission", help="score: the submission file to score (score.json goes to --out, or beside it)")
@@ -424,7 +439,7 @@ def resolve_config(args: argparse.Namespace, out: Path, marker: dict | None = No
     then the flags and --set overrides; a dataset setting that contradicts the folder is an error."""
     preset_name = _choose_preset(args, marker, out)
     saved = out / "config.json"
-    if args.stage in ("predict", "submit", "score", "report") and saved.exists():
+    if args.stage in ("predict", "submit", "score", "report", "export") and saved.exists():
         from pipeline.io import read_json
 
         try:
@@ -538,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
                              "(or --stage all) first")
     cfg = resolve_config(args, out, marker)
+    if args.stage in ("train", "all"):
+        tracker_names(cfg.log_with)  # a missing tracker package stops the command before any work
     if not _is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
         _run_stages(cfg, out, args, marker)
         return 0

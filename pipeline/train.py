@@ -21,8 +21,8 @@ never imports the prediction and scoring stages downstream of it.
 """
 from __future__ import annotations
 
-import json
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +45,8 @@ from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
 from pipeline.rows import bucket_groups, put_rows, take_rows
+from pipeline.tracking import accelerator_settings, finish_trackers, log_row, start_trackers
+from pipeline.signals import Stopped, stop_requested, stoppable
 
 
 METRIC_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
@@ -100,13 +102,31 @@ class Runtime:
         return self.rank == 0
 
 
-def make_runtime(cfg: RunConfig) -> Runtime:
+def native_bf16() -> bool:
+    """Whether this process's GPU computes in bf16 natively. T4 and P100 only emulate it (far slower than fp32),
+    and torch's plain is_bf16_supported() says yes for them; older torch has no `including_emulation`."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.get_device_capability()[0] >= 8  # bf16 arithmetic came with Ampere
+
+
+def auto_mixed_precision() -> str:
+    """What mixed_precision "auto" means: bf16 where the GPU has it natively, fp32 ("no") elsewhere."""
+    return "bf16" if native_bf16() else "no"
+
+
+def make_runtime(cfg: RunConfig, out_dir: Path | None = None) -> Runtime:
+    """The Accelerator of this process; with `cfg.log_with`, its experiment trackers too (pipeline.tracking)."""
     from accelerate import Accelerator
 
     precision = cfg.mixed_precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        precision = auto_mixed_precision()
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              **accelerator_settings(cfg.log_with, out_dir))
     return Runtime(accelerator, accelerator.process_index, accelerator.num_processes, accelerator.device)
 
 
@@ -384,22 +404,34 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     return lr_scale
 
 
-BUDGET_CHECK_EVERY = 10  # steps between time-budget checks with several processes (each check is a collective)
+BUDGET_CHECK_EVERY = 10  # steps between stop checks with several processes (each check is a collective)
 
 
-def budget_spent(cfg: RunConfig, rt: Runtime, step: int, elapsed_s: float) -> bool:
-    """Whether training must stop for the time budget after `step`. With one process the clock is read every
-    step. With several, every process must stop at the same step, which takes a collective and a wait for the
-    device: that is done every BUDGET_CHECK_EVERY steps only (a run may overshoot its budget by that many steps)."""
-    if cfg.time_budget_s <= 0:
-        return False
-    out_of_time = elapsed_s > cfg.time_budget_s
+@dataclass(frozen=True)
+class LoopCheck:
+    """What the loop must do after a step, the same on every process."""
+
+    out_of_time: bool = False  # the time budget is spent: a final checkpoint, then stop
+    signalled: bool = False  # a stop request (SIGTERM, pipeline.signals): a resumable checkpoint, then Stopped
+    save_due: bool = False  # checkpoint_every_s has passed since the last checkpoint
+
+
+def check_loop(cfg: RunConfig, rt: Runtime, step: int, elapsed_s: float, since_save_s: float) -> LoopCheck:
+    """Whether to stop or save after `step`. With one process the clock and the signal flag are read every step.
+    With several, every process must stop or save at the same step, which takes a collective and a wait for the
+    device: that is done every BUDGET_CHECK_EVERY steps only (a run may overshoot by that many steps)."""
+    local = LoopCheck(
+        out_of_time=cfg.time_budget_s > 0 and elapsed_s > cfg.time_budget_s,
+        signalled=stop_requested() is not None,
+        save_due=cfg.checkpoint_every_s > 0 and since_save_s > cfg.checkpoint_every_s,
+    )
     if rt.world == 1:
-        return out_of_time
+        return local
     if step % BUDGET_CHECK_EVERY:
-        return False
-    flag = torch.tensor([1.0 if out_of_time else 0.0], device=rt.device)
-    return bool(all_reduce_sum(flag, rt.world).item() > 0)
+        return LoopCheck()
+    flags = torch.tensor([float(local.out_of_time), float(local.signalled), float(local.save_due)], device=rt.device)
+    out_of_time, signalled, save_due = (all_reduce_sum(flags, rt.world) > 0).tolist()
+    return LoopCheck(out_of_time, signalled, save_due)
 
 
 def nominal_epoch(cfg: RunConfig, dataset: AugmentedDataset, step: int) -> float:
@@ -419,8 +451,7 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
     if rt.is_main and result is not None:
         row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
                "seconds": time.perf_counter() - started}
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        log_row(rt.accelerator, out_dir / "metrics.jsonl", row)
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
                    "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row}
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
@@ -431,6 +462,7 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@stoppable
 def train(
     cfg: RunConfig,
     data_dir: str | Path,
@@ -441,9 +473,12 @@ def train(
     progress: bool = True,
     evaluator: Evaluator | None = None,
 ) -> Path:
-    """Train; return the path of the last checkpoint. Resuming continues from the latest checkpoint in out_dir."""
-    rt = make_runtime(cfg)
+    """Train; return the path of the last checkpoint. Resuming continues from the latest checkpoint in out_dir.
+    The time budget counts from here: loading the dataset, building the model and restoring are part of it.
+    SIGTERM: a resumable checkpoint, then pipeline.signals.Stopped."""
+    t_begin = time.perf_counter()
     out_dir = Path(out_dir)
+    rt = make_runtime(cfg, out_dir)
     dataset = AugmentedDataset.load(data_dir)
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
@@ -479,16 +514,18 @@ def train(
         print(
             f"train: {dataset.num_train_examples} examples, {dataset.num_variants} puzzle variants, "
             f"{steps_total} steps of {cfg.global_batch_size} rows on {rt.world} process(es), device {rt.device}; "
-            f"checkpoint every {every} steps, evaluation every {eval_every or 'no'} steps"
+            f"checkpoint every {every} steps{f' or {cfg.checkpoint_every_s:.0f} s' if cfg.checkpoint_every_s > 0 else ''}, "
+            f"evaluation every {eval_every or 'no'} steps"
         )
+    start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
     refill = Refill(state.sampler, rt, micro, cfg.model.seq_len, state.sides)
 
     metrics_path = out_dir / "metrics.jsonl"
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
-    t_begin = time.perf_counter()
     last_path = ckpt.latest_checkpoint(ckpt_dir)
+    last_save = time.perf_counter()
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
                dynamic_ncols=True)
     while state.step < steps_total:
@@ -509,31 +546,39 @@ def train(
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             row["grid_tokens_per_row"] = interval_cells / (interval_steps * cfg.global_batch_size)
             if rt.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                log_row(rt.accelerator, metrics_path, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", exact=f"{row['exact_accuracy']:.3f}")
             sums.zero_()
             interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
 
-        out_of_time = budget_spent(cfg, rt, step, time.perf_counter() - t_begin)
-        final = step == steps_total or out_of_time
-        if step % every == 0 or final:
+        check = check_loop(cfg, rt, step, time.perf_counter() - t_begin, time.perf_counter() - last_save)
+        final = step == steps_total or check.out_of_time
+        if step % every == 0 or final or check.signalled or check.save_due:
             if rt.world > 1:  # a NaN on any process stops every process (none may go on into the save)
                 bad = all_reduce_sum(bad.to(torch.float32), rt.world) > 0
             if bool(bad.item()):
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
             last_path = save_state(state, cfg, rt, ckpt_dir, final=final)
+            last_save = time.perf_counter()
+        if check.signalled and not final:  # no evaluation: the time is the signal sender's
+            message = f"train: stopped by a signal at step {step}; resumable checkpoint {last_path}"
+            if rt.is_main:
+                print(message, flush=True)
+            bar.close()
+            finish_trackers(rt.accelerator)
+            raise Stopped(stop_requested() or signal.SIGTERM, message)
         if eval_every and (step % eval_every == 0 or final):
             row = run_evaluation(state, cfg, rt, dataset, evaluator, out_dir)
             if row is not None:
                 bar.write(f"eval at step {step}: pass@2 {row['pass2']:.4f} (per task {row['task_pass2']:.4f}), "
                           f"pass@1 {row['pass1']:.4f}, oracle {row['oracle']:.4f}, {row['views']} views, "
                           f"{row['seconds']:.1f} s")
-        if out_of_time:
+        if check.out_of_time:
             if rt.is_main:
                 print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
             break
     bar.close()
+    finish_trackers(rt.accelerator)
     return last_path
 
 

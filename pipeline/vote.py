@@ -14,9 +14,14 @@ only decides the order of the groups.
 - `likelihood`: the product of experts over augmented views: the top-K groups by vote are re-scored by the model
   (`pipeline.rescore`, run by the predict stage, which stores a mean log-probability per candidate in
   `Predictions.logp`); the highest score first, unscored groups after, by votes.
-- `likelihood_vote`: the same score plus log(votes): the vote share as a prior.
-- `likelihood_cell`, `likelihood_cell_vote`: the same per scored cell (h*w + h + w), since a sum over cells favours
-  small grids (measured on the dev split: docs/QUALITY.md).
+- `likelihood_vote`: the log-posterior with the vote share as a prior: the score plus log(votes).
+- `likelihood_cell`, `likelihood_cell_vote`: `likelihood` and `likelihood_vote` divided by the grid's scored label
+  cells (its colours and its EOS edge), since a sum over cells favours small grids (measured on the dev split:
+  docs/QUALITY.md).
+The rule for the vote prior: it is added once, to the whole grid's log-likelihood, and a per-cell selector divides
+that sum as a whole: (log p + log votes) / cells. So the prior weighs against the model exactly as much in
+`likelihood_cell_vote` as in `likelihood_vote`; dividing only the likelihood would let log(votes) swamp a per-cell
+mean (a few tenths) where it is a rounding error against a sum over hundreds of cells.
 The model runs in `pipeline.rescore`; the selectors here only read its stored scores.
 """
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.predictions import Predictions
+from pipeline.encoding import label_cells
+from pipeline.predictions import MAX_SIDE, Predictions
 
 
 @dataclass(frozen=True)
@@ -161,32 +167,43 @@ def likelihood(predictions: Predictions, top_k: int | None = None) -> dict[Key, 
 
 
 def likelihood_vote(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
-    """The product of experts with the vote share as a prior: mean log-probability + log(votes)."""
+    """The product of experts with the vote share as a prior: summed log-probability + log(votes)."""
     groups = group_candidates(predictions)
     logp = group_logp(predictions, groups) + np.log(groups.votes)
     return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
 
 
 def scored_cells(predictions: Predictions, groups: CandidateGroups) -> np.ndarray:
-    """float64 (G,): label cells a group's grid is scored on: its h*w colours and its EOS edge (h + w cells; fewer
-    only where the grid touches the canvas edge, which this count ignores)."""
-    h = predictions.height[groups.row].astype(np.float64)
-    w = predictions.width[groups.row].astype(np.float64)
-    return h * w + h + w
+    """float64 (G,): the label cells a group's score sums over (colours + EOS edge), as pipeline.rescore counted
+    them; for files without that count, the count on the 30x30 canvas (no EOS row under a 30-high grid, no EOS
+    column right of a 30-wide one)."""
+    if predictions.logp_cells is not None:
+        counted = predictions.logp_cells[groups.row].astype(np.float64)
+        return np.where(counted > 0, counted, np.nan)  # not scored: its score is -inf anyway
+    h = predictions.height[groups.row].astype(np.int64)
+    w = predictions.width[groups.row].astype(np.int64)
+    return label_cells(h, w, MAX_SIDE).astype(np.float64)
+
+
+def _per_cell(score: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """score / cells, keeping -inf (not scored) as -inf."""
+    return np.where(np.isfinite(score), score / np.where(np.isnan(cells), 1.0, cells), -np.inf)
 
 
 def likelihood_cell(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
     """`likelihood` per scored cell: the summed log-probability favours small grids (fewer cells, fewer terms);
     dividing by the cell count removes that bias."""
     groups = group_candidates(predictions)
-    logp = group_logp(predictions, groups) / scored_cells(predictions, groups)
+    logp = _per_cell(group_logp(predictions, groups), scored_cells(predictions, groups))
     return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
 
 
 def likelihood_cell_vote(predictions: Predictions, top_k: int | None = None) -> dict[Key, list[Ranked]]:
-    """`likelihood_cell` with the vote share as a prior: mean log-probability per cell + log(votes)."""
+    """`likelihood_vote` per scored cell: (summed log-probability + log(votes)) / cells (the rule in the module
+    docstring: the prior weighs as much as in likelihood_vote)."""
     groups = group_candidates(predictions)
-    logp = group_logp(predictions, groups) / scored_cells(predictions, groups) + np.log(groups.votes)
+    posterior = group_logp(predictions, groups) + np.log(groups.votes)
+    logp = _per_cell(posterior, scored_cells(predictions, groups))
     return rank_groups(predictions, groups, logp, groups.votes.astype(np.float64), top_k)
 
 

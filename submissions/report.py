@@ -7,8 +7,6 @@ runs (a few hundred bytes for a typical grid), so 400 tasks stay a few MB.
 from __future__ import annotations
 
 import html
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,18 +15,19 @@ import numpy as np
 
 from pipeline.data import Task
 from pipeline.io import atomic_write_text
+from submissions.curves import dashboard_html, read_metrics, read_rows  # noqa: F401 - read_metrics re-exported
 from submissions.score import ScoreReport, _as_grid, score_submission
 
 # The standard ARC palette, colour 0..9.
 PALETTE = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
-MAX_CURVE_POINTS = 1500
 
 CSS = """
 body{font:13px system-ui,sans-serif;margin:12px;background:#fafafa;color:#222}
 h1{font-size:18px;margin:0 0 8px}h2{font-size:15px;margin:16px 0 6px}
 table.s{border-collapse:collapse}table.s td,table.s th{padding:2px 10px;border-bottom:1px solid #ddd;text-align:right}
 table.s td:first-child,table.s th:first-child{text-align:left}
-.curves{display:flex;flex-wrap:wrap;gap:8px}.curve{background:#fff;border:1px solid #ddd;padding:4px}
+.charts{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0}.chart{background:#fff;border:1px solid #ddd}
+details{margin:8px 0}summary{font-weight:bold;cursor:pointer}.constants{color:#444;margin:4px 0}
 .index a{display:inline-block;padding:0 3px;margin:1px;font:11px monospace;text-decoration:none;color:#222;border-radius:2px}
 .ok{background:#c8efc8}.bad{background:#f6cccc}.unk{background:#e4e4e4}
 .tasks{display:flex;flex-wrap:wrap;gap:6px}
@@ -78,71 +77,6 @@ def grid_svg(grid: Any, max_px: int = 96) -> str:
         f'<svg width="{w * cell}" height="{h * cell}" viewBox="0 0 {w} {h}" shape-rendering="crispEdges">'
         f'<rect width="{w}" height="{h}" fill="{PALETTE[background]}"/>{body}'
         f'<rect width="{w}" height="{h}" fill="url(#gl)"/></svg>'
-    )
-
-
-def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[tuple[float, float]]], int]:
-    """Series per metric name from a metrics.jsonl file, and how many lines could not be used.
-
-    A line is a JSON object with "step" and numeric metrics; a run killed mid-write leaves a broken last line,
-    which is skipped and counted rather than fatal. Evaluation lines (`"kind": "eval"`, held-out pass@k during
-    training) give series named "eval <metric>", listed first.
-    """
-    series: dict[str, list[tuple[float, float]]] = {}
-    skipped = 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                step = float(record["step"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                skipped += 1
-                continue
-            prefix = "eval " if record.get("kind") == "eval" else ""
-            for name, value in record.items():
-                if name == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if math.isfinite(value):
-                    series.setdefault(prefix + name, []).append((step, float(value)))
-    ordered = {k: v for k, v in series.items() if k.startswith("eval ")}
-    ordered.update((k, v) for k, v in series.items() if not k.startswith("eval "))
-    return ordered, skipped
-
-
-def _short(v: float) -> str:
-    """Axis numbers that fit the narrow left margin: 1692 -> 1.69k."""
-    a = abs(v)
-    return f"{v / 1e6:.3g}M" if a >= 1e6 else f"{v / 1e3:.3g}k" if a >= 1e3 else f"{v:.3g}"
-
-
-def curve_svg(name: str, points: Sequence[tuple[float, float]], width: int = 300, height: int = 150) -> str:
-    """One metric against step as an SVG polyline with its range and last value written on it."""
-    points = sorted(points)
-    if len(points) > MAX_CURVE_POINTS:  # thin evenly, always keeping the last point
-        keep = np.unique(np.append(np.linspace(0, len(points) - 1, MAX_CURVE_POINTS).astype(int), len(points) - 1))
-        points = [points[k] for k in keep]
-    xs = np.array([p[0] for p in points])
-    ys = np.array([p[1] for p in points])
-    left, right, top, bottom = 44, 6, 16, 18
-    x0, x1 = xs.min(), xs.max()
-    y0, y1 = ys.min(), ys.max()
-    px = left + (xs - x0) / ((x1 - x0) or 1) * (width - left - right)
-    py = top + (1 - (ys - y0) / ((y1 - y0) or 1)) * (height - top - bottom)
-    polyline = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px, py))
-    t = html.escape(name)
-    return (
-        f'<svg class="curve" width="{width}" height="{height}" font-size="10">'
-        f'<text x="{left}" y="11" font-weight="bold">{t}</text>'
-        f'<text x="{width - right}" y="11" text-anchor="end">last {ys[-1]:.4g}</text>'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>'
-        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>'
-        f'<text x="{left - 3}" y="{top + 8}" text-anchor="end">{_short(y1)}</text>'
-        f'<text x="{left - 3}" y="{height - bottom}" text-anchor="end">{_short(y0)}</text>'
-        f'<text x="{left}" y="{height - 4}">{x0:.0f}</text>'
-        f'<text x="{width - right}" y="{height - 4}" text-anchor="end">step {x1:.0f}</text>'
-        f'<polyline fill="none" stroke="#0074D9" stroke-width="1.2" points="{polyline}"/></svg>'
     )
 
 
@@ -220,10 +154,9 @@ def render_report(
     if score is not None:
         sections.append(_scores_html(score))
     if metrics_path is not None:
-        series, skipped = read_metrics(metrics_path)
-        curves = "".join(curve_svg(name, points) for name, points in series.items())
+        rows, skipped = read_rows(metrics_path)
         note = f'<p class="note">{skipped} unreadable lines in {html.escape(str(metrics_path))} skipped</p>' if skipped else ""
-        sections.append(f'<h2>Training curves</h2>{note}<div class="curves">{curves or "no metrics"}</div>')
+        sections.append(f"<h2>Training curves</h2>{note}{dashboard_html(rows)}")
     cards, links = [], []
     for task in tasks:
         truths = solutions.get(task.id) if solutions is not None else None

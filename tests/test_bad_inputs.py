@@ -170,6 +170,7 @@ def fake_full_append(ws: Ws) -> None:
     """Appending to metrics.jsonl (a plain append, not an atomic write) fails as on a full disk."""
     import builtins
 
+    import pipeline.tracking
     import pipeline.train
 
     def full_open(file, mode="r", *a, **kw):
@@ -177,7 +178,8 @@ def fake_full_append(ws: Ws) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
         return builtins.open(file, mode, *a, **kw)
 
-    ws.monkeypatch.setattr(pipeline.train, "open", full_open, raising=False)
+    for module in (pipeline.train, pipeline.tracking):  # the rows are appended by pipeline.tracking.log_row
+        ws.monkeypatch.setattr(module, "open", full_open, raising=False)
 
 
 def hold_lock(ws: Ws) -> None:

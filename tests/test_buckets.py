@@ -225,8 +225,8 @@ def test_prediction_and_rescoring_on_buckets_compute_the_masked_full_canvas(mixe
 
     def run(buckets: tuple[int, ...]) -> tuple[dict, dict]:
         predicted = predict(model, ds, cfg, progress=False, buckets=buckets)
-        candidates.logp = rescore(model, ds, candidates, top_k=2, views=3, batch_size=5, progress=False,
-                                  buckets=buckets)
+        candidates.logp, candidates.logp_cells = rescore(model, ds, candidates, top_k=2, views=3, batch_size=5,
+                                                         progress=False, buckets=buckets)
         return by_view(predicted), by_view(candidates)
 
     bucketed, plain = run((SMALL, PREDICT_CANVAS)), run(())
@@ -236,6 +236,44 @@ def test_prediction_and_rescoring_on_buckets_compute_the_masked_full_canvas(mixe
         assert_same_views(got, want, "same", SMALL)
         assert_same_views(got, full, "odd", PREDICT_CANVAS + 1)
     assert not np.isnan([v[2] for v in bucketed[1].values()]).any()  # every candidate fits its bucket
+
+
+def test_a_candidate_as_large_as_its_bucket_is_scored_without_the_eos_edge_beyond_it(mixed_dataset):
+    """A prediction on a bucket can fill it (its crop stops at the edge): its label cells are its colours only."""
+    ds = mixed_dataset
+    task = next(t for t in ds.eval_tasks() if t.id.startswith("same"))
+    writer = PredictionsWriter([t.id for t in ds.eval_tasks()])
+    writer.add(task.id, 0, 0, 0.5, [np.zeros((SMALL, SMALL), np.uint8)])
+    writer.add(task.id, 0, 1, 0.5, [np.zeros((SMALL + 1, 1), np.uint8)])  # larger than the bucket: not scored
+    scores = rescore(predict_model(ds), ds, writer.finish(), top_k=2, views=2, progress=False,
+                     buckets=(SMALL, PREDICT_CANVAS))
+    assert np.isfinite(scores.logp[0]) and scores.cells[0] == SMALL * SMALL
+    assert scores.logp[1] == -np.inf and scores.cells[1] == 0
+
+
+def test_prediction_and_rescoring_on_buckets_shard_over_two_processes_as_one(mixed_dataset, monkeypatch):
+    """Each rank's share of the views (mixing both buckets) joined, and the re-scoring sums of both ranks added
+    (the all-reduce played in-process), give what one process gives."""
+    import pipeline.rescore as rescore_module
+
+    ds, model, buckets = mixed_dataset, predict_model(mixed_dataset), (SMALL, PREDICT_CANVAS)
+    cfg = PredictConfig(max_variants=0, batch_size=3)
+    one = predict(model, ds, cfg, progress=False, buckets=buckets)
+    two = Predictions.concatenate([predict(model, ds, cfg, progress=False, buckets=buckets, rank=r, world=2)
+                                   for r in range(2)])
+    assert by_view(one).keys() == by_view(two).keys()
+    for key, (q, grid, _) in by_view(one).items():
+        assert by_view(two)[key][0] == pytest.approx(q, abs=1e-6)
+    sums = {}
+    monkeypatch.setattr(rescore_module, "all_reduce_sum", lambda t, world: sums.setdefault("rank1", t.clone()))
+    rescore(model, ds, one, top_k=2, views=3, batch_size=3, progress=False, buckets=buckets, rank=1, world=2)
+    monkeypatch.setattr(rescore_module, "all_reduce_sum", lambda t, world: t + sums["rank1"])
+    sharded = rescore(model, ds, one, top_k=2, views=3, batch_size=3, progress=False, buckets=buckets, rank=0, world=2)
+    monkeypatch.undo()
+    alone = rescore(model, ds, one, top_k=2, views=3, batch_size=3, progress=False, buckets=buckets)
+    np.testing.assert_allclose(sharded.logp, alone.logp, rtol=1e-5)
+    np.testing.assert_array_equal(sharded.cells, alone.cells)
+    assert np.isfinite(alone.logp).any()
 
 
 # -- the training stream on buckets ---------------------------------------------------------------------------------

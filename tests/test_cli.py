@@ -98,7 +98,7 @@ def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "pipeline.run", "--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4),
-           "--set", "predict.max_variants=3"]
+           "--set", "predict.max_variants=3", "--set", "log_with=tensorboard"]
     done = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -110,6 +110,8 @@ def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
     assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), tasks) == []
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kinds == ["train", "train", "eval"]  # log_every=2, 4 steps, the final evaluation; rank 0 only
+    # one TensorBoard writer (rank 0), closed without ending the process group that prediction still needed
+    assert len(list((tmp_path / "tensorboard" / "trm-arc").glob("events.out.tfevents.*"))) == 1
 
 
 def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
@@ -160,3 +162,20 @@ def test_whole_chain_on_canvas_buckets_and_its_checkpoint_on_the_full_canvas(tmp
     assert main(["--stage", "predict", "--out", str(tmp_path), "--quiet", "--set", "data.canvas_buckets="]) == 0
     full = Predictions.load(tmp_path / "predictions.npz")
     assert len(full) == len(bucketed)
+
+
+def test_the_installed_trm_arc_command_is_the_module_form(monkeypatch):
+    """`pip install` puts a `trm-arc` console script beside the interpreter: the same CLI as `python -m pipeline.run`."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    found = Path(sysconfig.get_path("scripts"), "trm-arc")
+    command = str(found) if found.exists() else shutil.which("trm-arc")
+    assert command, "trm-arc is not installed: pip install -e . installs it"
+    done = subprocess.run([command, "--stage", "export", "--out", "/nonexistent/run"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --out /nonexistent/run: not a run folder")
+    monkeypatch.setattr(sys, "argv", [command])
+    assert build_parser().prog == "trm-arc"  # its help names the command it was started as

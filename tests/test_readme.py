@@ -21,7 +21,8 @@ TOY_DATA = ["--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.
 
 
 def _section_commands(heading: str) -> list[list[list[str]]]:
-    """The pipeline commands of each ```bash block under a `## heading`, as argument lists after `pipeline.run`."""
+    """The pipeline commands of each ```bash block under a `## heading`, as argument lists after `pipeline.run`
+    (or the installed `trm-arc`, the same command)."""
     text = README.read_text()
     start = text.index(f"## {heading}\n")
     end = text.find("\n## ", start + 1)
@@ -33,6 +34,8 @@ def _section_commands(heading: str) -> list[list[list[str]]]:
             words = shlex.split(line, comments=True)
             if "pipeline.run" in words:
                 commands.append(words[words.index("pipeline.run") + 1:])
+            elif words[:1] == ["trm-arc"]:
+                commands.append(words[1:])
         out.append(commands)
     return out
 
@@ -100,4 +103,17 @@ def test_paper_recipe_and_finetune_run_as_written(runs: dict[str, Path]):
     checkpoint_names = {named: latest_checkpoint(out / "checkpoints")}
     for words in finetune:
         assert main(_toy(words, runs, checkpoint_names)) == 0, words
+    assert latest_checkpoint(runs["runs/ft"] / "checkpoints") is not None
+
+
+def test_publishing_and_loading_weights_run_as_written(runs: dict[str, Path]):
+    (block,) = _section_commands("Publishing and loading weights")
+    assert [c[c.index("--stage") + 1] for c in block] == ["export", "export", "predict", "augment", "train"]
+    for words in (["--stage", "augment", "--preset", "arc1", "--out", "runs/arc1"],
+                  ["--stage", "train", "--out", "runs/arc1"]):  # a toy run to export
+        assert main(_toy(words, runs, {})) == 0, words
+    for words in block:
+        assert main(_toy(words, runs, {})) == 0, words
+    for folder in ("export", "export-mean"):
+        assert (runs["runs/arc1"] / folder / "model.safetensors").exists()
     assert latest_checkpoint(runs["runs/ft"] / "checkpoints") is not None

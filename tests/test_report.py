@@ -74,3 +74,48 @@ def test_report_without_truth(tmp_path):
     write_report(path, tasks, {"hidden": [{"attempt_1": [[1]], "attempt_2": [[1]]}]})
     page = path.read_text()
     assert 'class="task unk"' in page and page.count("<svg") == 1 + 3
+
+
+def _titles(page: str) -> list[str]:
+    return re.findall(r'<svg class="chart"[^>]*><text[^>]*font-weight="bold">([^<]*)</text>', page)
+
+
+def test_dashboard_puts_the_headline_curves_first_constants_as_text_and_groups_the_rest(tmp_path):
+    from submissions.curves import dashboard_html, read_rows
+
+    rows = []
+    for step in range(10, 110, 10):
+        rows.append({"kind": "train", "step": step, "loss": 3 - step / 100, "lm_loss": 2.9 - step / 100,
+                     "exact_accuracy": step / 1000, "lr": 1e-3, "examples_per_s": 100 + step % 7})
+    rows += [{"kind": "eval", "step": s, "pass2": s / 400, "task_pass2": s / 300, "oracle": s / 200,
+              "views": 8, "tasks": 13, "seconds": 1 + s / 50} for s in (50, 100)]
+    page = dashboard_html(rows)
+    assert _titles(page)[:3] == ["Training loss", "Training exact accuracy", "Held-out pass@2"]
+    assert "cross-entropy" not in page and "FLOPs" not in page  # not logged by this run: not drawn
+    assert page.index("Held-out pass@2") < page.index("<details")  # the rest below, grouped by kind
+    assert re.search(r"Training \(10 rows\): 1 more curve<.*the same in every row: lr <b>0.001</b>", page)
+    assert re.search(r"Held-out evaluations \(2 rows\).*views <b>8</b>, tasks <b>13</b>", page)
+    assert set(_titles(page)) == {"Training loss", "Training exact accuracy", "Held-out pass@2", "examples_per_s",
+                                  "seconds"}  # constants are text, not charts
+
+    path = tmp_path / "metrics.jsonl"  # columns added later (FLOPs, the truth's cross-entropy) get their charts
+    more = [{**r, "flops": r["step"] * 1e12} | ({"ce_true": 2 - r["step"] / 100} if r["kind"] == "eval" else {})
+            for r in rows]
+    path.write_text("".join(json.dumps(r) + "\n" for r in more))
+    page = dashboard_html(read_rows(path)[0])
+    assert _titles(page)[:6] == ["Training loss", "Training exact accuracy", "Held-out pass@2",
+                                 "Held-out cross-entropy of the truth", "Held-out pass@2 against FLOPs",
+                                 "Held-out cross-entropy against FLOPs"]
+    assert "FLOPs 100T" in page  # the FLOPs axis, in readable units
+
+
+def test_a_single_evaluation_still_shows_and_a_rate_axis_starts_at_zero():
+    from submissions.curves import chart_svg
+
+    svg = chart_svg("Held-out pass@2", [("test outputs", [(500.0, 0.0)])], x_range=(0, 500), from_zero=True)
+    assert svg.count("<circle") == 1  # one point: a marker, not an invisible one-point line
+    labels = re.findall(r'text-anchor="end" fill="#555">([^<]*)<', svg)[:-1]  # the y axis (the last: x's end)
+    assert labels[0] == "0" and labels[-1] == "1"  # a rate that stayed 0 is drawn on 0..1
+    svg = chart_svg("loss", [("loss", [(s, 2.0 - s / 1000) for s in range(3000)])])
+    points = re.search(r'points="([^"]*)"', svg).group(1).split()
+    assert "<circle" not in svg and len(points) == 1500  # a long curve: no markers, thinned

@@ -6,14 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from augment.dataset import AugmentedDataset
-from pipeline.encoding import VOCAB_SIZE, encode_labels
+from pipeline.config import PredictConfig
+from pipeline.encoding import VOCAB_SIZE, encode_labels, encode_many, label_cells
+from pipeline.errors import ConfigError
 from pipeline.model import log_stablemax
 from pipeline.predictions import Predictions, PredictionsWriter
+from pipeline.predict import check_rescore_settings
 from pipeline.rescore import candidate_logp, rescore, top_groups
-from pipeline.vote import SELECTORS, likelihood, likelihood_vote, vote
+from pipeline.vote import (SELECTORS, group_candidates, likelihood, likelihood_cell_vote, likelihood_vote,
+                           scored_cells, vote)
 from tiny import build_tiny_dataset
 
 
@@ -56,7 +62,7 @@ def _votes_against_likelihood(dataset: AugmentedDataset) -> tuple[Predictions, d
 def test_likelihood_overrules_votes_when_the_model_prefers_the_rarer_grid(dataset):
     predictions, truth = _votes_against_likelihood(dataset)
     model = CopyModel()
-    predictions.logp = rescore(model, dataset, predictions, top_k=2, views=4, progress=False)
+    predictions.logp, predictions.logp_cells = rescore(model, dataset, predictions, top_k=2, views=4, progress=False)
     assert model.calls == 2  # one batch of (test input, view) rows, all ACT steps; not one run per candidate
     assert not np.isnan(predictions.logp[predictions.valid]).any()
     by_vote, by_likelihood = vote(predictions), likelihood(predictions)
@@ -112,7 +118,8 @@ def test_without_scores_the_likelihood_selectors_fall_back_to_votes(dataset):
 
 def test_scores_survive_save_load_and_concatenate(dataset, tmp_path: Path):
     predictions, _ = _votes_against_likelihood(dataset)
-    predictions.logp = rescore(CopyModel(), dataset, predictions, top_k=1, views=2, progress=False)
+    predictions.logp, predictions.logp_cells = rescore(CopyModel(), dataset, predictions, top_k=1, views=2,
+                                                       progress=False)
     assert np.isnan(predictions.logp).sum() > 0  # only the top-1 group is scored
     predictions.save(tmp_path / "p.npz")
     loaded = Predictions.load(tmp_path / "p.npz")
@@ -153,3 +160,59 @@ def test_a_failed_rescoring_keeps_the_candidates(tmp_path: Path, monkeypatch):
         path = predict_module.predict_to_file(data, checkpoint, tmp_path / "p.npz", cfg.predict, progress=False)
     predictions = Predictions.load(path)
     assert len(predictions) > 0 and predictions.logp is None
+
+
+# ------------------------------------------------------------------------------------------ counts and settings
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 30), w=st.integers(1, 30), dihedral=st.integers(0, 7), canvas=st.sampled_from([30, 12]))
+def test_the_per_cell_count_is_the_label_cells_scored(h, w, dihedral, canvas):
+    """label_cells counts what candidate_logp sums over, in every view: no EOS row under a grid as high as the
+    canvas, no EOS column right of one as wide (ARC-AGI-2 has many 30-wide grids)."""
+    if max(h, w) > canvas:
+        return
+    grid = np.arange(h * w, dtype=np.uint8).reshape(h, w) % 10
+    labels = encode_many(grid.ravel(), [0], [h], [w], canvas, dihedrals=[dihedral], labels=True)
+    assert (labels != -100).sum() == label_cells(h, w, canvas)
+    logp = np.zeros((canvas * canvas, VOCAB_SIZE), np.float32) - 1.0  # every label cell scores -1
+    assert candidate_logp(logp, [grid], dihedral, np.arange(10, dtype=np.uint8))[0] == -label_cells(h, w, canvas)
+
+
+def test_thirty_wide_grids_are_counted_without_an_eos_column():
+    writer = PredictionsWriter()
+    writer.add("t", 0, 0, 0.5, [np.zeros((2, 30), np.uint8), np.zeros((30, 30), np.uint8), np.zeros((3, 4), np.uint8)])
+    p = writer.finish()
+    groups = group_candidates(p)
+    assert scored_cells(p, groups).tolist() == [60 + 30, 900, 12 + 4 + 3]  # files without logp_cells: canvas 30
+    p.logp_cells = np.array([7, 8, 9], np.uint16)  # what rescore counted (any canvas) wins
+    assert scored_cells(p, group_candidates(p)).tolist() == [7, 8, 9]
+
+
+@settings(max_examples=50, deadline=None)
+@given(scores=st.lists(st.floats(-500, 0), min_size=2, max_size=6), votes=st.lists(st.integers(1, 50), min_size=6,
+                                                                                   max_size=6))
+def test_the_vote_prior_weighs_the_same_per_cell_as_per_grid(scores, votes):
+    """The rule of pipeline.vote: (log p + log votes) / cells. With equal cell counts the per-cell selector must
+    then rank exactly as likelihood_vote (dividing only log p would let the prior swamp a per-cell mean)."""
+    writer = PredictionsWriter()
+    for k, v in enumerate(votes[:len(scores)]):
+        for _ in range(v):
+            writer.add("t", 0, 0, 0.5, [np.full((2, 3), k, np.uint8)])
+    p = writer.finish()
+    groups = group_candidates(p)
+    p.logp = np.asarray(scores, np.float32)[groups.member]
+    p.logp_cells = np.full(len(p), 11, np.uint16)
+    per_grid = [r.grid[0, 0] for r in likelihood_vote(p)[("t", 0)]]
+    per_cell = likelihood_cell_vote(p)[("t", 0)]
+    assert [r.grid[0, 0] for r in per_cell] == per_grid
+    best = int(per_cell[0].grid[0, 0])
+    assert per_cell[0].score == pytest.approx((scores[best] + np.log(votes[best])) / 11, rel=1e-5)
+
+
+def test_rescoring_needs_at_least_one_candidate_and_one_view(dataset):
+    predictions, _ = _votes_against_likelihood(dataset)
+    for top_k, views in ((0, 2), (2, 0)):
+        with pytest.raises(ValueError, match="at least 1"):
+            rescore(CopyModel(), dataset, predictions, top_k=top_k, views=views, progress=False)
+    with pytest.raises(ConfigError, match="predict.rescore_top_k: must be at least 1"):
+        check_rescore_settings(PredictConfig(rescore_views=8, rescore_top_k=0))
+    check_rescore_settings(PredictConfig(rescore_views=0, rescore_top_k=0))  # re-scoring off: no top-K needed

@@ -14,7 +14,7 @@ import pipeline.train as train_module
 from augment.dataset import AugmentedDataset
 from pipeline import checkpoint as ckpt
 from pipeline.batches import TrainSampler
-from pipeline.train import (BUDGET_CHECK_EVERY, Refill, Runtime, blank_carries, budget_spent, build_state,
+from pipeline.train import (BUDGET_CHECK_EVERY, Refill, Runtime, blank_carries, build_state, check_loop,
                             make_runtime, train, train_step)
 from tiny import build_tiny_dataset, tiny_config
 
@@ -50,17 +50,21 @@ def test_each_process_encodes_only_its_rows_and_gets_what_one_process_would(tiny
                                                     batch_size=8).state_dict() | {"position": 5}
 
 
-def test_budget_is_a_collective_only_every_few_steps_with_several_processes(monkeypatch):
+def test_loop_checks_are_a_collective_only_every_few_steps_with_several_processes(monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "all_reduce_sum", lambda t, world: calls.append(float(t)) or t)
+    monkeypatch.setattr(train_module, "all_reduce_sum", lambda t, world: calls.append(t.tolist()) or t)
     cfg = tiny_config(time_budget_s=5.0)
     several = Runtime(accelerator=None, rank=0, world=2, device=torch.device("cpu"))
-    stops = [step for step in range(1, 26) if budget_spent(cfg, several, step, elapsed_s=9.0)]
+    stops = [step for step in range(1, 26) if check_loop(cfg, several, step, elapsed_s=9.0, since_save_s=0.0).out_of_time]
     assert stops == [BUDGET_CHECK_EVERY, 2 * BUDGET_CHECK_EVERY] and len(calls) == 2
     one = Runtime(accelerator=None, rank=0, world=1, device=torch.device("cpu"))
-    assert budget_spent(cfg, one, 1, elapsed_s=9.0) and not budget_spent(cfg, one, 1, elapsed_s=1.0)
-    assert not budget_spent(tiny_config(time_budget_s=0.0), several, BUDGET_CHECK_EVERY, elapsed_s=9.0)
-    assert len(calls) == 2
+    assert check_loop(cfg, one, 1, elapsed_s=9.0, since_save_s=0.0).out_of_time
+    assert not check_loop(cfg, one, 1, elapsed_s=1.0, since_save_s=0.0).out_of_time
+    unlimited = check_loop(tiny_config(time_budget_s=0.0), several, BUDGET_CHECK_EVERY, elapsed_s=9.0, since_save_s=0.0)
+    assert unlimited == train_module.LoopCheck() and calls[-1] == [0.0, 0.0, 0.0]
+    periodic = tiny_config(checkpoint_every_s=60.0)
+    assert check_loop(periodic, one, 1, elapsed_s=9.0, since_save_s=61.0).save_due
+    assert not check_loop(periodic, one, 1, elapsed_s=9.0, since_save_s=59.0).save_due
 
 
 def test_time_budget_stops_with_a_final_checkpoint(tiny_data: Path, tmp_path: Path):

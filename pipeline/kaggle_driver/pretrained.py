@@ -1,0 +1,111 @@
+"""The pretrained checkpoint fine-tuning starts from: found in the settings or the bundle (sha256 checked), its
+model config read (ours carry it; a reference checkpoint comes with its arch config), and, when fine-tuning did
+not happen, turned into a checkpoint of this run's dataset so that prediction can use it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.kaggle_driver.settings import ENV, KaggleSettings
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_any(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a big table stays on disk
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format cannot mmap
+
+
+def load_arch_config(path: Path) -> dict[str, Any]:
+    """A reference model config: JSON, or YAML when pyyaml is installed; the reference's whole all_config.yaml
+    (with an `arch` section) or the section alone."""
+    text = Path(path).read_text()
+    if Path(path).suffix in (".yaml", ".yml"):
+        import yaml  # Kaggle's image has pyyaml; not a dependency of this project
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a mapping of model settings")
+    arch = data.get("arch", data)
+    # the reference sets these from its dataset at run time, so its all_config.yaml may lack them
+    return {"vocab_size": 12, "seq_len": 900, "num_puzzle_identifiers": 1, **arch}
+
+
+def checkpoint_model_config(path: str | os.PathLike, arch_config: str | os.PathLike | None = None):
+    """(ModelConfig, "ours" | "reference") of a pretrained checkpoint: ours carry their run config; a reference
+    state dict needs `arch_config`."""
+    from pipeline.checkpoint import REFERENCE_PREFIXES, config_from_reference
+    from pipeline.model import ModelConfig
+
+    path = Path(path)
+    state = _load_any(path)
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        return ModelConfig(**state["config"]["model"]), "ours"
+    if isinstance(state, dict) and any(str(k).startswith(REFERENCE_PREFIXES) for k in state):
+        if arch_config is None:
+            raise ValueError(f"{path} is a reference TRM state dict: give its model config too "
+                             f"({ENV['arch_config']} or the bundle's arch_config)")
+        return config_from_reference(load_arch_config(Path(arch_config))), "reference"
+    raise ValueError(f"{path}: neither a checkpoint of this project nor a reference TRM state dict")
+
+
+def find_pretrained(s: KaggleSettings) -> tuple[Path, Path | None]:
+    """(checkpoint, arch config or None), from the settings or the bundle's manifest (sha256 checked)."""
+    checkpoint, arch = s.checkpoint, s.arch_config
+    if checkpoint is None:
+        if s.bundle is None:
+            raise FileNotFoundError(f"no checkpoint: attach the bundle dataset (or set {ENV['bundle']} / "
+                                    f"{ENV['checkpoint']})")
+        manifest = json.loads((s.bundle / "manifest.json").read_text())
+        entry = manifest["checkpoint"]
+        checkpoint = s.bundle / entry["path"]
+        if arch is None and entry.get("arch_config"):
+            arch = s.bundle / entry["arch_config"]
+        expected = {f["path"]: f["sha256"] for f in manifest.get("files", [])}.get(entry["path"])
+        if expected is not None and sha256_of(checkpoint) != expected:
+            raise ValueError(f"{checkpoint}: sha256 differs from the bundle manifest (a broken upload?)")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    return Path(checkpoint), (Path(arch) if arch is not None else None)
+
+
+def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
+    """The pretrained checkpoint as one of ours for this run's dataset (every puzzle row at the mean of the trained
+    rows, as fine-tuning starts), so prediction can run when fine-tuning failed or did not fit."""
+    from dataclasses import asdict, replace
+
+    import torch
+
+    from augment.dataset import AugmentedDataset
+    from pipeline.checkpoint import dataset_fingerprint, init_from_checkpoint
+    from pipeline.config import to_dict
+    from pipeline.io import atomic_write_with
+    from pipeline.model import TRM
+
+    dataset = AugmentedDataset.load(run_dir / "dataset")
+    model_cfg = replace(cfg.model, seq_len=dataset.canvas ** 2, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
+    torch.manual_seed(cfg.seed)
+    model = TRM(model_cfg)
+    init_from_checkpoint(model, checkpoint, verbose=False)
+    config = to_dict(cfg)
+    config["model"] = asdict(model_cfg)
+    state = {"step": 0, "config": config, "model": model.state_dict(), "ema": None, "final": True,
+             "pretrained": str(checkpoint), "dataset_fingerprint": dataset_fingerprint(run_dir / "dataset")}
+    path = run_dir / "pretrained_for_predict.pt"
+    atomic_write_with(path, lambda f: torch.save(state, f))
+    return path

@@ -1,0 +1,169 @@
+"""The in-process stages: the fallback, augment (with the run's configuration), submit and score. The child stages
+(fine-tuning, prediction) have rooms of their own."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict
+from typing import Any, Mapping
+
+from pipeline.kaggle_driver.budget import PlanMode, StagePlan, plan_time
+from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
+from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
+from pipeline.kaggle_driver.faults import CHILD_MODULE
+from pipeline.kaggle_driver.log import log
+from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained
+from pipeline.kaggle_driver.retry import Attempt
+from pipeline.kaggle_driver.state import RunState, StageResult
+
+RUN_MARKER = ".trm_kaggle_run"  # marks a run folder as ours, so a re-run may clear it
+
+
+def config_overrides(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every setting of a run config as `key=value` for --set, so a child process runs exactly this config."""
+    out: list[str] = []
+    for key, value in cfg_dict.items():
+        if isinstance(value, Mapping):
+            out += config_overrides(value, f"{prefix}{key}.")
+        elif isinstance(value, bool):
+            out.append(f"{prefix}{key}={'true' if value else 'false'}")
+        else:
+            out.append(f"{prefix}{key}={value!r}" if isinstance(value, float) else f"{prefix}{key}={value}")
+    return out
+
+
+def set_args(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """config_overrides as `--set key=value` arguments."""
+    return [arg for item in config_overrides(cfg_dict, prefix) for arg in ("--set", item)]
+
+
+def run_stage_child(st: RunState, stage: str, args: list[str], attempt: StagePlan) -> ChildResult:
+    """`pipeline.run ARGS` (through the testing hook's wrapper when faults are set) in a child, torchrun over the
+    GPUs when there are several, inside `attempt`'s window; its output also goes to RUN/STAGE.log."""
+    processes = st.devices.processes
+    module = CHILD_MODULE if st.settings.faults else "pipeline.run"
+    return run_child(launch_command(processes, args, module), attempt.timeout_s, cwd=st.run_dir, env=st.child_env(),
+                     log_path=st.run_dir / f"{stage}.log", grace_s=attempt.grace_s, join_s=attempt.join_s,
+                     name=stage, launcher=processes > 1)
+
+
+def attempt_record(a: Attempt, setting: str) -> dict[str, Any]:
+    """One attempt of a child stage, for kaggle_status.json."""
+    return {"budget_s": round(a.plan.work_s, 1), setting: a.setting, "returncode": a.result.returncode,
+            "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory, "seconds": round(a.result.seconds, 1)}
+
+
+def claim_run_dir(st: RunState) -> None:
+    """Make sure the run folder is ours (marked), creating it; a foreign non-empty folder is an error, since a
+    later run clears the folder."""
+    run = st.run_dir
+    if (run / RUN_MARKER).exists():
+        return
+    if run.exists() and any(run.iterdir()):
+        raise RuntimeError(f"run folder {run} holds files not written by this notebook; choose another "
+                           f"(TRM_RUN_DIR / run_dir)")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RUN_MARKER).write_text("written by pipeline.kaggle_driver; cleared on the next run\n")
+
+
+def write_fallback(st: RunState) -> StageResult:
+    """First thing: a complete, valid submission.json from the raw challenges."""
+    s = st.settings
+    fallback = fallback_from_raw(read_raw_challenges(s.challenges), s.challenges)
+    write_validated(s.submission, fallback, fallback)
+    st.fallback = fallback
+    n_tests = sum(len(v) for v in fallback.values())
+    return StageResult.ok(f"{len(fallback)} tasks, {n_tests} test inputs -> {s.submission}")
+
+
+def configure(st: RunState) -> str:
+    """The run config: the kaggle preset, the pretrained model's architecture (the canvas follows from its
+    sequence length), the challenges as both source and held-out set, the devices' precision, then the user's
+    overrides; the global batch rounded to a multiple of the processes."""
+    from pipeline.config import apply_overrides, preset
+
+    checkpoint, arch = find_pretrained(st.settings)
+    model_cfg, kind = checkpoint_model_config(checkpoint, arch)
+    cfg = preset("kaggle")
+    cfg.model = model_cfg
+    cfg.data.sources = cfg.data.eval_set = str(st.settings.challenges)
+    cfg.data.canvas = math.isqrt(model_cfg.seq_len)
+    cfg.keep_checkpoints = 1
+    cfg.mixed_precision = st.devices.mixed_precision
+    apply_overrides(cfg, list(st.settings.overrides))
+    if cfg.data.canvas ** 2 != cfg.model.seq_len:
+        raise ValueError(f"data.canvas {cfg.data.canvas} does not fit the checkpoint's sequence length "
+                         f"{cfg.model.seq_len} (canvas {math.isqrt(cfg.model.seq_len)})")
+    unit = st.devices.processes * cfg.grad_accum_steps
+    if cfg.global_batch_size % unit:
+        rounded = max(unit, cfg.global_batch_size // unit * unit)
+        log(f"global_batch_size {cfg.global_batch_size} -> {rounded} (a multiple of {unit} processes x micro-batches)")
+        cfg.global_batch_size = rounded
+    st.cfg, st.checkpoint, st.checkpoint_kind = cfg, checkpoint, kind
+    return f"{kind} checkpoint {checkpoint}, canvas {cfg.data.canvas}, {st.devices.describe()}"
+
+
+def augment(st: RunState) -> StageResult:
+    """A fresh run folder (a previous session's dataset and checkpoints would be picked up by the stages), the
+    configuration, then the augmented dataset of the test tasks, in this process."""
+    from pipeline.run import main as run_main
+
+    plan = plan_time(st.settings)
+    if plan.mode == PlanMode.FALLBACK_ONLY:  # the dataset would serve nothing
+        return StageResult.skipped(f"no time to predict ({plan.reason})")
+    claim_run_dir(st)
+    shutil.rmtree(st.run_dir)
+    claim_run_dir(st)
+    detail = configure(st)
+    run_main(["--stage", "augment", "--preset", "kaggle", *st.common_args(), *set_args(asdict(st.cfg))])
+    manifest = json.loads((st.run_dir / "dataset" / "manifest.json").read_text())
+    skipped, too_big = len(manifest["skipped"]), len(manifest["too_big"])
+    st.status["augment"] = {"num_eval_puzzles": manifest["num_eval_puzzles"], "skipped": skipped, "too_big": too_big}
+    canvas = st.cfg.data.canvas
+    if too_big and canvas < 30:
+        log(f"WARNING: {too_big} task(s) do not fit the checkpoint's {canvas}x{canvas} canvas and keep the identity "
+            f"fallback; a real submission needs a 30x30 checkpoint (kaggle/README.md)")
+    if manifest["num_eval_puzzles"] == 0:
+        raise RuntimeError(f"no test task could be used ({skipped} malformed, {too_big} too big for the "
+                           f"{canvas}x{canvas} canvas)")
+    return StageResult.ok(f"{detail}; {manifest['num_eval_puzzles']} puzzles, {manifest['num_variants']} variants, "
+                          f"{skipped} malformed, {too_big} too big (fallback entries)")
+
+
+def submit(st: RunState) -> StageResult:
+    """Vote over the candidates, merge with the fallback, validate against the raw challenges, replace."""
+    from augment.dataset import AugmentedDataset
+    from pipeline.predictions import Predictions
+    from pipeline.submit import submit as vote_and_write
+
+    s = st.settings
+    st.status["submit"] = {"planned_s": s.submit_reserve_s}
+    if st.fallback is None:
+        raise RuntimeError("no fallback submission (the challenges could not be read)")
+    predictions_path = st.run_dir / "predictions.npz"
+    predicted = st.outcome("predict")
+    if predicted is None or not predicted.usable or not predictions_path.exists():
+        return StageResult.skipped("no predictions; the fallback submission stays")
+    tasks = AugmentedDataset.load(st.run_dir / "dataset").eval_tasks()
+    selector = st.cfg.predict.selector if st.cfg is not None else "vote"
+    report = vote_and_write(tasks, Predictions.load(predictions_path), st.run_dir / "submission.json", selector)
+    model = json.loads((st.run_dir / "submission.json").read_text())
+    merged, fell_back = merge_submission(st.fallback, model)
+    write_validated(s.submission, merged, st.fallback)
+    st.status["submit"].update(model_tasks=len(merged) - len(fell_back), fallback_tasks=fell_back)
+    return StageResult.ok(f"{len(merged) - len(fell_back)} tasks from the model ({report.summary()}), "
+                          f"{len(fell_back)} fallback -> {s.submission}")
+
+
+def score(st: RunState) -> StageResult:
+    """Editing runs only: score submission.json against known solutions (settings.solutions)."""
+    from pipeline.data import load_solutions
+    from submissions.score import format_score, score_submission
+
+    s = st.settings
+    submission = json.loads(s.submission.read_text())
+    solutions = {k: v for k, v in load_solutions(str(s.solutions)).items() if k in submission}
+    report = score_submission(submission, solutions)
+    print(format_score(report))
+    return StageResult.ok(f"scored {len(solutions)} tasks against {s.solutions}")

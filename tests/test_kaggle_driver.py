@@ -1,0 +1,203 @@
+"""The Kaggle driver's rooms on their own: the time plan (a property test over budgets from 60 s to 12 h), the
+devices (more GPUs asked than present, none at all), the child process tree stopped at its timeout and on an
+interrupt (torchrun with 2 workers, checked in the process table), and a rehearsal with relative paths."""
+from __future__ import annotations
+
+import _thread
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import kaggle_driver as kd
+from pipeline.kaggle_driver import finetune as finetune_stage
+from pipeline.kaggle_driver import stages
+from pipeline.kaggle_driver.budget import window_end
+from pipeline.kaggle_driver.processes import is_running
+from pipeline.kaggle_driver.state import Outcome, RunState
+from pipeline.predictions import Predictions
+from pipeline.train import train
+from tiny import CANVAS, build_tiny_dataset, tiny_config
+
+WORKER = Path(__file__).parent / "stubborn_worker.py"
+HOUR = 3600.0
+
+
+def _settings(**kw) -> kd.KaggleSettings:
+    return kd.KaggleSettings(challenges=Path("/in/c.json"), working=Path("/out"), run_dir=Path("/out/run"),
+                             started_at=1000.0, **kw)
+
+
+# ------------------------------------------------------------------------------------------ the time plan
+@settings(max_examples=300, deadline=None)
+@given(budget=st.floats(60, 12 * HOUR), spent=st.floats(0, 1), fraction=st.floats(0, 1),
+       reserve=st.floats(0, 600), overhead=st.floats(0, 300), grace=st.floats(0, 60),
+       min_train=st.floats(0, 600), min_predict=st.floats(0, 300))
+def test_the_windows_and_the_reserve_add_up_to_the_budget(budget, spent, fraction, reserve, overhead, grace,
+                                                          min_train, min_predict):
+    """Whatever the budget and the settings: the plan of each stage is its window (start-up + work + kill grace
+    + the reader's join), fine-tuning's window followed by prediction's plus the submit reserve ends exactly at
+    the deadline, no stage is planned below its minimum, and nothing is planned at negative time."""
+    s = _settings(time_budget_s=budget, train_fraction=fraction, submit_reserve_s=reserve, stage_overhead_s=overhead,
+                  kill_grace_s=grace, min_train_s=min_train, min_predict_s=min_predict)
+    start = s.started_at + spent * budget  # time already spent (installs, augment)
+    plan = kd.plan_time(s, now=start)
+    tune, predict = kd.plan_finetune(s, now=start), kd.plan_predict(s, now=start)
+    for stage in (tune, predict):
+        assert min(stage.work_s, stage.timeout_s, stage.grace_s, stage.join_s) >= 0
+        if stage.run:
+            assert stage.timeout_s == pytest.approx(overhead + stage.work_s)
+            assert stage.window_s == pytest.approx(overhead + stage.work_s + grace + kd.READER_JOIN_S)
+    if plan.mode == kd.PlanMode.FALLBACK_ONLY:
+        assert not tune.run and not predict.run
+        return
+    assert predict.run and predict.work_s >= min_predict
+    if plan.mode == kd.PlanMode.PREDICT_ONLY:
+        assert not tune.run and start + predict.window_s + reserve == pytest.approx(kd.deadline(s))
+        return
+    assert tune.run and tune.work_s >= min_train and tune.window_s == pytest.approx(plan.finetune_s)
+    again = kd.plan_retry(s, window_end(tune, now=start), min_train, now=start)  # what the stage runs
+    assert again.run and (again.work_s, again.timeout_s) == pytest.approx((tune.work_s, tune.timeout_s), abs=1e-6)
+    after = kd.plan_predict(s, now=start + tune.window_s)  # the stage that follows a fine-tune using its window
+    assert after.run and after.work_s >= min_predict and after.window_s == pytest.approx(plan.predict_s)
+    assert start + tune.window_s + after.window_s + reserve == pytest.approx(kd.deadline(s))
+
+
+@pytest.mark.parametrize("budget, mode, finetune_s, predict_s", [
+    (60, "fallback-only", 0, 0),  # -60 s left after the 120 s submit reserve
+    (300, "predict-only", 0, 180),  # 180 s: prediction (>= 125 + 30) but not fine-tuning as well (>= 340)
+    (600, "finetune+predict", 325, 155),  # 480 s: 0.7 would leave prediction under its 155 s minimum
+    (40_500, "finetune+predict", 28_266, 12_114),
+])
+def test_time_plan_degrades_step_by_step_with_the_kaggle_defaults(budget, mode, finetune_s, predict_s):
+    """The table in kaggle/README.md (defaults: reserve 120 s, overhead 90 s, grace 30 s, join 5 s)."""
+    plan = kd.plan_time(_settings(time_budget_s=budget), now=1000.0)
+    assert (plan.mode.value, round(plan.finetune_s), round(plan.predict_s)) == (mode, finetune_s, predict_s)
+    assert (plan.reason != "") == (mode != "finetune+predict")
+
+
+# ------------------------------------------------------------------------------------------ devices
+def test_more_gpus_asked_than_present_are_clamped_and_none_means_a_cpu_plan(tmp_path):
+    env = {"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_KAGGLE_WORKING": str(tmp_path / "w"), "TRM_NUM_GPUS": "4"}
+    two = kd.settings_from_env(env=env, probe=lambda: (2, True))
+    assert (two.devices.gpus, two.devices.processes, two.devices.mixed_precision) == (2, 2, "bf16")
+    assert "4 GPU(s) asked, 2 present: using 2" in two.devices.describe() and two.train_fraction == 0.7
+    t4 = kd.settings_from_env(env={**env, "TRM_NUM_GPUS": ""}, probe=lambda: (2, False))  # bf16 only emulated
+    assert (t4.devices.gpus, t4.devices.mixed_precision) == (2, "no")
+    cpu = kd.settings_from_env(env=env, probe=lambda: (0, False))
+    assert (cpu.devices.gpus, cpu.devices.processes, cpu.train_fraction) == (0, 1, 0.0)
+    plan = kd.plan_time(cpu)
+    assert plan.mode == kd.PlanMode.PREDICT_ONLY and "without a GPU" in plan.reason
+    told = kd.settings_from_env(env={**env, "TRM_TRAIN_FRACTION": "0.5"}, probe=lambda: (0, False))
+    assert told.train_fraction == 0.5  # said explicitly: fine-tunes on the CPU too
+    with pytest.raises(ValueError, match="num_gpus"):
+        kd.resolve_devices(-1, 2, True)
+
+
+def test_the_fine_tune_child_runs_on_the_gpus_present(tmp_path, monkeypatch):
+    """4 GPUs asked, 2 present: torchrun with 2 processes, bf16 as the devices allow, the global batch a multiple."""
+    settings = kd.settings_from_env(env={"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_KAGGLE_WORKING": str(tmp_path),
+                                         "TRM_NUM_GPUS": "4", "TRM_MIN_TRAIN_S": "1"}, probe=lambda: (2, True))
+    run = RunState(settings, settings.devices, cfg=tiny_config(), checkpoint=tmp_path / "pre.pt")
+    run.cfg.mixed_precision = run.devices.mixed_precision
+    run.status["augment"] = {"state": Outcome.OK.value}
+    launched = []
+
+    def fake_child(cmd, timeout_s, **kw):
+        launched.append((cmd, timeout_s, kw))
+        return kd.ChildResult(0, False, 1.0)
+
+    monkeypatch.setattr(stages, "run_child", fake_child)
+    with pytest.raises(RuntimeError, match="fine-tuning failed for good"):  # the fake child wrote no checkpoint
+        finetune_stage.finetune(run)
+    (cmd, timeout_s, kw), = launched
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
+    assert kw["launcher"] and "mixed_precision=bf16" in cmd
+    assert cmd[cmd.index("--out") + 1] == str(settings.run_dir) and Path(cmd[cmd.index("--init") + 1]).is_absolute()
+    plan = run.status["finetune"]["attempts"][0]
+    assert timeout_s == pytest.approx(settings.stage_overhead_s + plan["budget_s"], abs=1)
+
+
+# ------------------------------------------------------------------------------------------ the process tree
+def _tree_alive(tmp_path: Path) -> list[int]:
+    """The workers' and their grandchildren's pids still running (zombies count as ended)."""
+    pids = []
+    for path in tmp_path.glob("pid.*"):
+        pids += [int(p) for p in path.read_text().split()]
+    return [p for p in pids if is_running(p)]
+
+
+def _stubborn_cmd(tmp_path: Path, mode: str) -> list[str]:
+    """torchrun with 2 workers running the stubborn worker script."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+            str(tmp_path), mode]
+
+
+def _wait_for_workers(tmp_path: Path, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while len(list(tmp_path.glob("pid.*"))) < 2 and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process table is read from /proc")
+def test_a_torchrun_child_at_its_timeout_leaves_no_process_behind(tmp_path):
+    """Rank 0 ignores SIGTERM (and has a grandchild that does too): killed after the grace. Rank 1 saves on
+    SIGTERM and exits: it gets to, since torchrun itself is not signalled (its own shutdown would not wait)."""
+    result = kd.run_child(_stubborn_cmd(tmp_path, "mixed"), 12.0, cwd=tmp_path, grace_s=1.0, join_s=2.0,
+                          launcher=True, log_path=tmp_path / "child.log")
+    assert result.timed_out and len(list(tmp_path.glob("pid.*"))) == 2, (tmp_path / "child.log").read_text()
+    assert _tree_alive(tmp_path) == []
+    assert [p.name for p in tmp_path.glob("saved.*")] == ["saved.1"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process table is read from /proc")
+def test_an_interrupted_torchrun_child_leaves_no_process_behind(tmp_path):
+    def interrupt_when_started():
+        _wait_for_workers(tmp_path)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        kd.run_child(_stubborn_cmd(tmp_path, "ignore"), 300.0, cwd=tmp_path, grace_s=1.0, join_s=2.0, launcher=True)
+    assert time.monotonic() - start < 60
+    assert len(list(tmp_path.glob("pid.*"))) == 2 and _tree_alive(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ relative paths
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrained")
+    build_tiny_dataset(root / "dataset", num_tasks=3, num_aug=1)
+    return train(tiny_config(max_steps=2), root / "dataset", root / "run", progress=False)
+
+
+def test_a_rehearsal_with_relative_paths(tmp_path, monkeypatch, pretrained):
+    """Every path given relative to the notebook's folder, while the children run inside the run folder: the
+    settings make them absolute, so fine-tuning (--init) and prediction find their files."""
+    from pipeline.data import load_tasks, select_tasks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:2]
+    Path("input").mkdir()
+    Path("input/test_challenges.json").write_text(json.dumps({t.id: {
+        "train": [{"input": i.tolist(), "output": o.tolist()} for i, o in t.train],
+        "test": [{"input": g.tolist()} for g in t.test_inputs]} for t in tasks}))
+    Path("pre.pt").write_bytes(pretrained.read_bytes())
+    env = {"TRM_KAGGLE_INPUT": "input", "TRM_KAGGLE_WORKING": "working", "TRM_CHALLENGES": "input/test_challenges.json",
+           "TRM_CHECKPOINT": "pre.pt", "TRM_RUN_DIR": "working/run", "TRM_NUM_GPUS": "0", "TRM_PROGRESS": "0",
+           "TRM_TRAIN_FRACTION": "0.5", "TRM_DRAFT_TIME_BUDGET_S": "600", "TRM_STAGE_OVERHEAD_S": "20",
+           "TRM_KILL_GRACE_S": "2", "TRM_SUBMIT_RESERVE_S": "1", "TRM_MIN_TRAIN_S": "1", "TRM_MIN_PREDICT_S": "1",
+           "TRM_OVERRIDES": "global_batch_size=4 data.num_aug=1 max_steps=1 predict.max_variants=2 predict.rescore_views=1"}
+    run = kd.KaggleRun(kd.settings_from_env(env=env))
+    assert run.s.run_dir == tmp_path / "working" / "run" and run.s.checkpoint == tmp_path / "pre.pt"
+    for stage in (run.write_fallback, run.augment, run.finetune, run.predict, run.submit):
+        assert stage(), run.status
+    assert run.status["finetune"]["step"] == 1 and run.status["predict"]["checkpoint"] == "fine-tuned"
+    assert len(Predictions.load(tmp_path / "working" / "run" / "predictions.npz")) > 0
+    assert run.summary()["problems"] == []
