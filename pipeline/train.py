@@ -284,7 +284,7 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
     state.step = saved["step"]
     if saved.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
         state.carries = ckpt.carries_from_state(saved["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
-        if "sides" in saved["carry"]:  # saved before buckets existed: every row on the whole canvas
+        if "sides" in saved["carry"]:  # absent when saved before buckets existed (train() fills in the canvas)
             state.sides = saved["carry"]["sides"].numpy().astype(np.int64)
     ckpt.set_rng_state(saved["rng"])
 
