@@ -177,8 +177,8 @@ def learn_figures(folder: Path, buckets: str) -> dict:
     }
 
 
-LEARN_COLUMNS = (("train_exact", "train exact", 100), ("train_accuracy", "train token acc", 100),
-                 ("lm_loss", "train lm loss", 1), ("pass2", "held-out pass@2", 100), ("oracle", "oracle", 100),
+LEARN_COLUMNS = (("train_exact", "train exact %", 100), ("train_accuracy", "train token acc %", 100),
+                 ("lm_loss", "train lm loss", 1), ("pass2", "held-out pass@2 %", 100), ("oracle", "oracle %", 100),
                  ("ce_true", "held-out CE of truth (nats/cell)", 1), ("train_minutes", "train min", 1))
 
 
