@@ -2,7 +2,8 @@
 
 Writes `plan.json` in the run folder: the schedule the trainer will follow (steps, epochs, groups, intervals, from
 pipeline.train's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
-training steps on this machine's device, the estimated hours. Nothing is trained and no checkpoint is written.
+training steps on this machine's device, the estimated hours. With canvas buckets (`data.canvas_buckets`) it gives the
+tokens and FLOPs per step both with the buckets and on the whole canvas, counted exactly from the dataset. Nothing is trained and no checkpoint is written.
 
 The timing runs full optimizer steps (refill, forward, backward, all-reduce, updates, EMA) on a few rows per
 process (`rows`) and scales linearly to the global batch: on a GPU a small batch under-uses the device, so the
@@ -14,26 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from augment.dataset import AugmentedDataset
 from pipeline.collectives import is_main_process
+from pipeline.canvas import parse_buckets, side_for
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
-from pipeline.model import ModelConfig, swiglu_width
-
-
-def model_flops_per_row_step(m: ModelConfig) -> float:
-    """Matmul FLOPs of one ACT step of one row, forward + backward (backward = 2 × forward of the grad cycle).
-
-    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
-    D, S = m.hidden_size, m.seq_len + m.puzzle_len
-    inter = swiglu_width(D, m.expansion)
-    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
-    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
-    grad_blocks = (m.L_cycles + 1) * m.num_layers
-    heads = 2 * m.seq_len * D * m.vocab_size
-    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
+from pipeline.model import model_flops_per_row_step  # noqa: F401 - re-exported (it lived here before)
 
 
 def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:
@@ -48,7 +38,8 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     small.grad_accum_steps = 1
     state = build_state(small, dataset, rt)
     state.carries = blank_carries(state.model, small, rows, rt.device)
-    refill = Refill(state.sampler, rt, rows, small.model.seq_len)
+    state.sides = np.full(small.global_batch_size, dataset.canvas, dtype=np.int64)
+    refill = Refill(state.sampler, rt, rows, small.model.seq_len, state.sides)
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     times = []
@@ -66,6 +57,30 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
             "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
 
 
+def bucket_costs(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
+    """Grid tokens and model FLOPs per row-step with the run's canvas buckets, exact from the data: every training
+    example weighted as the sampling draws it (groups: each puzzle's examples once per epoch, a dihedral view never
+    changing an example's bucket; examples: every example of every variant), assuming an example spends as many
+    ACT steps in its row whatever its bucket."""
+    canvas = dataset.canvas
+    buckets = parse_buckets(cfg.data.canvas_buckets, canvas)
+    if cfg.data.sampling == "groups":
+        groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
+        first, count = dataset.variant_examples(dataset.puzzle_first_variant[groups])
+        ks = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), count.tolist())])
+    else:
+        ks = np.arange(dataset.num_train_examples)
+    sides, counts = np.unique(side_for(dataset.train_extent(ks).max(axis=1), buckets, canvas), return_counts=True)
+    share = counts / counts.sum()
+    return {
+        "canvas_buckets": list(buckets),
+        "bucket_share": {int(b): float(f) for b, f in zip(sides, share)},
+        "grid_tokens_per_row": float((share * sides ** 2).sum()),
+        "model_flops_per_row": float(sum(f * model_flops_per_row_step(cfg.model, int(b) ** 2)
+                                         for b, f in zip(sides, share))),
+    }
+
+
 def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0) -> dict[str, Any]:
     """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours)."""
     from pipeline.train import plan_steps
@@ -74,9 +89,14 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     plan = plan_steps(cfg, dataset)
-    flops_row = model_flops_per_row_step(cfg.model)
-    plan["model_flops_per_step"] = flops_row * cfg.global_batch_size
-    plan["model_flops_total"] = flops_row * cfg.global_batch_size * plan["total_steps"]
+    costs = bucket_costs(cfg, dataset)
+    flops_row, rows_per_step = costs.pop("model_flops_per_row"), cfg.global_batch_size
+    plan.update(costs)
+    plan["tokens_per_step"] = rows_per_step * (cfg.model.puzzle_len + plan["grid_tokens_per_row"])
+    plan["tokens_per_step_full_canvas"] = rows_per_step * cfg.model.total_len
+    plan["model_flops_per_step"] = flops_row * rows_per_step
+    plan["model_flops_per_step_full_canvas"] = model_flops_per_row_step(cfg.model) * rows_per_step
+    plan["model_flops_total"] = flops_row * rows_per_step * plan["total_steps"]
     plan["evaluations"] = plan["total_steps"] // plan["eval_every"] if plan["eval_every"] else 0
     if time_steps_n > 0:
         on_gpu = torch.cuda.is_available()
@@ -113,6 +133,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  model: {plan['model_flops_per_step'] / 1e12:,.1f} TFLOP per step, "
         f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all",
     ]
+    if plan["canvas_buckets"]:
+        shares = ", ".join(f"{b}: {f:.0%}" for b, f in plan["bucket_share"].items())
+        lines.append(
+            f"  canvas buckets {','.join(map(str, plan['canvas_buckets']))} (examples per side {shares}): "
+            f"{plan['tokens_per_step']:,.0f} tokens per step against {plan['tokens_per_step_full_canvas']:,.0f} on "
+            f"the whole canvas ({plan['tokens_per_step'] / plan['tokens_per_step_full_canvas']:.2f}); FLOPs "
+            f"{plan['model_flops_per_step'] / plan['model_flops_per_step_full_canvas']:.2f} of the whole canvas's")
     t = plan.get("timing")
     if t:
         lines.append(
