@@ -266,6 +266,9 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
         parse_buckets(cfg.data.canvas_buckets, cfg.data.canvas)
     except ValueError as e:
         raise ConfigError(f"{name('data.canvas_buckets')}: {str(e).removeprefix('data.canvas_buckets: ')}") from None
+    if cfg.data.canvas_buckets and cfg.model.mlp_t:
+        raise ConfigError(f"{name('data.canvas_buckets')}: buckets need attention (model.mlp_t's token MLP has one "
+                          "sequence length)")
     if cfg.data.eval_set.startswith("dev:"):
         from pipeline.splits import dev_every
 

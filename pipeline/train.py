@@ -489,8 +489,6 @@ def train(
             f"global_batch_size {cfg.global_batch_size} must divide by processes × grad_accum_steps "
             f"({rt.world} × {cfg.grad_accum_steps})"
         )
-    if cfg.data.canvas_buckets and cfg.model.mlp_t:
-        raise ValueError("data.canvas_buckets: buckets need attention; model.mlp_t's token MLP has one length")
     micro = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
     steps_total = total_steps(cfg, dataset)
     every = checkpoint_interval(cfg, dataset)
