@@ -40,8 +40,9 @@ import numpy as np
 from tqdm import tqdm
 
 from augment.transforms import DIHEDRAL_SWAPS_AXES, NUM_DIHEDRAL, Augmentation, dihedral_view
+from pipeline.canvas import output_bound, side_for
 from pipeline.data import Task, TaskError
-from pipeline.encoding import encode_many
+from pipeline.encoding import IGNORE_LABEL, PAD, encode_many
 from pipeline.errors import ConfigError, InputFileError
 from pipeline.io import atomic_write_json, atomic_write_with, check_fields, read_json
 
@@ -239,6 +240,7 @@ class AugmentedDataset:
         self.manifest = manifest
         self.canvas = int(manifest["canvas"])
         self._index()
+        self._held_out_extent: np.ndarray | None = None  # held_out_extent's table, built on first use
 
     # --- derived lookup tables ----------------------------------------------------------------------------
     def _index(self) -> None:
@@ -382,6 +384,26 @@ class AugmentedDataset:
         ho, wo = self.augmented_shapes(gout, variant)
         return np.stack([np.maximum(hi, ho), np.maximum(wi, wo)], axis=1)
 
+    def held_out_extent(self, puzzle_index: np.ndarray, test_index: np.ndarray) -> np.ndarray:
+        """int64 (n,): the larger side a held-out test input and its (unknown) output need together, the output's
+        predicted from its puzzle's demonstration pairs (pipeline.canvas.output_bound; the canvas when no rule
+        explains them). The same for every view (a dihedral transform never changes the larger side)."""
+        if self._held_out_extent is None:
+            shape = lambda g: (int(self.grid_height[g]), int(self.grid_width[g]))  # noqa: E731
+            extent = np.zeros(len(self.test_input_grid), dtype=np.int64)
+            for p in np.flatnonzero(self.puzzle_num_tests > 0):
+                q = self.puzzles[p]
+                demos = [(shape(i), shape(o)) for i, o in zip(q["train_inputs"], q["train_outputs"])]
+                for t, g in enumerate(q["test_inputs"]):
+                    bound = output_bound(demos, shape(g))
+                    extent[self.puzzle_first_test[p] + t] = self.canvas if bound is None else max(bound, *shape(g))
+            self._held_out_extent = extent
+        return self._held_out_extent[self.puzzle_first_test[np.asarray(puzzle_index)] + np.asarray(test_index)]
+
+    def held_out_sides(self, puzzle_index: np.ndarray, test_index: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+        """int64 (n,): the canvas bucket side each held-out row is computed on (the canvas without buckets)."""
+        return side_for(self.held_out_extent(puzzle_index, test_index), buckets, self.canvas)
+
     def encode_grids(
         self,
         grid_index: np.ndarray,
@@ -389,8 +411,10 @@ class AugmentedDataset:
         offsets: np.ndarray | None = None,
         labels: bool = False,
         out: np.ndarray | None = None,
+        canvas: int | None = None,
     ) -> np.ndarray:
-        """int32 (n, canvas*canvas): original grids grid_index (n,) augmented by variants (n,), at offsets (n, 2)."""
+        """int32 (n, side*side): original grids grid_index (n,) augmented by variants (n,), at offsets (n, 2), on
+        the top-left `canvas`×`canvas` corner of the canvas (a bucket; default the whole canvas)."""
         grid_index = np.asarray(grid_index, dtype=np.int64)
         variant = np.asarray(variant, dtype=np.int64)
         return encode_many(
@@ -398,7 +422,7 @@ class AugmentedDataset:
             self.grid_start[grid_index],
             self.grid_height[grid_index],
             self.grid_width[grid_index],
-            self.canvas,
+            self.canvas if canvas is None else canvas,
             dihedrals=self.variant_dihedral[variant],
             colour_luts=self.variant_colours[variant],
             offsets=offsets,
@@ -406,14 +430,27 @@ class AugmentedDataset:
             out=out,
         )
 
-    def encode_train_examples(self, ks: np.ndarray, offsets: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Training examples ks (n,) as a batch: inputs/labels int32 (n, canvas*canvas), puzzle_identifiers (n,)."""
+    def encode_train_examples(self, ks: np.ndarray, offsets: np.ndarray | None = None,
+                              sides: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Training examples ks (n,) as a batch: inputs/labels int32 (n, canvas*canvas), puzzle_identifiers (n,).
+        With `sides` (n,), example i is drawn on the bucket of side sides[i], in bucket-local layout
+        (pipeline.canvas: its first side² entries; the rest PAD, labels IGNORE_LABEL)."""
         variant, gin, gout = self.train_refs(ks)
-        return {
-            "inputs": self.encode_grids(gin, variant, offsets),
-            "labels": self.encode_grids(gout, variant, offsets, labels=True),
-            "puzzle_identifiers": (variant + 1).astype(np.int32),
-        }
+        batch = {"puzzle_identifiers": (variant + 1).astype(np.int32)}
+        if sides is None or (np.asarray(sides) == self.canvas).all():
+            batch["inputs"] = self.encode_grids(gin, variant, offsets)
+            batch["labels"] = self.encode_grids(gout, variant, offsets, labels=True)
+            return batch
+        n, full = len(variant), self.canvas * self.canvas
+        batch["inputs"] = np.full((n, full), PAD, np.int32)
+        batch["labels"] = np.full((n, full), IGNORE_LABEL, np.int32)
+        for side in np.unique(sides).tolist():
+            rows = np.flatnonzero(sides == side)
+            at = None if offsets is None else offsets[rows]
+            batch["inputs"][rows, : side * side] = self.encode_grids(gin[rows], variant[rows], at, canvas=side)
+            batch["labels"][rows, : side * side] = self.encode_grids(gout[rows], variant[rows], at, labels=True,
+                                                                      canvas=side)
+        return batch
 
     def test_rows(self, max_variants: int | None = None) -> dict[str, np.ndarray]:
         """Every held-out (puzzle, test index, variant), ordered; the first max_variants variants of each puzzle.

@@ -16,6 +16,11 @@ Two ways to place an example on the canvas (`data.translation`):
 - "none": every example at (0, 0).
 Offsets range over the positions where both the (augmented) input and output fit the canvas.
 
+With canvas buckets (`data.canvas_buckets`, pipeline.canvas) each example is computed on the smallest bucket that
+holds it with its EOS edge (`TrainSampler.sides`), and is translated inside that bucket: its offsets range over
+0..side-1-extent (the whole canvas's range only for examples on the canvas itself). The stream, its epochs and its
+resume are the same with or without buckets; only the offsets and the sides differ.
+
 Everything is a function of (seed, epoch, position in the epoch), so a resumed run draws exactly what an
 uninterrupted one would, and every process draws the same stream. The ACT trainer takes as many examples as rows
 halted (pipeline.train.Refill), so a stream position is not a step.
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from augment.dataset import AugmentedDataset
+from pipeline.canvas import side_for, translation_room
 
 SAMPLINGS = ("groups", "examples")
 TRANSLATIONS = ("reference", "per_draw", "none")
@@ -56,6 +62,7 @@ class TrainSampler:
     """Endless stream of training examples, the same on every process (a function of seed and position only).
 
     `batch_size` is the global batch: the group epoch is cut into batches of that size (see the module docstring).
+    `buckets`: the canvas buckets' sides (pipeline.canvas.parse_buckets; () = the whole canvas).
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class TrainSampler:
         sampling: str = "examples",
         translation: str = "per_draw",
         batch_size: int = 1,
+        buckets: tuple[int, ...] = (),
     ):
         if dataset.num_train_examples == 0:
             raise ValueError("the dataset has no training examples")
@@ -79,6 +87,7 @@ class TrainSampler:
         self.sampling = sampling
         self.translation = translation
         self.batch_size = int(batch_size)
+        self.buckets = tuple(int(b) for b in buckets)
         self._groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
         self._epoch = 0
         self._position = 0  # examples of the current epoch already handed out
@@ -105,11 +114,15 @@ class TrainSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self._epoch, "position": self._position,
-                "sampling": self.sampling, "translation": self.translation, "batch_size": self.batch_size}
+                "sampling": self.sampling, "translation": self.translation, "batch_size": self.batch_size,
+                "buckets": list(self.buckets)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "seed" in state and int(state["seed"]) != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+        if tuple(state.get("buckets", ())) != self.buckets:  # saved before buckets existed: the whole canvas
+            raise ValueError(f"sampler state was saved with canvas buckets {tuple(state.get('buckets', ()))}, this "
+                             f"sampler has {self.buckets} (data.canvas_buckets): its carry is laid out for those")
         for key in ("sampling", "translation", "batch_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has "
@@ -206,17 +219,29 @@ class TrainSampler:
         if self.translation == "reference":
             fixed_u, untranslated = self._fixed_offsets()
             u = fixed_u[ks]
-        room = self.dataset.canvas - self.dataset.train_extent(ks)  # (n, 2): largest valid offset, >= 0
+        extent = self.dataset.train_extent(ks)
+        room = translation_room(extent, self._sides_of(extent)[:, None], self.dataset.canvas)  # (n, 2), >= 0
         # float64 so that u * (room + 1) stays below room + 1 even for u just under 1
         offsets = np.minimum((u.astype(np.float64) * (room + 1)).astype(np.int64), room)
         if self.translation == "reference":
             offsets[untranslated[ks]] = 0
         return ks, offsets
 
+    def _sides_of(self, extent: np.ndarray) -> np.ndarray:
+        return side_for(extent.max(axis=1), self.buckets, self.dataset.canvas)
+
+    def sides(self, ks: np.ndarray) -> np.ndarray:
+        """int64 (n,): the bucket side each training example ks (n,) is computed on (the canvas without buckets)."""
+        return self._sides_of(self.dataset.train_extent(ks))
+
     def take(self, n: int) -> dict[str, np.ndarray]:
-        """The next n examples: inputs int32 (n, L), labels int32 (n, L) (-100 = ignore), puzzle_identifiers (n,)."""
+        """The next n examples: inputs int32 (n, L), labels int32 (n, L) (-100 = ignore), puzzle_identifiers (n,),
+        with buckets in bucket-local layout (pipeline.canvas) and their sides int64 (n,)."""
         ks, offsets = self.take_indices(n)
-        return self.dataset.encode_train_examples(ks, offsets)
+        if not self.buckets:
+            return self.dataset.encode_train_examples(ks, offsets)
+        sides = self.sides(ks)
+        return {**self.dataset.encode_train_examples(ks, offsets, sides), "sides": sides}
 
 
 def iter_test_batches(

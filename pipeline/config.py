@@ -39,6 +39,15 @@ class DataConfig:
     # "reference" = one fixed offset per example, one example per variant untranslated; "per_draw" = a fresh
     # offset at every draw; "none" = all at (0, 0)
     translation: Literal["reference", "per_draw", "none"] = "reference"
+    # canvas buckets (pipeline.canvas, docs/BUCKETS.md): "" = every example on the whole canvas (the reference's
+    # computation); or ascending square sides, e.g. "12,16,20,24,30" (PAPER_BUCKETS): each training pair and test
+    # input is computed on the smallest that holds it, cells at their canvas positions (the canvas is always the
+    # last bucket). A compute setting: the dataset and the weights are the same either way.
+    canvas_buckets: str = ""
+
+
+# The buckets measured on the arc1/arc2 data (docs/BUCKETS.md): 0.32 / 0.36 of the full canvas's tokens per example.
+PAPER_BUCKETS = "12,16,20,24,30"
 
 
 @dataclass
@@ -293,6 +302,15 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
         raise ConfigError(f"{name('log_with')}: {problem}")
     if not cfg.log_project.strip() or cfg.log_project in (".", "..") or any(c in cfg.log_project for c in "/\\\0"):
         raise ConfigError(f"{name('log_project')}: {cfg.log_project!r} is not a folder name (RUN/tensorboard/PROJECT)")
+    from pipeline.canvas import parse_buckets
+
+    try:
+        parse_buckets(cfg.data.canvas_buckets, cfg.data.canvas)
+    except ValueError as e:
+        raise ConfigError(f"{name('data.canvas_buckets')}: {str(e).removeprefix('data.canvas_buckets: ')}") from None
+    if cfg.data.canvas_buckets and cfg.model.mlp_t:
+        raise ConfigError(f"{name('data.canvas_buckets')}: buckets need attention (model.mlp_t's token MLP has one "
+                          "sequence length)")
     if cfg.data.eval_set.startswith("dev:"):
         from pipeline.splits import dev_every
 

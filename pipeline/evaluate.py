@@ -29,24 +29,26 @@ from submissions.write import build_submission
 class HeldOutEvaluator:
     """pass@1 / pass@2 (over test outputs and per task) and the oracle on the dataset's held-out tasks."""
 
-    def __init__(self, dataset: AugmentedDataset, views: int, batch_size: int = 256, selector: str = "vote"):
+    def __init__(self, dataset: AugmentedDataset, views: int, batch_size: int = 256, selector: str = "vote",
+                 buckets: tuple[int, ...] = ()):
         if selector not in SELECTORS:
             raise ConfigError(f"predict.selector: unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
         self.dataset = dataset
         self.tasks = [t for t in dataset.eval_tasks() if t.test_outputs is not None]
         self.solutions = {t.id: t.test_outputs for t in self.tasks}
         self.cfg = PredictConfig(max_variants=views, batch_size=batch_size, selector=selector)
+        self.buckets = buckets  # the canvas buckets' sides (pipeline.canvas), as training uses them
 
     @classmethod
     def for_dataset(cls, dataset: AugmentedDataset, views: int, batch_size: int = 256,
-                    selector: str = "vote") -> "HeldOutEvaluator | None":
+                    selector: str = "vote", buckets: tuple[int, ...] = ()) -> "HeldOutEvaluator | None":
         """An evaluator, or None when no held-out task has known answers (e.g. Kaggle's hidden tasks)."""
-        evaluator = cls(dataset, views, batch_size, selector)
+        evaluator = cls(dataset, views, batch_size, selector, buckets)
         return evaluator if evaluator.tasks else None
 
     def __call__(self, model: Any, rt: Any) -> dict[str, Any] | None:
         part = predict(model, self.dataset, self.cfg, device=rt.device, autocast=rt.accelerator.autocast,
-                       rank=rt.rank, world=rt.world, progress=False)
+                       rank=rt.rank, world=rt.world, progress=False, buckets=self.buckets)
         truth = truth_scores(model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size,
                              device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world)
         parts = gather_objects((part, truth), rt.world)

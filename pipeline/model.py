@@ -7,7 +7,8 @@ n = L_cycles, T = H_cycles and N_sup = halt_max_steps. The reference code, and s
 state-dict keys, call y "z_H" and z "z_L" (and their start values H_init / L_init). Everywhere below:
 z_H is y, z_L is z.
 
-Tensors (B = batch rows, L = seq_len grid tokens, P = puzzle_emb_len, S = P + L, D = hidden_size, V = vocab):
+Tensors (B = batch rows, L = seq_len grid tokens, or b² on a canvas bucket of side b (pipeline.canvas),
+P = puzzle_emb_len, S = P + L, D = hidden_size, V = vocab):
     batch["inputs"]              int32 (B, L)   question tokens (0 PAD, 1 EOS, 2..11 colours)
     batch["labels"]              int32 (B, L)   answer tokens, -100 = ignored position (absent at prediction)
     batch["puzzle_identifiers"]  int32 (B,)     row of the puzzle-embedding table (one per augmented variant)
@@ -226,6 +227,22 @@ class RotaryTables(nn.Module):
         swapped = vf.roll(v.shape[-1] // 2, dims=-1)  # (v2, v1), a new tensor: safe to modify in place
         return swapped.mul_(self.sin_signed).addcmul_(vf, self.cos).to(v.dtype)
 
+    def at(self, positions: Tensor) -> "RotaryTables":
+        """Tables (len(positions), 1, head_dim) for a sequence whose slot i sits at position positions[i]
+        (a canvas bucket's cells keep their full-canvas positions)."""
+        sub = RotaryTables.__new__(RotaryTables)
+        nn.Module.__init__(sub)
+        sub.register_buffer("cos", self.cos[positions], persistent=False)
+        sub.register_buffer("sin_signed", self.sin_signed[positions], persistent=False)
+        return sub
+
+
+def grid_positions(side: int, canvas: int) -> Tensor:
+    """int64 (side*side,): the canvas position (row-major on the canvas) of each cell of the top-left side×side
+    corner, itself flattened row-major: how a canvas bucket's cells keep their full-canvas positions."""
+    axis = torch.arange(side)
+    return (axis[:, None] * canvas + axis[None, :]).reshape(-1)
+
 
 class Attention(nn.Module):
     """Non-causal multi-head self-attention with a fused qkv projection and RoPE on q and k."""
@@ -405,6 +422,8 @@ class TRM(nn.Module):
         self.register_buffer("L_init", trunc_normal_(torch.empty(D), std=1.0))  # z's start value
         # (T, n) to run instead of the config's, or None: training's depth curriculum (pipeline.compute) sets it
         self.cycles: tuple[int, int] | None = None
+        self._positions: dict[tuple[int, str], Tensor] = {}  # per (bucket grid length, device); see positions
+        self._ropes: dict[tuple[int, str], RotaryTables] = {}
         if config.compile_backend:
             self.compile_blocks(config.compile_backend)
 
@@ -422,27 +441,58 @@ class TRM(nn.Module):
         for block in self.blocks:
             block.compile(backend=backend, **options)
 
+    # -- positions: the whole canvas, or a bucket (its top-left corner) -------------------------------------
+    def positions(self, grid_len: int) -> Tensor | None:
+        """int64 (P + grid_len,): the position of each state slot for `grid_len` grid tokens, a square corner of
+        the canvas (pipeline.canvas); None for the whole canvas (slot i is position i)."""
+        if grid_len == self.config.seq_len:
+            return None
+        canvas, side = math.isqrt(self.config.seq_len), math.isqrt(grid_len)
+        if side * side != grid_len or side > canvas:
+            raise ValueError(f"TRM: {grid_len} grid tokens are not a square corner of the {canvas}x{canvas} canvas")
+        if self.config.mlp_t:
+            raise ValueError("TRM: canvas buckets need attention; the token MLP (mlp_t) is built for one length")
+        key = (grid_len, str(self.H_init.device))
+        if key not in self._positions:
+            grid = self.puzzle_len + grid_positions(side, canvas)
+            self._positions[key] = torch.cat((torch.arange(self.puzzle_len), grid)).to(self.H_init.device)
+        return self._positions[key]
+
+    def rope_for(self, positions: Tensor | None) -> RotaryTables | None:
+        """The RoPE tables of these positions (kept per bucket: compiled blocks see one object per shape)."""
+        if self.rope is None or positions is None:
+            return self.rope
+        key = (positions.shape[0], str(positions.device))
+        if key not in self._ropes:
+            self._ropes[key] = self.rope.at(positions)
+        return self._ropes[key]
+
     # -- one application of the shared network -------------------------------------------------------------
-    def net(self, h: Tensor, injection: Tensor) -> Tensor:
-        """The shared reasoning network: the block stack applied to h + injection."""
+    def net(self, h: Tensor, injection: Tensor, rope: RotaryTables | None = None) -> Tensor:
+        """The shared reasoning network: the block stack applied to h + injection (RoPE tables: `rope` for a
+        bucket, else the whole canvas's)."""
         h = h + injection
+        rope = self.rope if rope is None else rope
         for block in self.blocks:
-            h = block(h, self.rope)
+            h = block(h, rope)
         return h
 
-    def embed_input(self, inputs: Tensor, puzzle_identifiers: Tensor | None) -> Tensor:
+    def embed_input(self, inputs: Tensor, puzzle_identifiers: Tensor | None,
+                    positions: Tensor | None = None) -> Tensor:
         """x (B, S, D): puzzle tokens (the table row, zero-padded to P*D) then token embeddings, times sqrt(D).
-        With learned positions, (x + pos) / sqrt(2) is scaled instead, as in the reference."""
+        With learned positions, (x + pos) / sqrt(2) is scaled instead, as in the reference (pos of `positions`
+        for a bucket)."""
         x = self.embed_tokens(inputs)
         if self.config.puzzle_emb_ndim > 0:
             puzzle = self.puzzle_emb(puzzle_identifiers)
             puzzle = F.pad(puzzle, (0, self.puzzle_len * self.config.hidden_size - puzzle.shape[-1]))
             x = torch.cat((puzzle.view(-1, self.puzzle_len, self.config.hidden_size).to(x.dtype), x), dim=1)
         if self.config.pos_encodings == "learned":
-            x = 0.707106781 * (x + self.embed_pos.weight)
+            pos = self.embed_pos.weight if positions is None else self.embed_pos.weight[positions]
+            x = 0.707106781 * (x + pos)
         return self.embed_scale * x
 
-    def recurse(self, z_H: Tensor, z_L: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def recurse(self, z_H: Tensor, z_L: Tensor, x: Tensor, rope: RotaryTables | None = None) -> tuple[Tensor, Tensor]:
         """T cycles of (n times z ← net(z, y + x), then y ← net(y, z)); only the last keeps gradients.
         y does not change during a cycle's n z-updates, so y + x is formed once per cycle."""
         H_cycles, L_cycles = self.cycles or (self.config.H_cycles, self.config.L_cycles)
@@ -450,8 +500,8 @@ class TRM(nn.Module):
             for _ in range(H_cycles - 1):
                 injection = z_H + x
                 for _ in range(L_cycles):
-                    z_L = self.net(z_L, injection)
-                z_H = self.net(z_H, z_L)
+                    z_L = self.net(z_L, injection, rope)
+                z_H = self.net(z_H, z_L, rope)
         if torch.is_grad_enabled():
             # Under autocast the no-gradient cycles may have cached bf16 copies of the weights. On torch
             # releases without the fix of pytorch#158232 (PR #165068) such a copy carries no autograd history,
@@ -460,8 +510,8 @@ class TRM(nn.Module):
             torch.clear_autocast_cache()
         injection = z_H + x
         for _ in range(L_cycles):
-            z_L = self.net(z_L, injection)
-        z_H = self.net(z_H, z_L)
+            z_L = self.net(z_L, injection, rope)
+        z_H = self.net(z_H, z_L, rope)
         return z_H, z_L
 
     def flops_per_row_step(self, seq_len: int | None = None) -> float:
@@ -473,10 +523,10 @@ class TRM(nn.Module):
 
     # -- ACT ------------------------------------------------------------------------------------------------
     def initial_carry(self, batch: dict[str, Tensor]) -> Carry:
-        """A carry with every row halted, so the first `forward` loads every row of its batch."""
-        B = batch["inputs"].shape[0]
+        """A carry with every row halted, so the first `forward` loads every row of its batch (of any bucket)."""
+        B, grid_len = batch["inputs"].shape
         device = self.H_init.device
-        shape = (B, self.config.total_len, self.config.hidden_size)
+        shape = (B, self.puzzle_len + grid_len, self.config.hidden_size)
         return Carry(
             z_H=torch.zeros(shape, device=device),
             z_L=torch.zeros(shape, device=device),
@@ -489,7 +539,8 @@ class TRM(nn.Module):
         self, carry: Carry, batch: dict[str, Tensor], exploration: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Carry, dict[str, Tensor]]:
         """One ACT step. Rows halted in `carry` restart from (H_init, L_init) on the row of `batch`; the others
-        continue on their current data. `exploration` = (uniform (B,), min_steps (B,)) replaces the
+        continue on their current data. Every row of one call is on the same canvas: the whole one (L = seq_len
+        grid tokens) or a bucket of side b (L = b², its cells at their canvas positions: pipeline.canvas). `exploration` = (uniform (B,), min_steps (B,)) replaces the
         reference's draws from the torch global RNG (torch.rand then torch.randint, made every training step
         even with probability 0); with it, a row explores when uniform < halt_exploration_prob and may
         then halt only once steps >= min_steps."""
@@ -504,8 +555,9 @@ class TRM(nn.Module):
                 raise KeyError(f"TRM.forward: the batch lacks {k!r}, which the carry holds")
             data[k] = torch.where(halted.view((-1,) + (1,) * (v.ndim - 1)), batch[k], v)
 
-        x = self.embed_input(data["inputs"], data.get("puzzle_identifiers"))
-        z_H, z_L = self.recurse(z_H, z_L, x)
+        positions = self.positions(data["inputs"].shape[1])
+        x = self.embed_input(data["inputs"], data.get("puzzle_identifiers"), positions)
+        z_H, z_L = self.recurse(z_H, z_L, x, self.rope_for(positions))
         logits = self.lm_head(z_H[:, self.puzzle_len :])
         q = self.q_head(z_H[:, 0]).float()
         outputs = {"logits": logits, "q_halt_logits": q[:, 0], "q_continue_logits": q[:, 1]}

@@ -2,7 +2,8 @@
 
 Writes `plan.json` in the run folder: the schedule the trainer will follow (steps, epochs, groups, intervals, from
 pipeline.train's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
-training steps on this machine's device, the estimated hours. Nothing is trained and no checkpoint is written.
+training steps on this machine's device, the estimated hours. With canvas buckets (`data.canvas_buckets`) it gives the
+tokens and FLOPs per step both with the buckets and on the whole canvas, counted exactly from the dataset. Nothing is trained and no checkpoint is written.
 
 The timing runs full optimizer steps (refill, forward, backward, all-reduce, updates, EMA) on a few rows per
 process (`rows`) and scales linearly to the global batch: on a GPU a small batch under-uses the device, so the
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from augment.dataset import AugmentedDataset
 from pipeline.collectives import is_main_process
+from pipeline.canvas import parse_buckets, side_for
 from pipeline.compute import run_flops
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
@@ -36,7 +39,8 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     small.grad_accum_steps = 1
     state = build_state(small, dataset, rt)
     state.carries = blank_carries(state.model, small, rows, rt.device)
-    refill = Refill(state.sampler, rt, rows, small.model.seq_len)
+    state.sides = np.full(small.global_batch_size, dataset.canvas, dtype=np.int64)
+    refill = Refill(state.sampler, rt, rows, small.model.seq_len, state.sides)
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     times = []
@@ -52,6 +56,30 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     times.sort()
     return {"device": str(rt.device), "processes": rt.world, "rows_per_process": rows,
             "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
+
+
+def bucket_costs(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
+    """Grid tokens and model FLOPs per row-step with the run's canvas buckets, exact from the data: every training
+    example weighted as the sampling draws it (groups: each puzzle's examples once per epoch, a dihedral view never
+    changing an example's bucket; examples: every example of every variant), assuming an example spends as many
+    ACT steps in its row whatever its bucket."""
+    canvas = dataset.canvas
+    buckets = parse_buckets(cfg.data.canvas_buckets, canvas)
+    if cfg.data.sampling == "groups":
+        groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
+        first, count = dataset.variant_examples(dataset.puzzle_first_variant[groups])
+        ks = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), count.tolist())])
+    else:
+        ks = np.arange(dataset.num_train_examples)
+    sides, counts = np.unique(side_for(dataset.train_extent(ks).max(axis=1), buckets, canvas), return_counts=True)
+    share = counts / counts.sum()
+    return {
+        "canvas_buckets": list(buckets),
+        "bucket_share": {int(b): float(f) for b, f in zip(sides, share)},
+        "grid_tokens_per_row": float((share * sides ** 2).sum()),
+        "model_flops_per_row": float(sum(f * model_flops_per_row_step(cfg.model, int(b) ** 2)
+                                         for b, f in zip(sides, share))),
+    }
 
 
 def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
@@ -99,9 +127,16 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
     cfg.model.seq_len = dataset.canvas * dataset.canvas
     cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
     plan = plan_steps(cfg, dataset)
-    flops_row = model_flops_per_row_step(cfg.model)
-    plan["model_flops_per_step"] = flops_row * cfg.global_batch_size  # at full depth
-    plan["model_flops_total"] = run_flops(cfg, plan["total_steps"])  # a depth curriculum's cheaper steps included
+    costs = bucket_costs(cfg, dataset)
+    flops_row, rows_per_step = costs.pop("model_flops_per_row"), cfg.global_batch_size
+    plan.update(costs)
+    full_row = model_flops_per_row_step(cfg.model)
+    plan["tokens_per_step"] = rows_per_step * (cfg.model.puzzle_len + plan["grid_tokens_per_row"])
+    plan["tokens_per_step_full_canvas"] = rows_per_step * cfg.model.total_len
+    plan["model_flops_per_step"] = flops_row * rows_per_step  # at full depth
+    plan["model_flops_per_step_full_canvas"] = full_row * rows_per_step
+    # a depth curriculum's cheaper steps included (compute.run_flops), scaled by the buckets' share of the canvas
+    plan["model_flops_total"] = run_flops(cfg, plan["total_steps"]) * flops_row / full_row
     plan.update(prediction_flops(cfg, dataset))
     plan["evaluations"] = plan["total_steps"] // plan["eval_every"] if plan["eval_every"] else 0
     if time_steps_n > 0:
@@ -143,6 +178,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all; prediction {plan['prediction_flops'] / 1e15:,.1f} PFLOP "
         f"({plan['prediction_rows']:,} views × {plan['prediction_act_steps']} ACT steps)",
     ]
+    if plan["canvas_buckets"]:
+        shares = ", ".join(f"{b}: {f:.0%}" for b, f in plan["bucket_share"].items())
+        lines.append(
+            f"  canvas buckets {','.join(map(str, plan['canvas_buckets']))} (examples per side {shares}): "
+            f"{plan['tokens_per_step']:,.0f} tokens per step against {plan['tokens_per_step_full_canvas']:,.0f} on "
+            f"the whole canvas ({plan['tokens_per_step'] / plan['tokens_per_step_full_canvas']:.2f}); FLOPs "
+            f"{plan['model_flops_per_step'] / plan['model_flops_per_step_full_canvas']:.2f} of the whole canvas's")
     for name, r in plan.get("recipes", {}).items():
         hours = f", about {r['estimated_hours']:,.1f} hours" if "estimated_hours" in r else ""
         lines.append(f"  recipe {name}: {r['total_steps']:,} steps, {r['model_flops_total'] / 1e18:,.2f} EFLOP of "

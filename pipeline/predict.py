@@ -9,6 +9,9 @@ With several processes, each takes an interleaved share of the rows and every pr
 candidates. `predict_to_file` writes them at once, then re-scores the top candidates by their likelihood under a
 few views (pipeline.rescore, `predict.rescore_views`; sharded over the processes too), within the same time
 budget, for the `likelihood` selectors, and writes the file again with the scores.
+With canvas buckets (`buckets`, pipeline.canvas) each test input is computed on the smallest bucket that holds it and
+the output its demonstrations predict (AugmentedDataset.held_out_extent): a batch of rows is split by bucket, one
+model call per bucket present; re-scoring uses the same buckets.
 
 Nothing done is lost: `save_partial_every_s` > 0 writes the candidates made so far to `predictions.partial.npz`
 (one file per process) every that many seconds and when the run fails (an exception such as CUDA out-of-memory),
@@ -31,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from augment.dataset import AugmentedDataset
+from pipeline.canvas import parse_buckets
 from pipeline.config import PredictConfig
 from pipeline.collectives import all_reduce_sum, gather_objects
 from pipeline.encoding import IGNORE_LABEL, decode_grids
@@ -38,6 +42,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import TRM
 from pipeline.predictions import Predictions, PredictionsWriter
 from pipeline.rescore import rescore
+from pipeline.rows import bucket_groups
 from pipeline.signals import Stopped, stop_requested, stoppable
 
 
@@ -58,16 +63,19 @@ def predict(
     progress: bool = True,
     partial_path: str | Path | None = None,
     stop: Callable[[], object] | None = None,
+    buckets: tuple[int, ...] = (),
 ) -> Predictions:
     """Candidates for this process's share of the held-out rows (all rows when world == 1); with `partial_path`,
     the candidates so far are saved there every cfg.save_partial_every_s seconds and on an exception. `stop()`
-    returning true (checked after every batch) ends the pass like the time budget does."""
+    returning true (checked after every batch) ends the pass like the time budget does. `buckets`: the canvas
+    buckets' sides (pipeline.canvas.parse_buckets; () = the whole canvas)."""
     model.eval()
     start_time = time.perf_counter()
     rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]  # 0 = the original
     order = np.lexsort((np.arange(len(view)), view))[rank::world]  # round-robin over inputs; this rank's share
     rows = {k: v[order] for k, v in rows.items()}
+    rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
     writer = PredictionsWriter(eval_task_ids(dataset))
     bar = tqdm(total=len(order), disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
     try:
@@ -81,42 +89,48 @@ def predict(
     return writer.finish()
 
 
+def _predict_batch(model: TRM, dataset: AugmentedDataset, grid: np.ndarray, variant: np.ndarray, side: int,
+                   steps: int, early_stop: bool, device, autocast) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """(q float32 (n,), answer grids in the original orientation, None where nothing decodes) of test input grids
+    `grid` seen through `variant`s, all on the bucket of side `side`, after `steps` ACT steps (run_act_steps)."""
+    inputs = dataset.encode_grids(grid, variant, canvas=side)
+    batch = {
+        "inputs": torch.from_numpy(inputs).to(device),
+        "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
+        "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
+    }
+    with autocast() if autocast is not None else nullcontext():  # a fresh context manager per batch
+        preds, q_logits = run_act_steps(model, batch, steps, early_stop)
+    q = torch.sigmoid(q_logits.float()).cpu().numpy()
+    grids = decode_grids(preds.cpu().numpy(), side)
+    return q, [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
+
+
 def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, rows: dict[str, np.ndarray],
                   writer: PredictionsWriter, bar: tqdm, device, autocast, start_time: float,
                   partial_path: str | Path | None, stop: Callable[[], object] | None) -> None:
     """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
     lo, hi = 0, len(rows["variant"])
-    canvas = dataset.canvas
     steps = cfg.act_steps or model.config.halt_max_steps
     last_save = time.perf_counter()
     for start in range(lo, hi, cfg.batch_size):
-        sl = slice(start, min(hi, start + cfg.batch_size))
-        variant = rows["variant"][sl]
-        inputs = dataset.encode_grids(rows["grid"][sl], variant)
-        batch = {
-            "inputs": torch.from_numpy(inputs).to(device),
-            "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
-            "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
-        }
-        with autocast() if autocast is not None else nullcontext():  # a fresh context manager per batch
-            preds, q_logits = run_act_steps(model, batch, steps, cfg.early_stop)
-        preds = preds.cpu().numpy()
-        q = torch.sigmoid(q_logits.float()).cpu().numpy()
-        grids = decode_grids(preds, canvas)
-        answers = [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
-        writer.add(
-            [dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][sl]],
-            rows["test_index"][sl], variant, q, answers,
-        )
-        bar.update(len(variant))
+        end = min(hi, start + cfg.batch_size)
+        for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
+            sl = slice(start, end) if part is None else start + part
+            variant = rows["variant"][sl]
+            q, answers = _predict_batch(model, dataset, rows["grid"][sl], variant, side, steps, cfg.early_stop,
+                                        device, autocast)
+            writer.add([dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][sl]],
+                       rows["test_index"][sl], variant, q, answers)
+        bar.update(end - start)
         if partial_path is not None and cfg.save_partial_every_s > 0 and time.perf_counter() - last_save >= cfg.save_partial_every_s:
             writer.finish().save(partial_path)
             last_save = time.perf_counter()
         if stop is not None and stop():
-            bar.write(f"predict: stopped by a signal after {start + len(variant) - lo} of {hi - lo} rows")
+            bar.write(f"predict: stopped by a signal after {end - lo} of {hi - lo} rows")
             break
         if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
-            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {start + len(variant) - lo} "
+            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end - lo} "
                       f"of {hi - lo} rows")
             break
 
@@ -160,10 +174,12 @@ def predict_to_file(
     out_path: str | Path,
     cfg: PredictConfig,
     progress: bool = True,
+    canvas_buckets: str = "",
 ) -> Path:
     """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file (stamped with
     the dataset's fingerprint: which dataset's inputs it answers), then re-score and write it again with the
-    scores. Every process of a job calls it; rank 0 writes."""
+    scores; on the canvas buckets `canvas_buckets` (the setting data.canvas_buckets; "" = the whole canvas).
+    Every process of a job calls it; rank 0 writes."""
     from accelerate import Accelerator
 
     from pipeline.checkpoint import dataset_fingerprint
@@ -176,11 +192,15 @@ def predict_to_file(
     fingerprint = dataset_fingerprint(dataset_dir)
     model = load_checked_model(checkpoint_path, dataset, dataset_dir, cfg.use_ema).to(accelerator.device)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    buckets = parse_buckets(canvas_buckets, dataset.canvas)
+    if buckets and rank == 0:
+        print(f"predict: on canvas buckets, test inputs per side: {bucket_shares(dataset, buckets)}")
     start_time = time.perf_counter()
     out_path = Path(out_path)
     partial = partial_predictions_path(out_path, rank, world) if cfg.save_partial_every_s > 0 else None
     part = predict(model, dataset, prediction_share(cfg, dataset), device=device, autocast=accelerator.autocast,
-                   rank=rank, world=world, progress=progress and rank == 0, partial_path=partial, stop=stop_requested)
+                   rank=rank, world=world, progress=progress and rank == 0, partial_path=partial, stop=stop_requested,
+                   buckets=buckets)
     part.dataset_fingerprint = fingerprint
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
@@ -192,7 +212,7 @@ def predict_to_file(
             predictions.logp, predictions.logp_cells = rescore(
                 model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
                 batch_size=cfg.batch_size, device=device, autocast=accelerator.autocast, time_budget_s=left,
-                progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested,
+                progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested, buckets=buckets,
             )
             if rank == 0:
                 predictions.save(out_path)
@@ -204,6 +224,13 @@ def predict_to_file(
             print(message, flush=True)
         raise Stopped(stop_requested(), message)
     return out_path
+
+
+def bucket_shares(dataset: AugmentedDataset, buckets: tuple[int, ...]) -> str:
+    """How many test inputs go on each bucket, e.g. "12: 3, 30: 1"."""
+    rows = dataset.test_rows(1)
+    sides = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
+    return ", ".join(f"{b}: {int((sides == b).sum())}" for b in buckets)
 
 
 def check_rescore_settings(cfg: PredictConfig) -> None:

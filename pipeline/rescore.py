@@ -16,9 +16,13 @@ prediction pass, for every held-out test input:
      every prediction row of that candidate (`Predictions.logp`; NaN = not scored), and the number of label cells
      the sum runs over (`Predictions.logp_cells`, for the per-cell selectors).
 
+With canvas buckets the model runs on each test input's bucket (the one prediction used), so every candidate it
+produced fits there; a candidate larger than the bucket scores -inf.
+
 `truth_scores` applies the same machinery to the true answer of every held-out test output whose answer is known:
 its per-cell cross-entropy and per-cell accuracy under each view, a held-out signal that moves smoothly while
 pass@2 still moves by whole test outputs (evaluation during training reports it as `ce_true`, `cell_acc_true`).
+It runs on the whole canvas (where the answer always fits), with or without buckets.
 
 The model is run once per (test input, view), not per candidate: every candidate of one test input is scored from
 the same logits, so all of them always have the same views and compare fairly even when the time budget cuts the
@@ -43,6 +47,7 @@ from pipeline.collectives import all_reduce_sum
 from pipeline.encoding import IGNORE_LABEL, encode_many, label_cells
 from pipeline.model import TRM, log_stablemax
 from pipeline.predictions import Predictions
+from pipeline.rows import bucket_groups
 from pipeline.vote import group_candidates
 
 
@@ -66,11 +71,12 @@ def view_logprobs(
     variant: np.ndarray,
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] | None = None,
+    side: int | None = None,
 ) -> np.ndarray:
-    """float32 (n, canvas*canvas, vocab): log-probabilities after all ACT steps for test inputs `grid` (original
-    grid indices) seen through `variant`s."""
+    """float32 (n, side*side, vocab): log-probabilities after all ACT steps for test inputs `grid` (original
+    grid indices) seen through `variant`s, on the bucket of side `side` (default the whole canvas)."""
     model.eval()
-    inputs = dataset.encode_grids(grid, variant)
+    inputs = dataset.encode_grids(grid, variant, canvas=side)
     batch = {
         "inputs": torch.from_numpy(inputs).to(device),
         "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
@@ -133,11 +139,13 @@ def rescore(
     rank: int = 0,
     world: int = 1,
     stop: Callable[[], object] | None = None,
+    buckets: tuple[int, ...] = (),
 ) -> Likelihoods:
     """The likelihood scores of the top-`top_k` candidates by vote of every test input, over its first `views`
     views; NaN / 0 for the rest. Every process passes the same (whole) `predictions` and scores its share of the
     (test input, view) rows; the sums are added up over processes. `time_budget_s` (this call's) or `stop()`
-    returning true ends the pass early: candidates of inputs with no view run yet stay unscored (vote order)."""
+    returning true ends the pass early: candidates of inputs with no view run yet stay unscored (vote order).
+    `buckets`: the canvas buckets prediction ran on (() = the whole canvas)."""
     if top_k < 1 or views < 1:
         raise ValueError(f"rescore: top_k and views must be at least 1, got top_k={top_k}, views={views}")
     groups = group_candidates(predictions)
@@ -146,7 +154,7 @@ def rescore(
     failed, error = 0.0, None
     try:
         _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
-                     time_budget_s, progress, rank, world, stop)
+                     time_budget_s, progress, rank, world, stop, buckets)
     except Exception as e:  # noqa: BLE001 - said to every process below, so that none waits for this one
         failed, error = 1.0, e
     total = torch.from_numpy(np.concatenate([sums.ravel(), [failed]])).to(device)
@@ -159,7 +167,8 @@ def rescore(
     per_group = np.where(scored, group_sum / np.maximum(group_views, 1), np.nan)
     heights = predictions.height[groups.row].astype(np.int64)
     widths = predictions.width[groups.row].astype(np.int64)
-    cells = np.where(scored & np.isfinite(per_group), label_cells(heights, widths, dataset.canvas), 0)
+    sides = _group_sides(dataset, predictions, groups, buckets)  # the EOS edge stops at the bucket's edge
+    cells = np.where(scored & np.isfinite(per_group), label_cells(heights, widths, sides), 0)
     logp = np.full(len(predictions), np.nan, np.float32)
     counts = np.zeros(len(predictions), np.uint16)
     valid_rows = np.flatnonzero(predictions.valid)
@@ -168,8 +177,20 @@ def rescore(
     return Likelihoods(logp, counts)
 
 
+def _group_sides(dataset: AugmentedDataset, predictions: Predictions, groups, buckets: tuple[int, ...]) -> np.ndarray:
+    """int64 (G,): the bucket side each candidate group's test input is computed on (the canvas without buckets)."""
+    if not buckets:
+        return np.full(len(groups.row), dataset.canvas, np.int64)
+    rows = dataset.test_rows(1)
+    sides = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
+    side_of = {(dataset.puzzles[int(p)]["task_id"], int(t)): int(b)
+               for p, t, b in zip(rows["puzzle_index"], rows["test_index"], sides)}
+    return np.array([side_of.get((predictions.task_ids[int(task)], int(t)), dataset.canvas)
+                     for task, t in zip(groups.task, groups.test_index)], np.int64)
+
+
 def _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
-                 time_budget_s, progress, rank, world, stop) -> None:
+                 time_budget_s, progress, rank, world, stop, buckets) -> None:
     """This process's (test input, view) rows, round-robin over inputs, added into `sums` (2, G) in place."""
     start_time = time.perf_counter()
     task_index = {t: i for i, t in enumerate(predictions.task_ids)}
@@ -180,23 +201,26 @@ def _score_share(model, dataset, predictions, groups, best, sums, batch_size, vi
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]
     order = [i for i in np.lexsort((np.arange(len(view)), view)).tolist() if keys[i] in best][rank::world]
     rows = {k: v[order] for k, v in rows.items()}
+    rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
     keys = [keys[i] for i in order]
     bar = tqdm(total=len(keys), disable=not progress, desc="rescore", unit="view", dynamic_ncols=True)
     for start in range(0, len(keys), batch_size):
-        sl = slice(start, start + batch_size)
-        logp = view_logprobs(model, dataset, rows["grid"][sl], rows["variant"][sl], device, autocast)
-        for i, (key, variant) in enumerate(zip(keys[sl], rows["variant"][sl].tolist())):
-            ids = best[key]
-            scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
-                                    dataset.variant_colours[variant])
-            sums[0, ids] += scores
-            sums[1, ids] += 1
-        bar.update(len(keys[sl]))
+        end = min(len(keys), start + batch_size)
+        for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
+            at = np.arange(start, end) if part is None else start + part
+            logp = view_logprobs(model, dataset, rows["grid"][at], rows["variant"][at], device, autocast, side)
+            for i, row in enumerate(at.tolist()):
+                ids, variant = best[keys[row]], int(rows["variant"][row])
+                scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
+                                        dataset.variant_colours[variant])
+                sums[0, ids] += scores
+                sums[1, ids] += 1
+        bar.update(end - start)
         if stop is not None and stop():
-            bar.write(f"rescore: stopped by a signal after {start + len(keys[sl])} of {len(keys)} views")
+            bar.write(f"rescore: stopped by a signal after {end} of {len(keys)} views")
             break
         if time_budget_s > 0 and time.perf_counter() - start_time > time_budget_s:
-            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {start + len(keys[sl])} of "
+            bar.write(f"rescore: time budget of {time_budget_s:.0f} s reached after {end} of "
                       f"{len(keys)} views")
             break
     bar.close()

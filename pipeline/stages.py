@@ -125,6 +125,7 @@ def stage_train(cfg: RunConfig, req: Request) -> None:
     """Everything training needs is checked (the dataset, --init, the checkpoint resumed and the settings it was
     made with) before --force train removes the previous run; then train."""
     from augment.dataset import AugmentedDataset
+    from pipeline.canvas import parse_buckets
     from pipeline.evaluate import HeldOutEvaluator
     from pipeline.train import train
 
@@ -142,7 +143,8 @@ def stage_train(cfg: RunConfig, req: Request) -> None:
         _end_torn_line(req.out / "metrics.jsonl")
     evaluator = None
     if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
-        evaluator = HeldOutEvaluator.for_dataset(dataset, cfg.eval_views, cfg.predict.batch_size, cfg.predict.selector)
+        evaluator = HeldOutEvaluator.for_dataset(dataset, cfg.eval_views, cfg.predict.batch_size, cfg.predict.selector,
+                                                 parse_buckets(cfg.data.canvas_buckets, dataset.canvas))
     path = train(cfg, req.data_dir, req.out, resume=req.resume, init_checkpoint=req.init, progress=not req.quiet,
                  evaluator=evaluator)
     if is_main_process():  # under torchrun every process gets here; one line is enough
@@ -192,7 +194,8 @@ def stage_predict(cfg: RunConfig, req: Request) -> None:
 
     checkpoint = _predict_checkpoint(cfg, req)
     runfolder.check_checkpoint(checkpoint, req.data_dir)
-    path = predict_to_file(req.data_dir, checkpoint, req.out / "predictions.npz", cfg.predict, progress=not req.quiet)
+    path = predict_to_file(req.data_dir, checkpoint, req.out / "predictions.npz", cfg.predict, progress=not req.quiet,
+                           canvas_buckets=cfg.data.canvas_buckets)
     if is_main_process():
         print(f"predict: candidates -> {path}")
 

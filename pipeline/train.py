@@ -8,6 +8,10 @@ so no drawn example is wasted; the assignment is computed on the *global* batch,
 exactly like 1 process × B rows. The step count follows the reference's formula (`total_steps`), so a run does as
 many optimizer steps as the reference's; it passes over the stream fewer times, because nothing is thrown away.
 
+With canvas buckets (`data.canvas_buckets`, pipeline.canvas) the rows and the stream stay the same; each row is
+computed on its example's bucket, the rows of one bucket together (pipeline.rows): one model call per bucket per
+micro-batch, each with its own backward pass.
+
 Gradients are all-reduced by hand (one flat buffer per step, pipeline.collectives) instead of wrapping the model
 in DDP: DDP would broadcast the puzzle-embedding table (a buffer of up to 1.3M × 512) every step, and the sparse
 table update needs its own gather anyway (pipeline.optim.SignSGD).
@@ -17,6 +21,7 @@ never imports the prediction and scoring stages downstream of it.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -32,6 +37,7 @@ from tqdm import tqdm
 from augment.dataset import AugmentedDataset
 from pipeline import checkpoint as ckpt
 from pipeline.batches import TrainSampler, examples_per_epoch
+from pipeline.canvas import parse_buckets
 from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
                                   gather_rows_to_main)
 from pipeline.compute import depth_at, steps_for_flops
@@ -40,6 +46,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_json, atomic_write_with
 from pipeline.model import TRM, Carry, act_loss, dense_params_without_gradient
 from pipeline.optim import EMA, SignSGD, build_dense_optimizer, lr_at
+from pipeline.rows import bucket_groups, put_rows, take_rows
 from pipeline.tracking import accelerator_settings, finish_trackers, log_row, start_trackers
 from pipeline.signals import Stopped, stop_requested, stoppable
 
@@ -148,11 +155,31 @@ class Refill:
     copy alone, which on a GPU finishes with the forward pass while the backward pass is still running, so the
     host encodes the refill while the device is busy (the one host-device synchronisation of a steady step).
     Without a pending copy (the first step, after a resume) it gathers and copies on the spot.
+
+    `sides` (G,) is every global row's bucket side (process-major, then micro-batch, as a checkpoint's carry);
+    every process keeps all of it up to date (the sides of the examples drawn, cheap: no encoding), so the
+    computed token count is known everywhere without a collective. Fresh rows come in bucket-local layout.
     """
 
-    def __init__(self, sampler: TrainSampler, rt: Runtime, local_batch: int, seq_len: int):
+    def __init__(self, sampler: TrainSampler, rt: Runtime, local_batch: int, seq_len: int,
+                 sides: np.ndarray | None = None):
         self.sampler, self.rt, self.local_batch, self.seq_len = sampler, rt, local_batch, seq_len
+        if sides is None:  # one micro-batch, every row on the whole canvas
+            sides = np.full(rt.world * local_batch, sampler.dataset.canvas, dtype=np.int64)
+        self.sides = sides
+        self.micro_batches = len(sides) // (rt.world * local_batch)
         self._pending: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def _global_rows(self, index: int) -> np.ndarray:
+        """Positions in `sides` of micro-batch `index`'s rows on every process, in the gathered mask's order."""
+        per_process = self.micro_batches * self.local_batch
+        starts = np.arange(self.rt.world) * per_process + index * self.local_batch
+        return (starts[:, None] + np.arange(self.local_batch)[None, :]).reshape(-1)
+
+    def local_sides(self, index: int) -> np.ndarray:
+        """int64 (local_batch,): this process's rows of micro-batch `index`, their bucket sides."""
+        lo = self.rt.rank * self.micro_batches * self.local_batch + index * self.local_batch
+        return self.sides[lo:lo + self.local_batch]
 
     def watch(self, index: int, halted_local: torch.Tensor) -> None:
         """Start fetching micro-batch `index`'s global halted mask (a collective: every process calls it)."""
@@ -174,9 +201,13 @@ class Refill:
             event.synchronize()
         rows = np.flatnonzero(host.numpy())
         ks, offsets = self.sampler.take_indices(len(rows))
+        sides = self.sampler.sides(ks)
+        self.sides[self._global_rows(index)[rows]] = sides
         lo = self.rt.rank * self.local_batch
         mine = (rows >= lo) & (rows < lo + self.local_batch)
-        fresh = self.sampler.dataset.encode_train_examples(ks[mine], None if offsets is None else offsets[mine])
+        at = None if offsets is None else offsets[mine]
+        encode = self.sampler.dataset.encode_train_examples
+        fresh = encode(ks[mine], at, sides[mine]) if self.sampler.buckets else encode(ks[mine], at)
         batch = {
             "inputs": np.zeros((self.local_batch, self.seq_len), np.int32),
             "labels": np.full((self.local_batch, self.seq_len), -100, np.int32),
@@ -223,6 +254,7 @@ class TrainState:
     ema: EMA | None
     sampler: TrainSampler
     carries: list[Carry] | None  # one per micro-batch; None until the first step (or after a final checkpoint)
+    sides: np.ndarray | None = None  # int64 (G,): every global row's bucket side (Refill); None with the carries
     step: int = 0
     dataset_fingerprint: str | None = None  # saved in every checkpoint: it works only with this dataset
     flops: float = 0.0  # model FLOPs computed by the training steps so far, all processes (the `flops` column)
@@ -243,7 +275,7 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
     table = SignSGD(model.puzzle_emb.weights, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay)
     ema = EMA(model, decay=cfg.ema_rate) if cfg.ema else None
     sampler = TrainSampler(dataset, seed=cfg.seed, sampling=cfg.data.sampling, translation=cfg.data.translation,
-                           batch_size=cfg.global_batch_size)
+                           batch_size=cfg.global_batch_size, buckets=parse_buckets(cfg.data.canvas_buckets, dataset.canvas))
     return TrainState(model, optimizer, table, ema, sampler, carries=None)
 
 
@@ -260,6 +292,8 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
     state.wall_s = float(saved.get("wall_s", 0.0))
     if saved.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
         state.carries = ckpt.carries_from_state(saved["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
+        if "sides" in saved["carry"]:  # absent when saved before buckets existed (train() fills in the canvas)
+            state.sides = saved["carry"]["sides"].numpy().astype(np.int64)
     ckpt.set_rng_state(saved["rng"])
 
 
@@ -305,6 +339,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
     global_carry = None
     if not final:  # gathered to rank 0 alone (the only writer); other ranks get empty tensors
         global_carry = gather_carries(state.carries, lambda t: gather_rows_to_main(t, rt.world))
+        global_carry["sides"] = torch.from_numpy(state.sides.copy())  # every process holds all of them
     path = ckpt_dir / f"step_{state.step:08d}.pt"
     if rt.is_main:
         ckpt.save_training_state(
@@ -333,6 +368,12 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
 
 
 # ---------------------------------------------------------------------------------------------- one step
+def step_flops(model: Any, sides: np.ndarray) -> float:
+    """Model FLOPs of the step just run: every global row at its bucket's side, at the depth the step ran."""
+    values, counts = np.unique(sides, return_counts=True)
+    return float(sum(int(c) * model.flops_per_row_step(int(v) ** 2) for v, c in zip(values, counts)))
+
+
 def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, sums: torch.Tensor,
                bad: torch.Tensor, steps_total: int) -> float:
     """One optimizer step: an ACT step of every row (refilling halted rows), the gradient all-reduce, the dense
@@ -346,21 +387,24 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     for i in range(len(state.carries)):  # micro-batches (grad_accum_steps of them)
         fresh = refill(i, state.carries[i].halted)
         lo = rt.rank * (cfg.global_batch_size // rt.world) + i * micro
-        with rt.accelerator.autocast():
-            state.carries[i], outputs = model(
-                state.carries[i], fresh,
-                exploration=(to_device(explore_u[lo:lo + micro], rt.device),
-                             to_device(explore_k[lo:lo + micro], rt.device)),
-            )
-            refill.watch(i, state.carries[i].halted)  # the next step's refill overlaps this backward pass
-            loss, metrics = act_loss(outputs, state.carries[i])
-        (loss / cfg.global_batch_size).backward()
-        local_ids.append(model.puzzle_emb.local_ids.detach().clone())
-        local_grads.append(model.puzzle_emb.local_weights.grad.detach().clone())
-        sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach()
-                             for k in METRIC_KEYS])
-        bad |= ~torch.isfinite(loss.detach())
-        state.flops += rt.world * micro * model.flops_per_row_step(fresh["inputs"].shape[-1])
+        explore = (to_device(explore_u[lo:lo + micro], rt.device), to_device(explore_k[lo:lo + micro], rt.device))
+        groups = bucket_groups(refill.local_sides(i), math.isqrt(cfg.model.seq_len))
+        for g, (side, rows) in enumerate(groups):  # one group (all rows) without buckets
+            index = None if rows is None else to_device(torch.from_numpy(rows), rt.device)
+            carry, batch = take_rows(state.carries[i], fresh, index, side, model.puzzle_len)
+            with rt.accelerator.autocast():
+                carry, outputs = model(carry, batch, exploration=tuple(
+                    e if index is None else e[index] for e in explore))
+                state.carries[i] = put_rows(state.carries[i], index, carry)
+                if g == len(groups) - 1:
+                    refill.watch(i, state.carries[i].halted)  # the next step's refill overlaps this backward pass
+                loss, metrics = act_loss(outputs, carry)
+            (loss / cfg.global_batch_size).backward()
+            local_ids.append(model.puzzle_emb.local_ids.detach().clone())
+            local_grads.append(model.puzzle_emb.local_weights.grad.detach().clone())
+            sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach()
+                                 for k in METRIC_KEYS])
+            bad |= ~torch.isfinite(loss.detach())
 
     all_reduce_gradients([p for p in model.parameters() if p.requires_grad], rt.world)
     train_dense = state.step >= cfg.freeze_weights_steps
@@ -477,7 +521,9 @@ def train(
             print(f"resumed from {latest} at step {state.step}")
     check_gradient_gate(state.model, rt)
     if state.carries is None:
-        state.carries = blank_carries(state.model, cfg, micro, rt.device)
+        state.carries, state.sides = blank_carries(state.model, cfg, micro, rt.device), None
+    if state.sides is None:  # fresh rows (all halted), or a carry saved before buckets existed
+        state.sides = np.full(cfg.global_batch_size, dataset.canvas, dtype=np.int64)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", to_dict(cfg))
@@ -489,12 +535,12 @@ def train(
             f"evaluation every {eval_every or 'no'} steps"
         )
     start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
-    refill = Refill(state.sampler, rt, micro, cfg.model.seq_len)
+    refill = Refill(state.sampler, rt, micro, cfg.model.seq_len, state.sides)
 
     metrics_path = out_dir / "metrics.jsonl"
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
     last_path = ckpt.latest_checkpoint(ckpt_dir)
     last_save = time.perf_counter()
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
@@ -503,8 +549,10 @@ def train(
         step_start = time.perf_counter()
         lr_scale = train_step(state, cfg, rt, refill, sums, bad, steps_total)
         state.wall_s += time.perf_counter() - step_start
+        state.flops += step_flops(state.model, state.sides)
         step = state.step
         interval_steps += 1
+        interval_cells += int(np.square(state.sides).sum())  # grid tokens computed this step (all processes)
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == steps_total:
@@ -517,11 +565,12 @@ def train(
                    "wall_s": state.wall_s,
                    **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
+            row["grid_tokens_per_row"] = interval_cells / (interval_steps * cfg.global_batch_size)
             if rt.is_main:
                 log_row(rt.accelerator, metrics_path, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", exact=f"{row['exact_accuracy']:.3f}")
             sums.zero_()
-            interval_start, interval_steps = time.perf_counter(), 0
+            interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
 
         check = check_loop(cfg, rt, step, time.perf_counter() - t_begin, time.perf_counter() - last_save)
         final = step == steps_total or check.out_of_time

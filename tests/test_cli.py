@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,6 +224,31 @@ def test_a_run_trained_on_a_dataset_from_elsewhere_predicts_with_it(base_run: Pa
         assert main(["--stage", stage, "--out", str(out), "--quiet"]) == 0, stage
     assert not (out / "dataset").exists() and (out / "report.html").exists()
     assert "tasks" in capsys.readouterr().out
+
+
+def test_whole_chain_on_canvas_buckets_and_its_checkpoint_on_the_full_canvas(tmp_path: Path, capsys):
+    """`--set data.canvas_buckets` reaches training, its evaluations, prediction and re-scoring; the weights it
+    trains predict on the full canvas too (one set of weights for every bucket)."""
+    from augment.dataset import AugmentedDataset
+    from pipeline.predictions import Predictions
+
+    args = ["--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4, eval_every=2),
+            "--set", "predict.max_variants=3", "--set", "data.canvas_buckets=3,4,5"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["canvas_buckets"] == "3,4,5"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train", "eval", "train", "eval"]
+    assert all(r["grid_tokens_per_row"] < 36 for r in rows if r["kind"] == "train")
+    dataset = AugmentedDataset.load(tmp_path / "dataset")
+    test_rows = dataset.test_rows(1)
+    assert len(set(dataset.held_out_sides(test_rows["puzzle_index"], test_rows["test_index"], (3, 4, 5, 6)))) > 1
+    bucketed = Predictions.load(tmp_path / "predictions.npz")
+    assert bucketed.logp is not None and not np.isnan(bucketed.logp[bucketed.valid]).all()
+    assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), dataset.eval_tasks()) == []
+
+    assert main(["--stage", "predict", "--out", str(tmp_path), "--quiet", "--set", "data.canvas_buckets="]) == 0
+    full = Predictions.load(tmp_path / "predictions.npz")
+    assert len(full) == len(bucketed)
 
 
 def test_the_installed_trm_arc_command_is_the_module_form(monkeypatch):

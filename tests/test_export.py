@@ -114,6 +114,13 @@ def test_fine_tuning_from_an_export_is_fine_tuning_from_its_checkpoint(run, new_
             ("ft_checkpoint", "ft_export"))
     _assert_same_tensors(a["model"], b["model"])
 
+    # exported weights serve canvas buckets too (positions keep their canvas meaning: the same weights)
+    assert main(["--stage", "train", "--preset", "demo", "--data", str(new_puzzles), "--out", str(tmp_path / "ft_b"),
+                 "--init", str(tmp_path / "mean"), "--quiet", "--set", "data.canvas_buckets=4,6",
+                 *tiny_overrides(max_steps=2, log_every=2, eval_every=0, eval_every_epochs=0)]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "ft_b" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < logged[-1]["grid_tokens_per_row"] < 36  # some rows on the 4x4 bucket
+
 
 def _reference_folder(folder: Path) -> tuple[dict, dict]:
     """The golden fixture's reference weights in the reference's own layout: all_config.yaml + step_N files."""

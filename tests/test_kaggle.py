@@ -226,6 +226,20 @@ def test_notebook_300_and_600_s_budgets_fine_tune_then_predict_every_view(tmp_pa
     assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 3 tasks from the model" in printed
 
 
+def test_notebook_fine_tunes_and_predicts_on_canvas_buckets(tmp_path, monkeypatch, kaggle_input):
+    """TRM_OVERRIDES="data.canvas_buckets=..." reaches the fine-tune and the prediction children (these 6x6 tasks
+    all need the whole canvas: what buckets compute is tested in test_buckets.py and test_cli.py)."""
+    working, status, _ = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=300,
+                                           TRM_MIN_TRAIN_S=45,
+                                           TRM_OVERRIDES=OVERRIDES + " max_steps=3 data.canvas_buckets=3,4,5")
+    stages = status["stages"]
+    assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
+    run = working / "trm_run"
+    assert json.loads((run / "config.json").read_text())["data"]["canvas_buckets"] == "3,4,5"  # the fine-tune's
+    assert "predict: on canvas buckets, test inputs per side: 3:" in (run / "predict.log").read_text()
+    _check_complete(working / "submission.json", kaggle_input)
+
+
 def test_notebook_without_a_bundle_writes_the_fallback_before_anything_else(tmp_path, monkeypatch, kaggle_input):
     bare = tmp_path / "input"
     (bare / "arc-prize-2025").mkdir(parents=True)

@@ -191,9 +191,9 @@ def test_injection_is_formed_once_per_cycle():
     injections = []
     net = model.net
 
-    def recording_net(h, injection):
+    def recording_net(h, injection, *rope):
         injections.append(injection)
-        return net(h, injection)
+        return net(h, injection, *rope)
 
     model.net = recording_net
     with torch.no_grad():

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import apply_overrides, preset
+from pipeline.config import PAPER_BUCKETS, apply_overrides, preset
 from pipeline.plan import make_plan, model_flops_per_row_step
 from pipeline.run import main
 from tiny import build_tiny_dataset, tiny_config
 
 
-@pytest.mark.parametrize("name, steps, tolerance, groups", [
-    ("arc1", 518_226, 0.01, 960),  # the reference's ARC-AGI-1 command: 800 tasks + 160 ConceptARC
-    ("arc2", 722_098, 0.02, 1280),  # ARC-AGI-2 (the paper's version) 1000 + 120 + ConceptARC 160
+@pytest.mark.parametrize("name, steps, tolerance, groups, ratio", [
+    ("arc1", 518_226, 0.01, 960, 0.32),  # the reference's ARC-AGI-1 command: 800 tasks + 160 ConceptARC
+    ("arc2", 722_098, 0.02, 1280, 0.36),  # ARC-AGI-2 (the paper's version) 1000 + 120 + ConceptARC 160
 ])
 def test_paper_presets_plan_the_reference_step_count(tmp_path: Path, name: str, steps: int, tolerance: float,
-                                                     groups: int):
+                                                     groups: int, ratio: float):
     assert main(["--stage", "augment", "--preset", name, "--out", str(tmp_path), "--quiet"]) == 0
     plan = make_plan(preset(name), tmp_path / "dataset", time_steps_n=0, preset_name=name)
     assert plan["groups"] == groups and plan["sampling"] == "groups" and plan["translation"] == "reference"
@@ -26,6 +26,12 @@ def test_paper_presets_plan_the_reference_step_count(tmp_path: Path, name: str, 
         assert plan[interval] == plan["total_steps"] // 10
     assert plan["evaluations"] == 10 and plan["warmup_steps"] == 2000
     assert plan["model_flops_per_step"] == pytest.approx(768 * model_flops_per_row_step(preset(name).model))
+    # canvas buckets (docs/BUCKETS.md): the same steps, at most half the tokens and FLOPs per step
+    bucketed = make_plan(apply_overrides(preset(name), [f"data.canvas_buckets={PAPER_BUCKETS}"]), tmp_path / "dataset",
+                         time_steps_n=0)
+    assert bucketed["total_steps"] == plan["total_steps"] and plan["tokens_per_step"] == 768 * 916
+    assert bucketed["tokens_per_step"] / plan["tokens_per_step"] == pytest.approx(ratio, abs=0.005)
+    assert bucketed["model_flops_per_step"] < 0.5 * bucketed["model_flops_per_step_full_canvas"]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{plan['total_steps']:,}" in readme and f"{plan['eval_every']:,}" in readme  # the README's table
     paper, fast = plan["recipes"][name], plan["recipes"][f"{name}-fast"]  # both recipes, on the same tasks

@@ -49,7 +49,7 @@ def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
     for key in a["ema"]["shadow"]:
         torch.testing.assert_close(a["ema"]["shadow"][key], b["ema"]["shadow"][key], atol=atol, rtol=0)
     assert (a["carry"] is None) == (b["carry"] is None)
-    for key in ("z_H", "z_L", "steps", "halted", "data.inputs", "data.puzzle_identifiers") if a["carry"] else ():
+    for key in ("z_H", "z_L", "steps", "halted", "data.inputs", "data.puzzle_identifiers", "sides") if a["carry"] else ():
         torch.testing.assert_close(a["carry"][key], b["carry"][key], atol=atol, rtol=0, msg=f"carry {key}")
     assert a["sampler"] == b["sampler"]
 
@@ -72,8 +72,12 @@ def test_train_runs_logs_and_keeps_checkpoints(tiny_data: Path, tmp_path: Path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["seq_len"] == 36
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path):
-    steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0)
+BUCKETS = ["", "4,6"]  # the whole canvas, and canvas buckets (2/3 of the tiny examples fit the 4x4 one)
+
+
+@pytest.mark.parametrize("buckets", BUCKETS)
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path, buckets: str):
+    steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
     whole = _run_cli(_train_args(tiny_data, tmp_path / "whole", *steps))
     out = tmp_path / "killed"
     victim = _run_cli(_train_args(tiny_data, out, *steps))
@@ -97,8 +101,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_pat
                        ckpt.load_training_state(out / "checkpoints" / name), atol=1e-6)
 
 
-def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path):
-    steps = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3)
+@pytest.mark.parametrize("buckets", BUCKETS)
+def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str):
+    steps = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3, **{"data.canvas_buckets": buckets})
     one = _run_cli(_train_args(tiny_data, tmp_path / "one", *steps))
     two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                     *_train_args(tiny_data, tmp_path / "two", *steps)[1:]])
@@ -111,12 +116,15 @@ def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path):
     for key in a["model"]:  # dense weights and the puzzle-embedding table
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=0, msg=key)
     a3, b3 = (ckpt.load_training_state(tmp_path / run / "checkpoints" / "step_00000003.pt") for run in ("one", "two"))
-    for key in ("halted", "steps", "data.puzzle_identifiers"):  # the same rows halted and took the same examples
+    for key in ("halted", "steps", "data.puzzle_identifiers", "sides"):  # the same rows halted, took the same examples
         torch.testing.assert_close(a3["carry"][key], b3["carry"][key])
     torch.testing.assert_close(a3["carry"]["z_H"], b3["carry"]["z_H"], atol=1e-5, rtol=0)
     # only rank 0 writes: one metrics line per logging step, not two
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["train", "train", "eval"]  # the final evaluation, sharded over both
+    # every process counts the grid tokens of every row: 36 per row on the 6x6 canvas, 16 on the 4x4 bucket
+    tokens = [r["grid_tokens_per_row"] for r in rows if r["kind"] == "train"]
+    assert all(16 < t < 36 for t in tokens) if buckets else tokens == [36, 36]
     evaluated = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()][-1]
     assert {k: evaluated[k] for k in ("pass2", "oracle", "views", "test_outputs")} == {
         k: rows[-1][k] for k in ("pass2", "oracle", "views", "test_outputs")}

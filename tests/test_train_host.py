@@ -83,12 +83,14 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_steady_training_step_reads_no_value_back_from_the_device(tiny_data: Path):
+@pytest.mark.parametrize("buckets", ["", "4,6"])
+def test_a_steady_training_step_reads_no_value_back_from_the_device(tiny_data: Path, buckets: str):
     """Every torch op of a training step after the first, recorded: none reads a tensor's value on the host
     (item / bool / int: `_local_scalar_dense`) or has an output size that depends on values (nonzero, unique,
     masked_select), which on a GPU would make the host wait for the device. The halted mask reaches the host by
-    the refill's copy (documented in Refill), the loss check and logging wait for log and checkpoint steps."""
-    cfg = tiny_config()
+    the refill's copy (documented in Refill), the loss check and logging wait for log and checkpoint steps. With
+    canvas buckets the rows are grouped on the host, from the sides it already knows."""
+    cfg = tiny_config(**{"data.canvas_buckets": buckets})
     dataset = AugmentedDataset.load(tiny_data)
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = dataset.canvas**2, dataset.num_puzzle_identifiers
     rt = make_runtime(cfg)
@@ -100,6 +102,7 @@ def test_a_steady_training_step_reads_no_value_back_from_the_device(tiny_data: P
     train_step(state, cfg, rt, refill, sums, bad, 10)
     with RecordOps() as recorder:
         train_step(state, cfg, rt, refill, sums, bad, 10)
+    assert len(set(refill.sides.tolist())) == (2 if buckets else 1)  # both buckets present in the step
     syncing = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_consecutive",
                "unique_dim", "masked_select"}
     assert "addmm" in recorder.ops or "mm" in recorder.ops  # the recorder saw the step's work

@@ -64,7 +64,8 @@ def predict(st: RunState) -> StageResult:
         pcfg = replace(st.cfg.predict, time_budget_s=attempt.work_s, batch_size=batch,
                        save_partial_every_s=s.partial_every_s)
         args = ["--stage", "predict", "--preset", "kaggle", "--checkpoint", str(checkpoint), *st.common_args(),
-                *set_args(asdict(pcfg), "predict.")]
+                *set_args(asdict(pcfg), "predict."),
+                *set_args({"canvas_buckets": st.cfg.data.canvas_buckets}, "data.")]  # also without a fine-tune
         log(f"predict attempt ({source} checkpoint): {attempt.work_s:.0f} s, batch {batch}, "
             f"child timeout {attempt.timeout_s:.0f} s")
         return run_stage_child(st, "predict", args, attempt)
