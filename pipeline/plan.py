@@ -20,8 +20,7 @@ import torch
 
 from augment.dataset import AugmentedDataset
 from pipeline.collectives import is_main_process
-from pipeline.canvas import parse_buckets, side_for
-from pipeline.compute import run_flops
+from pipeline.compute import bucket_costs, run_flops
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
 from pipeline.model import model_flops_per_row_step  # the model's FLOPs (also importable from here)
@@ -56,30 +55,6 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     times.sort()
     return {"device": str(rt.device), "processes": rt.world, "rows_per_process": rows,
             "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
-
-
-def bucket_costs(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
-    """Grid tokens and model FLOPs per row-step with the run's canvas buckets, exact from the data: every training
-    example weighted as the sampling draws it (groups: each puzzle's examples once per epoch, a dihedral view never
-    changing an example's bucket; examples: every example of every variant), assuming an example spends as many
-    ACT steps in its row whatever its bucket."""
-    canvas = dataset.canvas
-    buckets = parse_buckets(cfg.data.canvas_buckets, canvas)
-    if cfg.data.sampling == "groups":
-        groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
-        first, count = dataset.variant_examples(dataset.puzzle_first_variant[groups])
-        ks = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), count.tolist())])
-    else:
-        ks = np.arange(dataset.num_train_examples)
-    sides, counts = np.unique(side_for(dataset.train_extent(ks).max(axis=1), buckets, canvas), return_counts=True)
-    share = counts / counts.sum()
-    return {
-        "canvas_buckets": list(buckets),
-        "bucket_share": {int(b): float(f) for b, f in zip(sides, share)},
-        "grid_tokens_per_row": float((share * sides ** 2).sum()),
-        "model_flops_per_row": float(sum(f * model_flops_per_row_step(cfg.model, int(b) ** 2)
-                                         for b, f in zip(sides, share))),
-    }
 
 
 def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:

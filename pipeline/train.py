@@ -40,7 +40,7 @@ from pipeline.batches import TrainSampler, examples_per_epoch
 from pipeline.canvas import parse_buckets
 from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
                                   gather_rows_to_main)
-from pipeline.compute import depth_at, steps_for_flops
+from pipeline.compute import canvas_share, depth_at, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_json, atomic_write_with
@@ -70,7 +70,7 @@ def steps_for_epochs(cfg: RunConfig, dataset: AugmentedDataset, epochs: float) -
 
 def total_steps(cfg: RunConfig, dataset: AugmentedDataset) -> int:
     if cfg.flops_budget > 0:
-        return steps_for_flops(cfg, cfg.flops_budget)
+        return steps_for_flops(cfg, cfg.flops_budget, canvas_share(cfg, dataset))
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, steps_for_epochs(cfg, dataset, cfg.epochs))
