@@ -268,7 +268,7 @@ LIMITS: dict[str, Range] = {
     "model.num_heads": AT_LEAST_1, "model.expansion": POSITIVE, "model.num_layers": AT_LEAST_1,
     "model.H_cycles": AT_LEAST_1, "model.L_cycles": AT_LEAST_1, "model.halt_max_steps": AT_LEAST_1,
     "model.halt_exploration_prob": FRACTION, "model.puzzle_emb_len": AT_LEAST_0, "model.puzzle_emb_ndim": AT_LEAST_0,
-    "model.num_puzzle_identifiers": AT_LEAST_1, "model.rope_theta": POSITIVE, "model.rms_norm_eps": POSITIVE,
+    "model.num_puzzle_identifiers": AT_LEAST_1, "model.mlp_conv": AT_LEAST_0, "model.rope_theta": POSITIVE, "model.rms_norm_eps": POSITIVE,
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.optim import AdamAtan2
 
 MUON_MOMENTUM = 0.95
@@ -36,10 +37,10 @@ class MuonWithAdamAtan2:
     def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], lr: float, betas: tuple[float, float],
                  weight_decay: float) -> None:
         if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+            raise ConfigError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         matrices, rest = muon_matrices(named_params)
         if not matrices:
-            raise ValueError("optimizer=muon: the model has no 2-D block weights to give Muon")
+            raise ConfigError("optimizer=muon: the model has no 2-D block weights to give Muon")
         self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
                                      adjust_lr_fn="match_rms_adamw")
         self.adam = AdamAtan2(rest, lr=lr, betas=betas, weight_decay=weight_decay)
