@@ -5,6 +5,10 @@ same chain as stages predict → submit → score, run in memory on the model be
 default (`eval_views`). It lives here, downstream of training, and reaches the trainer as a callable, so that
 pipeline.train never imports prediction or scoring. With several processes each predicts an interleaved share of
 the rows (as stage predict does) and rank 0 votes and scores.
+
+Besides pass@k, it reports the model's per-cell cross-entropy and accuracy of the *true* answers under the same
+views (`ce_true`, `cell_acc_true`: pipeline.rescore.truth_scores): pass@2 on a small held-out split moves by whole
+test outputs (2 points each on mini's 49), the likelihood of the truth moves with every step of learning.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pipeline.config import PredictConfig
 from pipeline.errors import ConfigError
 from pipeline.predict import predict
 from pipeline.predictions import Predictions
+from pipeline.rescore import merge_truth_scores, truth_scores
 from pipeline.vote import SELECTORS
 from submissions.score import score_submission
 from submissions.write import build_submission
@@ -44,11 +49,13 @@ class HeldOutEvaluator:
     def __call__(self, model: Any, rt: Any) -> dict[str, Any] | None:
         part = predict(model, self.dataset, self.cfg, device=rt.device, autocast=rt.accelerator.autocast,
                        rank=rt.rank, world=rt.world, progress=False, buckets=self.buckets)
-        parts = gather_objects(part, rt.world)
+        truth = truth_scores(model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size,
+                             device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world)
+        parts = gather_objects((part, truth), rt.world)
         if not rt.is_main:
             return None
-        predictions = Predictions.concatenate(parts) if len(parts) > 1 else parts[0]
-        return self.score(predictions)
+        predictions = Predictions.concatenate([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+        return {**self.score(predictions), **(merge_truth_scores([t for _, t in parts]) or {})}
 
     def score(self, predictions: Predictions) -> dict[str, Any]:
         selector = SELECTORS[self.cfg.selector]

@@ -47,6 +47,7 @@ cache is cleared before the gradient cycle (see `recurse`), so the gradients are
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -86,6 +87,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     mlp_t: bool = False  # mix tokens with an MLP over the sequence instead of attention (small fixed grids)
+    # > 0 (odd): a depthwise k×k convolution over the grid inside each block's MLP (after URM's short
+    # convolution), added to the SwiGLU activation and zero-initialised; 0 (the paper) = none
+    mlp_conv: int = 0
     # How the blocks run, not what they compute: torch.compile each block with this backend ("" = eager,
     # the default; "inductor" fuses the elementwise work around the GEMMs on a GPU). Off until measured.
     compile_backend: str = ""
@@ -119,12 +123,34 @@ class ModelConfig:
                 f"ModelConfig: puzzle_emb_ndim {self.puzzle_emb_ndim} does not fit in puzzle_emb_len "
                 f"{self.puzzle_len} x hidden_size {self.hidden_size}"
             )
+        if self.mlp_conv < 0 or (self.mlp_conv and self.mlp_conv % 2 == 0):
+            raise ConfigError(f"ModelConfig: mlp_conv must be 0 (off) or an odd kernel size, not {self.mlp_conv}")
+        if self.mlp_conv and math.isqrt(self.seq_len) ** 2 != self.seq_len:
+            raise ConfigError(f"ModelConfig: mlp_conv needs a square grid (seq_len {self.seq_len} is not a square)")
         if self.H_cycles < 1 or self.L_cycles < 1 or self.halt_max_steps < 1 or self.num_layers < 1:
             raise ConfigError("ModelConfig: H_cycles, L_cycles, halt_max_steps and num_layers must be >= 1")
         if self.num_puzzle_identifiers < 1:
             raise ConfigError("ModelConfig: num_puzzle_identifiers must be >= 1")
         if not isinstance(self.compile_backend, str):
             raise ConfigError(f"ModelConfig: compile_backend must be a backend name or '', not {self.compile_backend!r}")
+
+
+def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None, backward: bool = True) -> float:
+    """Matmul FLOPs of one ACT step of one row on `seq_len` grid tokens (default m.seq_len), forward + backward
+    (backward = 2 × forward of the gradient cycle); forward only (prediction) with backward=False.
+
+    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
+    L = m.seq_len if seq_len is None else seq_len
+    D, S = m.hidden_size, L + m.puzzle_len
+    inter = swiglu_width(D, m.expansion)
+    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
+    per_block += 2 * m.mlp_conv**2 * inter * L  # the grid convolution in the MLP (0 unless mlp_conv)
+    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
+    grad_blocks = (m.L_cycles + 1) * m.num_layers
+    heads = 2 * L * D * m.vocab_size
+    if not backward:
+        return forward_blocks * per_block + heads
+    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,20 +265,46 @@ class Attention(nn.Module):
         return self.out(attended.transpose(1, 2).reshape(B, S, D))
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate) * up), with gate and up from one fused projection."""
+class GridConv(nn.Module):
+    """a + depthwise_conv(a) over the grid positions of a (B, P + side², C); the P puzzle positions pass as they
+    are. Zero-initialised, so a model starts as the one without it (URM's short convolution, in 2-D)."""
 
-    def __init__(self, width: int, expansion: float):
+    def __init__(self, channels: int, kernel: int, puzzle_len: int):
+        super().__init__()
+        self.puzzle_len = puzzle_len
+        self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, a: Tensor) -> Tensor:
+        B, S, C = a.shape
+        P = self.puzzle_len
+        side = math.isqrt(S - P)
+        grid = a[:, P:].transpose(1, 2).reshape(B, C, side, side)
+        mixed = self.conv(grid).reshape(B, C, side * side).transpose(1, 2)
+        return torch.cat((a[:, :P], a[:, P:] + mixed), dim=1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up), with gate and up from one fused projection (and optionally a grid convolution of
+    the activation before `down`: GridConv)."""
+
+    def __init__(self, width: int, expansion: float, conv: int = 0, puzzle_len: int = 0):
         super().__init__()
         inner = swiglu_width(width, expansion)
         self.gate_up = linear(width, 2 * inner)  # first half gate, second half up
         self.down = linear(inner, width)
+        if conv:
+            self.conv = GridConv(inner, conv, puzzle_len)
 
     def forward(self, h: Tensor) -> Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         if not torch.is_grad_enabled():  # the projection's output is ours: reuse its memory
-            return self.down(F.silu(gate, inplace=True).mul_(up))
-        return self.down(F.silu(gate) * up)
+            a = F.silu(gate, inplace=True).mul_(up)
+        else:
+            a = F.silu(gate) * up
+        if hasattr(self, "conv"):
+            a = self.conv(a)
+        return self.down(a)
 
 
 class Block(nn.Module):
@@ -266,7 +318,7 @@ class Block(nn.Module):
             self.token_mlp = SwiGLU(config.total_len, config.expansion)
         else:
             self.attn = Attention(config.hidden_size, config.num_heads)
-        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion, config.mlp_conv, config.puzzle_len)
 
     def forward(self, h: Tensor, rope: RotaryTables | None) -> Tensor:
         if hasattr(self, "token_mlp"):
@@ -368,6 +420,8 @@ class TRM(nn.Module):
             self.q_head.bias.fill_(-5.0)
         self.register_buffer("H_init", trunc_normal_(torch.empty(D), std=1.0))  # y's start value
         self.register_buffer("L_init", trunc_normal_(torch.empty(D), std=1.0))  # z's start value
+        # (T, n) to run instead of the config's, or None: training's depth curriculum (pipeline.compute) sets it
+        self.cycles: tuple[int, int] | None = None
         self._positions: dict[tuple[int, str], Tensor] = {}  # per (bucket grid length, device); see positions
         self._ropes: dict[tuple[int, str], RotaryTables] = {}
         if config.compile_backend:
@@ -441,11 +495,11 @@ class TRM(nn.Module):
     def recurse(self, z_H: Tensor, z_L: Tensor, x: Tensor, rope: RotaryTables | None = None) -> tuple[Tensor, Tensor]:
         """T cycles of (n times z ← net(z, y + x), then y ← net(y, z)); only the last keeps gradients.
         y does not change during a cycle's n z-updates, so y + x is formed once per cycle."""
-        cfg = self.config
+        H_cycles, L_cycles = self.cycles or (self.config.H_cycles, self.config.L_cycles)
         with torch.no_grad():
-            for _ in range(cfg.H_cycles - 1):
+            for _ in range(H_cycles - 1):
                 injection = z_H + x
-                for _ in range(cfg.L_cycles):
+                for _ in range(L_cycles):
                     z_L = self.net(z_L, injection, rope)
                 z_H = self.net(z_H, z_L, rope)
         if torch.is_grad_enabled():
@@ -455,10 +509,17 @@ class TRM(nn.Module):
             # the cache here makes the gradient cycle cast afresh on every torch (a few µs per step on a GPU).
             torch.clear_autocast_cache()
         injection = z_H + x
-        for _ in range(cfg.L_cycles):
+        for _ in range(L_cycles):
             z_L = self.net(z_L, injection, rope)
         z_H = self.net(z_H, z_L, rope)
         return z_H, z_L
+
+    def flops_per_row_step(self, seq_len: int | None = None) -> float:
+        """`model_flops_per_row_step` at the depth this model runs now (its `cycles`, else the config's)."""
+        config = self.config
+        if self.cycles is not None:
+            config = dataclasses.replace(config, H_cycles=self.cycles[0], L_cycles=self.cycles[1])
+        return model_flops_per_row_step(config, seq_len)
 
     # -- ACT ------------------------------------------------------------------------------------------------
     def initial_carry(self, batch: dict[str, Tensor]) -> Carry:
@@ -525,21 +586,6 @@ class TRM(nn.Module):
         super().zero_grad(set_to_none=set_to_none)
         if self.config.puzzle_emb_ndim > 0:
             self.puzzle_emb.local_weights.grad = None
-
-
-def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None) -> float:
-    """Matmul FLOPs of one ACT step of one row, forward + backward (backward = 2 × forward of the grad cycle), for
-    `seq_len` grid tokens (default m.seq_len; a canvas bucket of side b has b²).
-
-    A step runs T·(n+1) applications of the L-layer block stack; only the last cycle's n+1 keep gradients."""
-    L = m.seq_len if seq_len is None else seq_len
-    D, S = m.hidden_size, L + m.puzzle_len
-    inter = swiglu_width(D, m.expansion)
-    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
-    forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
-    grad_blocks = (m.L_cycles + 1) * m.num_layers
-    heads = 2 * L * D * m.vocab_size
-    return (forward_blocks + 2 * grad_blocks) * per_block + 3 * heads
 
 
 # ----------------------------------------------------------------------------------------------------------

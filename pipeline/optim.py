@@ -154,18 +154,29 @@ def _check_float(name: str, value: float, minimum: float) -> None:
 
 
 def build_dense_optimizer(
-    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-    name: Literal["adam_atan2", "adamw"] = "adam_atan2",
+    params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    name: Literal["adam_atan2", "adamw", "muon"] = "adam_atan2",
     lr: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.1,
-) -> torch.optim.Optimizer:
-    """The optimiser for every dense weight: the reference's AdamAtan2, or torch's AdamW for comparison."""
+) -> Any:
+    """The optimiser for every dense weight: the reference's AdamAtan2, torch's AdamW for comparison, or Muon for
+    the block matrices with AdamAtan2 for the rest (pipeline.muon; needs (name, parameter) pairs)."""
+    params = list(params)
+    named = bool(params) and isinstance(params[0], tuple)
+    if name == "muon":
+        if not named:
+            raise ValueError("optimizer=muon needs the parameters with their names (model.named_parameters())")
+        from pipeline.muon import MuonWithAdamAtan2
+
+        return MuonWithAdamAtan2(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if named:
+        params = [p for _, p in params]
     if name == "adam_atan2":
         return AdamAtan2(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer: unknown dense optimizer {name!r}; expected 'adam_atan2' or 'adamw'")
+    raise ConfigError(f"optimizer: unknown dense optimizer {name!r}; expected 'adam_atan2', 'adamw' or 'muon'")
 
 
 # ---------------------------------------------------------------------------------------------------------

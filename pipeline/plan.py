@@ -20,10 +20,10 @@ import torch
 
 from augment.dataset import AugmentedDataset
 from pipeline.collectives import is_main_process
-from pipeline.canvas import parse_buckets, side_for
+from pipeline.compute import bucket_costs, run_flops
 from pipeline.config import RunConfig
 from pipeline.io import atomic_write_json
-from pipeline.model import model_flops_per_row_step  # noqa: F401 - re-exported (it lived here before)
+from pipeline.model import model_flops_per_row_step  # the model's FLOPs (also importable from here)
 
 
 def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:
@@ -57,32 +57,45 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
             "seconds_per_step": times[len(times) // 2], "timed_steps": steps}
 
 
-def bucket_costs(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
-    """Grid tokens and model FLOPs per row-step with the run's canvas buckets, exact from the data: every training
-    example weighted as the sampling draws it (groups: each puzzle's examples once per epoch, a dihedral view never
-    changing an example's bucket; examples: every example of every variant), assuming an example spends as many
-    ACT steps in its row whatever its bucket."""
-    canvas = dataset.canvas
-    buckets = parse_buckets(cfg.data.canvas_buckets, canvas)
-    if cfg.data.sampling == "groups":
-        groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
-        first, count = dataset.variant_examples(dataset.puzzle_first_variant[groups])
-        ks = np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), count.tolist())])
+def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
+    """Model FLOPs of stage predict (forward only): every view of every held-out test input, each for the ACT
+    steps prediction runs; the likelihood re-scoring pass is `predict.rescore_views` more views per input. For a
+    config with another data.num_aug than the dataset's, every input is counted with num_aug + 1 views."""
+    views = cfg.predict.max_variants if cfg.predict.max_variants > 0 else None
+    if cfg.data.num_aug == dataset.manifest.get("num_aug", cfg.data.num_aug):
+        rows = len(dataset.test_rows(views)["variant"])
     else:
-        ks = np.arange(dataset.num_train_examples)
-    sides, counts = np.unique(side_for(dataset.train_extent(ks).max(axis=1), buckets, canvas), return_counts=True)
-    share = counts / counts.sum()
-    return {
-        "canvas_buckets": list(buckets),
-        "bucket_share": {int(b): float(f) for b, f in zip(sides, share)},
-        "grid_tokens_per_row": float((share * sides ** 2).sum()),
-        "model_flops_per_row": float(sum(f * model_flops_per_row_step(cfg.model, int(b) ** 2)
-                                         for b, f in zip(sides, share))),
-    }
+        rows = len(dataset.test_rows(1)["variant"]) * min(views or cfg.data.num_aug + 1, cfg.data.num_aug + 1)
+    rescored = len(dataset.test_rows(cfg.predict.rescore_views)["variant"]) if cfg.predict.rescore_views > 0 else 0
+    steps = cfg.predict.act_steps or cfg.model.halt_max_steps
+    per_row = model_flops_per_row_step(cfg.model, backward=False)
+    return {"prediction_rows": rows, "prediction_act_steps": steps,
+            "prediction_flops": (rows * steps + rescored * cfg.model.halt_max_steps) * per_row}
 
 
-def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0) -> dict[str, Any]:
-    """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours)."""
+def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop: float | None) -> dict[str, Any]:
+    """The paper recipe and its fast counterpart (config.FAST_RECIPES) on this dataset: steps, training and
+    prediction FLOPs, and hours at this machine's timed seconds per FLOP; {} for a preset without a pair."""
+    from pipeline.config import preset, recipe_pair
+    from pipeline.train import total_steps
+
+    out = {}
+    for name in recipe_pair(preset_name):
+        cfg = preset(name)
+        cfg.model.seq_len = dataset.canvas * dataset.canvas
+        cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
+        steps = total_steps(cfg, dataset)
+        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps), **prediction_flops(cfg, dataset)}
+        if seconds_per_flop is not None:
+            entry["estimated_hours"] = seconds_per_flop * entry["model_flops_total"] / 3600
+        out[name] = entry
+    return out
+
+
+def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, rows: int = 0,
+              preset_name: str | None = None) -> dict[str, Any]:
+    """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours). For a preset with a fast
+    counterpart (or the fast one), `recipes` holds both recipes' FLOPs and hours."""
     from pipeline.train import plan_steps
 
     dataset = AugmentedDataset.load(dataset_dir)
@@ -92,11 +105,14 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
     costs = bucket_costs(cfg, dataset)
     flops_row, rows_per_step = costs.pop("model_flops_per_row"), cfg.global_batch_size
     plan.update(costs)
+    full_row = model_flops_per_row_step(cfg.model)
     plan["tokens_per_step"] = rows_per_step * (cfg.model.puzzle_len + plan["grid_tokens_per_row"])
     plan["tokens_per_step_full_canvas"] = rows_per_step * cfg.model.total_len
-    plan["model_flops_per_step"] = flops_row * rows_per_step
-    plan["model_flops_per_step_full_canvas"] = model_flops_per_row_step(cfg.model) * rows_per_step
-    plan["model_flops_total"] = flops_row * rows_per_step * plan["total_steps"]
+    plan["model_flops_per_step"] = flops_row * rows_per_step  # at full depth
+    plan["model_flops_per_step_full_canvas"] = full_row * rows_per_step
+    # a depth curriculum's cheaper steps included (compute.run_flops), scaled by the buckets' share of the canvas
+    plan["model_flops_total"] = run_flops(cfg, plan["total_steps"]) * flops_row / full_row
+    plan.update(prediction_flops(cfg, dataset))
     plan["evaluations"] = plan["total_steps"] // plan["eval_every"] if plan["eval_every"] else 0
     if time_steps_n > 0:
         on_gpu = torch.cuda.is_available()
@@ -105,16 +121,19 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
         local_batch = cfg.global_batch_size / timing["processes"]
         step_s = timing["seconds_per_step"] * local_batch / rows  # linear in the rows each process runs
         timing["estimated_seconds_per_step"] = step_s
-        timing["estimated_hours"] = step_s * plan["total_steps"] / 3600
+        timing["estimated_hours"] = step_s * plan["model_flops_total"] / plan["model_flops_per_step"] / 3600
         timing["achieved_tflops_per_process"] = flops_row * rows / timing["seconds_per_step"] / 1e12
         timing["note"] = ("training only (evaluations come on top); scaled linearly from the timed rows per "
                           "process to the global batch / processes")
         plan["timing"] = timing
+    seconds_per_flop = plan["timing"]["estimated_seconds_per_step"] / plan["model_flops_per_step"] if "timing" in plan else None
+    plan["recipes"] = recipes(preset_name, dataset, seconds_per_flop)
     return plan
 
 
-def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n: int = 2, rows: int = 0) -> Path:
-    plan = make_plan(cfg, dataset_dir, time_steps_n, rows)
+def write_plan(cfg: RunConfig, dataset_dir: str | Path, out: Path, time_steps_n: int = 2, rows: int = 0,
+               preset_name: str | None = None) -> Path:
+    plan = make_plan(cfg, dataset_dir, time_steps_n, rows, preset_name)
     path = out / "plan.json"
     if is_main_process():
         atomic_write_json(path, plan)
@@ -131,7 +150,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  warm-up {plan['warmup_steps']:,} steps; checkpoint every {plan['checkpoint_every']:,} steps; "
         f"evaluation every {plan['eval_every']:,} steps ({plan['evaluations']} evaluations, {plan['eval_views']} views)",
         f"  model: {plan['model_flops_per_step'] / 1e12:,.1f} TFLOP per step, "
-        f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all",
+        f"{plan['model_flops_total'] / 1e18:,.1f} EFLOP in all; prediction {plan['prediction_flops'] / 1e15:,.1f} PFLOP "
+        f"({plan['prediction_rows']:,} views × {plan['prediction_act_steps']} ACT steps)",
     ]
     if plan["canvas_buckets"]:
         shares = ", ".join(f"{b}: {f:.0%}" for b, f in plan["bucket_share"].items())
@@ -140,6 +160,10 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{plan['tokens_per_step']:,.0f} tokens per step against {plan['tokens_per_step_full_canvas']:,.0f} on "
             f"the whole canvas ({plan['tokens_per_step'] / plan['tokens_per_step_full_canvas']:.2f}); FLOPs "
             f"{plan['model_flops_per_step'] / plan['model_flops_per_step_full_canvas']:.2f} of the whole canvas's")
+    for name, r in plan.get("recipes", {}).items():
+        hours = f", about {r['estimated_hours']:,.1f} hours" if "estimated_hours" in r else ""
+        lines.append(f"  recipe {name}: {r['total_steps']:,} steps, {r['model_flops_total'] / 1e18:,.2f} EFLOP of "
+                     f"training{hours}; prediction {r['prediction_flops'] / 1e15:,.1f} PFLOP")
     t = plan.get("timing")
     if t:
         lines.append(

@@ -1,8 +1,9 @@
 """Stage `predict`: run the model on every augmented view of every held-out test input, decode each answer,
 undo the view's augmentation and record it as a candidate (pipeline.predictions) for voting.
 
-Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates); `early_stop` ends a batch
-as soon as every row's q_halt > 0. Rows go round-robin over the test inputs (each input's first view, then
+Each row runs halt_max_steps ACT steps in eval mode (as the reference evaluates), or `act_steps`; with
+`early_stop` each row halts as in training (its answer is the one of its first step with q_halt > 0) and a batch
+ends once every row has. Rows go round-robin over the test inputs (each input's first view, then
 each input's second view, ...), so a run cut short by its time budget still has candidates for every input.
 With several processes, each takes an interleaved share of the rows and every process gets the joined
 candidates. `predict_to_file` writes them at once, then re-scores the top candidates by their likelihood under a
@@ -89,23 +90,19 @@ def predict(
 
 
 def _predict_batch(model: TRM, dataset: AugmentedDataset, grid: np.ndarray, variant: np.ndarray, side: int,
-                   early_stop: bool, device, autocast) -> tuple[np.ndarray, list[np.ndarray | None]]:
+                   steps: int, early_stop: bool, device, autocast) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """(q float32 (n,), answer grids in the original orientation, None where nothing decodes) of test input grids
-    `grid` seen through `variant`s, all on the bucket of side `side`."""
+    `grid` seen through `variant`s, all on the bucket of side `side`, after `steps` ACT steps (run_act_steps)."""
     inputs = dataset.encode_grids(grid, variant, canvas=side)
     batch = {
         "inputs": torch.from_numpy(inputs).to(device),
         "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
         "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
     }
-    carry = model.initial_carry(batch)
     with autocast() if autocast is not None else nullcontext():  # a fresh context manager per batch
-        for _ in range(model.config.halt_max_steps):
-            carry, outputs = model(carry, batch)
-            if early_stop and bool((outputs["q_halt_logits"] > 0).all()):
-                break
-    q = torch.sigmoid(outputs["q_halt_logits"].float()).cpu().numpy()
-    grids = decode_grids(outputs["preds"].cpu().numpy(), side)
+        preds, q_logits = run_act_steps(model, batch, steps, early_stop)
+    q = torch.sigmoid(q_logits.float()).cpu().numpy()
+    grids = decode_grids(preds.cpu().numpy(), side)
     return q, [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
 
 
@@ -114,14 +111,15 @@ def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, row
                   partial_path: str | Path | None, stop: Callable[[], object] | None) -> None:
     """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
     lo, hi = 0, len(rows["variant"])
+    steps = cfg.act_steps or model.config.halt_max_steps
     last_save = time.perf_counter()
     for start in range(lo, hi, cfg.batch_size):
         end = min(hi, start + cfg.batch_size)
         for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
             sl = slice(start, end) if part is None else start + part
             variant = rows["variant"][sl]
-            q, answers = _predict_batch(model, dataset, rows["grid"][sl], variant, side, cfg.early_stop, device,
-                                        autocast)
+            q, answers = _predict_batch(model, dataset, rows["grid"][sl], variant, side, steps, cfg.early_stop,
+                                        device, autocast)
             writer.add([dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][sl]],
                        rows["test_index"][sl], variant, q, answers)
         bar.update(end - start)
@@ -135,6 +133,32 @@ def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, row
             bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end - lo} "
                       f"of {hi - lo} rows")
             break
+
+
+def run_act_steps(model: TRM, batch: dict[str, torch.Tensor], steps: int,
+                  halt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(preds int64 (B, L), q_halt logits (B,)) after `steps` ACT steps from a fresh carry (past halt_max_steps
+    the recursion continues instead of restarting); with `halt`, each row's at its first step with q_halt > 0,
+    stopping early once every row has halted."""
+    carry = model.initial_carry(batch)
+    preds = q = done = None
+    for _ in range(steps):
+        carry, outputs = model(carry, batch)
+        carry.halted = torch.zeros_like(carry.halted)  # eval halts only at halt_max_steps; go on past it
+        if not halt:
+            preds, q = outputs["preds"], outputs["q_halt_logits"]
+            continue
+        if done is None:
+            preds, q = outputs["preds"].clone(), outputs["q_halt_logits"].clone()
+            done = q > 0
+        else:
+            running = ~done
+            preds[running] = outputs["preds"][running]
+            q[running] = outputs["q_halt_logits"][running]
+            done |= running & (outputs["q_halt_logits"] > 0)
+        if bool(done.all()):
+            break
+    return preds, q
 
 
 def partial_predictions_path(out_path: str | Path, rank: int = 0, world: int = 1) -> Path:

@@ -19,6 +19,11 @@ prediction pass, for every held-out test input:
 With canvas buckets the model runs on each test input's bucket (the one prediction used), so every candidate it
 produced fits there; a candidate larger than the bucket scores -inf.
 
+`truth_scores` applies the same machinery to the true answer of every held-out test output whose answer is known:
+its per-cell cross-entropy and per-cell accuracy under each view, a held-out signal that moves smoothly while
+pass@2 still moves by whole test outputs (evaluation during training reports it as `ce_true`, `cell_acc_true`).
+It runs on the whole canvas (where the answer always fits), with or without buckets.
+
 The model is run once per (test input, view), not per candidate: every candidate of one test input is scored from
 the same logits, so all of them always have the same views and compare fairly even when the time budget cuts the
 pass short. The (test input, view) rows go round-robin over the test inputs (every input's first view, then every
@@ -219,3 +224,67 @@ def _score_share(model, dataset, predictions, groups, best, sums, batch_size, vi
                       f"{len(keys)} views")
             break
     bar.close()
+
+
+def truth_scores(
+    model: TRM,
+    dataset: AugmentedDataset,
+    views: int,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], ContextManager] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(task id, test index) -> (summed per-cell cross-entropy, summed per-cell accuracy, views) of the true answer
+    of every held-out test output with a known answer, over its first `views` views (0 = all), after all ACT steps;
+    this process's interleaved share of the rows (merge the shares with `merge_truth_scores`).
+
+    Per view, the cells are the answer's label cells (its colours and its EOS edge, as `candidate_logp` scores
+    them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right."""
+    rows = dataset.test_rows(views if views > 0 else None)
+    answer = np.array([_answer_grid(dataset, int(p), int(t)) for p, t in zip(rows["puzzle_index"], rows["test_index"])],
+                      np.int64)
+    known = answer >= 0
+    if known.any():  # answers that fit the canvas in every view (a dihedral may swap the sides)
+        h, w = dataset.augmented_shapes(np.where(known, answer, 0), rows["variant"])
+        known &= (h <= dataset.canvas) & (w <= dataset.canvas)
+    share = np.flatnonzero(known)[rank::world]
+    out: dict[tuple[str, int], tuple[float, float, int]] = {}
+    for start in range(0, len(share), batch_size):
+        sl = share[start:start + batch_size]
+        logp = view_logprobs(model, dataset, rows["grid"][sl], rows["variant"][sl], device, autocast)
+        labels = dataset.encode_grids(answer[sl], rows["variant"][sl], labels=True)
+        mask = labels != IGNORE_LABEL
+        picked = np.take_along_axis(logp, np.where(mask, labels, 0)[..., None].astype(np.int64), axis=-1)[..., 0]
+        cells = mask.sum(axis=1)
+        ce = -np.where(mask, picked, 0.0).sum(axis=1, dtype=np.float64) / cells
+        acc = (mask & (logp.argmax(axis=-1) == labels)).sum(axis=1) / cells
+        for p, t, c, a in zip(rows["puzzle_index"][sl].tolist(), rows["test_index"][sl].tolist(), ce, acc):
+            key = (dataset.puzzles[p]["task_id"], t)
+            old = out.get(key, (0.0, 0.0, 0))
+            out[key] = (old[0] + float(c), old[1] + float(a), old[2] + 1)
+    return out
+
+
+def merge_truth_scores(parts: list[dict[tuple[str, int], tuple[float, float, int]]]) -> dict[str, float] | None:
+    """The processes' `truth_scores` shares -> {"ce_true", "cell_acc_true"}: per test output the mean over its
+    views, then the mean over test outputs; None when no answer is known."""
+    merged: dict[tuple[str, int], list[float]] = {}
+    for part in parts:
+        for key, (ce, acc, n) in part.items():
+            total = merged.setdefault(key, [0.0, 0.0, 0])
+            total[0] += ce
+            total[1] += acc
+            total[2] += n
+    if not merged:
+        return None
+    return {"ce_true": float(np.mean([ce / n for ce, _, n in merged.values()])),
+            "cell_acc_true": float(np.mean([acc / n for _, acc, n in merged.values()]))}
+
+
+def _answer_grid(dataset: AugmentedDataset, puzzle: int, test_index: int) -> int:
+    """The grid index of a held-out test output's true answer, or -1 when it is not known."""
+    outputs = dataset.puzzles[puzzle]["test_outputs"]
+    return -1 if outputs is None else int(outputs[test_index])

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
                    "reference's checkpoint (its file or folder)")
     p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
-                   "a checkpoint, an exported folder, or the reference's checkpoint (its file or folder)")
+                   "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), or 'best' / "
+                   "'best:FIGURE' = the evaluated checkpoint with the best held-out figure (ce_true by default; "
+                   "pipeline.choose)")
     export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help=f"submit: how candidates are ranked ({', '.join(get_args(Selector))})")
@@ -138,8 +140,12 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
         if not (data_dir / "manifest.json").is_file():
             raise InputFileError(data_dir, "no augmented dataset here (no manifest.json)", "--data")
     optional = lambda value: Path(value) if value else None  # noqa: E731
+    from pipeline.choose import is_best_spec
+
+    best = args.checkpoint if is_best_spec(args.checkpoint) else None
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
-                   init=optional(args.init), checkpoint=optional(args.checkpoint),
+                   init=optional(args.init), checkpoint=None if best else optional(args.checkpoint), best=best,
+                   preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
                    export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)

@@ -34,6 +34,8 @@ class Request:
     resume: bool = False  # train: continue from the latest checkpoint
     init: Path | None = None  # train: fine-tune from these weights (a checkpoint, an exported folder, the reference's)
     checkpoint: Path | None = None  # predict, export: these weights instead of the run's latest checkpoint
+    best: str | None = None  # predict, export: `best[:FIGURE]`, the evaluated checkpoint best by a held-out figure
+    preset: str | None = None  # the run's preset (plan: with its fast counterpart, config.FAST_RECIPES)
     submission: Path | None = None  # score: this file instead of the run's submission.json
     solutions: str | None = None  # score: a built-in set or a *_solutions.json instead of the run's held-out answers
     predictions: Path | None = None  # score: candidates for the oracle figure
@@ -116,7 +118,7 @@ def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: i
 def stage_plan(cfg: RunConfig, req: Request) -> None:
     from pipeline.plan import write_plan
 
-    write_plan(cfg, req.data_dir, req.out, time_steps_n=req.plan_time_steps)
+    write_plan(cfg, req.data_dir, req.out, time_steps_n=req.plan_time_steps, preset_name=req.preset)
 
 
 def stage_train(cfg: RunConfig, req: Request) -> None:
@@ -190,12 +192,36 @@ def _end_torn_line(path: Path) -> None:
 def stage_predict(cfg: RunConfig, req: Request) -> None:
     from pipeline.predict import predict_to_file
 
-    checkpoint = req.checkpoint or latest_or_fail(req.out)
+    checkpoint = _predict_checkpoint(cfg, req)
     runfolder.check_checkpoint(checkpoint, req.data_dir)
     path = predict_to_file(req.data_dir, checkpoint, req.out / "predictions.npz", cfg.predict, progress=not req.quiet,
                            canvas_buckets=cfg.data.canvas_buckets)
     if is_main_process():
         print(f"predict: candidates -> {path}")
+
+
+def _predict_checkpoint(cfg: RunConfig, req: Request) -> Path:
+    """The weights prediction uses; a `best` choice is recorded in the run folder for the score to say."""
+    from pipeline import choose
+
+    path, choice = chosen_weights(cfg, req, "predict")
+    if choice is not None:
+        choose.record_choice(req.out, choice)
+    else:
+        choose.forget_choice(req.out)
+    return path
+
+
+def chosen_weights(cfg: RunConfig, req: Request, stage: str) -> tuple[Path, Any]:
+    """--checkpoint PATH, `best[:FIGURE]` (pipeline.choose: the evaluated checkpoint with the best held-out figure)
+    or the latest checkpoint; with the choice when `best` made it."""
+    from pipeline import choose
+
+    if req.best is not None:
+        choice = choose.choose_checkpoint(req.out, req.best, cfg.data.eval_set)
+        print(f"{stage}: {choice.describe()}")
+        return Path(choice.path), choice
+    return req.checkpoint or latest_or_fail(req.out), None
 
 
 def stage_submit(cfg: RunConfig, req: Request) -> None:
@@ -265,6 +291,11 @@ def stage_score(cfg: RunConfig, req: Request) -> None:
     submission = read_submission_file(req.out / "submission.json")
     predictions = run_predictions(req, req.predictions)
     _write_score(req, submission, solutions, predictions, compare=True)
+    from pipeline.choose import choice_note
+
+    note = choice_note(req.out, req.solutions or cfg.data.eval_set)
+    if note:
+        print(f"score: {note}")
 
 
 def score_file(req: Request, eval_set: str = "") -> None:
@@ -332,7 +363,7 @@ def stage_export(cfg: RunConfig, req: Request) -> None:
     """The weights prediction uses (EMA unless predict.use_ema=false) as a portable folder (pipeline.export)."""
     from pipeline import export
 
-    source = req.checkpoint or latest_or_fail(req.out)
+    source, _ = chosen_weights(cfg, req, "export")
     folder = req.export_dir or req.out / export.EXPORT_DIR
     written = export.export_weights(source, folder, req.puzzle_rows, cfg.predict.use_ema, req.data_dir)
     print(f"export: {source} -> {folder} ({written['weights']} weights, puzzle rows: {written['puzzle_rows']})")

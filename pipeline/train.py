@@ -40,6 +40,7 @@ from pipeline.batches import TrainSampler, examples_per_epoch
 from pipeline.canvas import parse_buckets
 from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
                                   gather_rows_to_main)
+from pipeline.compute import canvas_share, depth_at, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import atomic_write_json, atomic_write_with
@@ -68,6 +69,8 @@ def steps_for_epochs(cfg: RunConfig, dataset: AugmentedDataset, epochs: float) -
 
 
 def total_steps(cfg: RunConfig, dataset: AugmentedDataset) -> int:
+    if cfg.flops_budget > 0:
+        return steps_for_flops(cfg, cfg.flops_budget, canvas_share(cfg, dataset))
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, steps_for_epochs(cfg, dataset, cfg.epochs))
@@ -254,6 +257,8 @@ class TrainState:
     sides: np.ndarray | None = None  # int64 (G,): every global row's bucket side (Refill); None with the carries
     step: int = 0
     dataset_fingerprint: str | None = None  # saved in every checkpoint: it works only with this dataset
+    flops: float = 0.0  # model FLOPs computed by the training steps so far, all processes (the `flops` column)
+    wall_s: float = 0.0  # seconds spent in training steps so far, evaluations and checkpoints left out
 
 
 def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
@@ -263,7 +268,7 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
     if init_checkpoint is not None:
         ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
     model.to(rt.device)
-    dense = [p for p in model.parameters() if p.requires_grad]
+    dense = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = build_dense_optimizer(
         dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -283,6 +288,8 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
         state.ema.load_state_dict(saved["ema"])
     state.sampler.load_state_dict(saved["sampler"])
     state.step = saved["step"]
+    state.flops = float(saved.get("flops", 0.0))
+    state.wall_s = float(saved.get("wall_s", 0.0))
     if saved.get("carry") is not None:  # a final checkpoint has none: its rows then start afresh
         state.carries = ckpt.carries_from_state(saved["carry"], rt.rank, rt.world, cfg.grad_accum_steps, rt.device)
         if "sides" in saved["carry"]:  # absent when saved before buckets existed (train() fills in the canvas)
@@ -350,6 +357,8 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "world": rt.world,
                 "final": final,
                 "dataset_fingerprint": state.dataset_fingerprint,
+                "flops": state.flops,
+                "wall_s": state.wall_s,
             },
             keep=cfg.keep_checkpoints,
         )
@@ -359,6 +368,12 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
 
 
 # ---------------------------------------------------------------------------------------------- one step
+def step_flops(model: Any, sides: np.ndarray) -> float:
+    """Model FLOPs of the step just run: every global row at its bucket's side, at the depth the step ran."""
+    values, counts = np.unique(sides, return_counts=True)
+    return float(sum(int(c) * model.flops_per_row_step(int(v) ** 2) for v, c in zip(values, counts)))
+
+
 def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, sums: torch.Tensor,
                bad: torch.Tensor, steps_total: int) -> float:
     """One optimizer step: an ACT step of every row (refilling halted rows), the gradient all-reduce, the dense
@@ -368,6 +383,7 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     lr_scale = lr_at(state.step + 1, 1.0, cfg.lr_warmup_steps, steps_total, cfg.lr_min_ratio, cfg.lr_schedule)
     explore_u, explore_k = exploration_draws(cfg.seed, state.step, cfg.global_batch_size, cfg.model.halt_max_steps)
     local_ids, local_grads = [], []
+    model.cycles = depth_at(cfg.model, cfg.depth_curriculum, state.step, steps_total)
     for i in range(len(state.carries)):  # micro-batches (grad_accum_steps of them)
         fresh = refill(i, state.carries[i].halted)
         lo = rt.rank * (cfg.global_batch_size // rt.world) + i * micro
@@ -445,13 +461,14 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
     """Evaluate with the EMA weights (what prediction uses), log a `kind: eval` row, keep the evaluated weights.
     Every process calls it (the evaluation is sharded); they leave together, after rank 0 has written."""
     started = time.perf_counter()
+    state.model.cycles = None  # evaluated at the model's full depth (the next step sets the curriculum's again)
     with state.ema.swap(state.model) if state.ema is not None else nullcontext():
         result = evaluator(state.model, rt)
     state.model.train()
     row = None
     if rt.is_main and result is not None:
-        row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step), **result,
-               "seconds": time.perf_counter() - started}
+        row = {"kind": "eval", "step": state.step, "epoch": nominal_epoch(cfg, dataset, state.step),
+               "flops": state.flops, "wall_s": state.wall_s, **result, "seconds": time.perf_counter() - started}
         log_row(rt.accelerator, out_dir / "metrics.jsonl", row)
         weights = {"step": state.step, "config": to_dict(cfg), "model": state.model.state_dict(),
                    "ema": state.ema.state_dict() if state.ema is not None else None, "final": True, "eval": row,
@@ -529,7 +546,10 @@ def train(
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
                dynamic_ncols=True)
     while state.step < steps_total:
+        step_start = time.perf_counter()
         lr_scale = train_step(state, cfg, rt, refill, sums, bad, steps_total)
+        state.wall_s += time.perf_counter() - step_start
+        state.flops += step_flops(state.model, state.sides)
         step = state.step
         interval_steps += 1
         interval_cells += int(np.square(state.sides).sum())  # grid tokens computed this step (all processes)
@@ -541,7 +561,8 @@ def train(
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
             elapsed = time.perf_counter() - interval_start
             row = {"kind": "train", "step": step, "epoch": nominal_epoch(cfg, dataset, step),
-                   "stream_epoch": state.sampler.epoch, "lr": cfg.lr * lr_scale,
+                   "stream_epoch": state.sampler.epoch, "lr": cfg.lr * lr_scale, "flops": state.flops,
+                   "wall_s": state.wall_s,
                    **_metrics_to_floats(sums, interval_steps * cfg.global_batch_size)}
             row["examples_per_s"] = interval_steps * cfg.global_batch_size / max(elapsed, 1e-9)
             row["grid_tokens_per_row"] = interval_cells / (interval_steps * cfg.global_batch_size)

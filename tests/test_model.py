@@ -397,3 +397,59 @@ def test_reference_checkpoint_with_another_puzzle_table_size():
     report = load_reference_state_dict(kept, reference, on_puzzle_mismatch="keep_model")
     assert report.puzzle_table == "kept_model" and kept.puzzle_emb.weights.shape == (7, 32)
     assert torch.equal(kept.blocks[1].mlp.down.weight, source.blocks[1].mlp.down.weight)
+
+
+# -- issue-17 options: the grid convolution in the MLP, a shallower depth, FLOPs --------------------------------
+
+
+def test_grid_convolution_starts_as_the_plain_model_and_leaves_puzzle_positions_alone():
+    from pipeline.model import model_flops_per_row_step
+
+    torch.manual_seed(0)
+    plain = TRM(tiny_config())
+    torch.manual_seed(0)
+    conv = TRM(tiny_config(mlp_conv=3))
+    conv.load_state_dict(plain.state_dict(), strict=False)  # the same weights; the convolutions stay at zero
+    batch = tiny_batch(plain.config)
+    plain.eval(), conv.eval()
+    with torch.no_grad():
+        same = [m(m.initial_carry(batch), batch)[1]["logits"] for m in (plain, conv)]
+    torch.testing.assert_close(same[0], same[1])
+    carry, _, loss, _ = train_step(conv, batch)  # the zero kernels still get a gradient: they learn
+    assert conv.blocks[0].mlp.conv.conv.weight.grad.abs().sum() > 0
+    layer = conv.blocks[0].mlp.conv
+    with torch.no_grad():
+        layer.conv.weight.normal_()
+    a = torch.randn(2, conv.config.total_len, layer.conv.in_channels)
+    mixed = layer(a)
+    P = conv.config.puzzle_len
+    assert torch.equal(mixed[:, :P], a[:, :P]) and not torch.allclose(mixed[:, P:], a[:, P:])
+    side = 4  # seq_len 16: a 4x4 grid; the centre cell (1, 1) sees its 3x3 neighbourhood only
+    probe = torch.zeros_like(a)
+    probe[:, P + 3 * side + 3] = 1.0  # cell (3, 3): outside the neighbourhood of (1, 1)
+    assert layer(probe)[:, P + 1 * side + 1].abs().sum() == 0
+    assert model_flops_per_row_step(conv.config) > model_flops_per_row_step(plain.config)
+    with pytest.raises(ValueError, match="odd"):
+        TRM(tiny_config(mlp_conv=2))
+    with pytest.raises(ValueError, match="square"):
+        TRM(tiny_config(mlp_conv=3, seq_len=15))
+
+
+def test_cycles_override_runs_a_shallower_model_and_counts_its_flops():
+    from pipeline.model import model_flops_per_row_step
+
+    torch.manual_seed(0)
+    deep = TRM(tiny_config())
+    torch.manual_seed(0)
+    shallow = TRM(tiny_config(H_cycles=1, L_cycles=1))
+    deep.cycles = (1, 1)
+    batch = tiny_batch(deep.config)
+    deep.eval(), shallow.eval()
+    with torch.no_grad():
+        a, b = (m(m.initial_carry(batch), batch)[1]["logits"] for m in (deep, shallow))
+    torch.testing.assert_close(a, b)
+    assert deep.flops_per_row_step() == model_flops_per_row_step(shallow.config)
+    deep.cycles = None
+    assert deep.flops_per_row_step(seq_len=9) == model_flops_per_row_step(deep.config, 9) < model_flops_per_row_step(deep.config)
+    forward = model_flops_per_row_step(deep.config, backward=False)
+    assert 0 < forward < model_flops_per_row_step(deep.config)

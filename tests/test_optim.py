@@ -347,3 +347,36 @@ def test_lr_schedule_values():
         lr_at(1, base, 10, 100, schedule="linear")
     with pytest.raises(ValueError):
         lr_at(1, base, 10, 100, min_ratio=1.5)
+
+
+def test_muon_takes_the_block_matrices_and_adam_atan2_the_rest(monkeypatch):
+    from pipeline.model import TRM, ModelConfig
+    from pipeline.muon import MuonWithAdamAtan2, muon_matrices
+
+    model = TRM(ModelConfig(vocab_size=12, seq_len=16, hidden_size=32, num_heads=2, H_cycles=1, L_cycles=1,
+                            halt_max_steps=2, puzzle_emb_len=1, puzzle_emb_ndim=32, num_puzzle_identifiers=3))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices, rest = muon_matrices(named)
+    assert {id(p) for p in matrices} == {id(p) for n, p in named if n.startswith("blocks.") and p.ndim == 2}
+    assert any(p is model.embed_tokens.weight for p in rest) and any(p is model.lm_head.weight for p in rest)
+    if not hasattr(torch.optim, "Muon"):
+        with pytest.raises(ValueError, match="torch >= 2.9"):
+            build_dense_optimizer(named, "muon")
+        return
+    opt = build_dense_optimizer(named, "muon", lr=1e-2)
+    assert isinstance(opt, MuonWithAdamAtan2) and len(opt.param_groups) == 2
+    before = {n: p.detach().clone() for n, p in named}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    for group in opt.param_groups:  # the trainer sets every group's lr
+        group["lr"] = 1e-2
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in named)
+    again = build_dense_optimizer(named, "muon", lr=1e-2)
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["muon"]["state"].keys() == opt.state_dict()["muon"]["state"].keys()
+    with pytest.raises(ValueError, match="names"):
+        build_dense_optimizer([p for _, p in named], "muon")
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ValueError, match="torch >= 2.9"):
+        build_dense_optimizer(named, "muon")

@@ -19,7 +19,7 @@ from tiny import build_tiny_dataset, tiny_config
 def test_paper_presets_plan_the_reference_step_count(tmp_path: Path, name: str, steps: int, tolerance: float,
                                                      groups: int, ratio: float):
     assert main(["--stage", "augment", "--preset", name, "--out", str(tmp_path), "--quiet"]) == 0
-    plan = make_plan(preset(name), tmp_path / "dataset", time_steps_n=0)
+    plan = make_plan(preset(name), tmp_path / "dataset", time_steps_n=0, preset_name=name)
     assert plan["groups"] == groups and plan["sampling"] == "groups" and plan["translation"] == "reference"
     assert abs(plan["total_steps"] - steps) <= tolerance * steps
     for interval in ("checkpoint_every", "eval_every"):  # every 10,000 of 100,000 epochs: a tenth of the run
@@ -34,6 +34,10 @@ def test_paper_presets_plan_the_reference_step_count(tmp_path: Path, name: str, 
     assert bucketed["model_flops_per_step"] < 0.5 * bucketed["model_flops_per_step_full_canvas"]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{plan['total_steps']:,}" in readme and f"{plan['eval_every']:,}" in readme  # the README's table
+    paper, fast = plan["recipes"][name], plan["recipes"][f"{name}-fast"]  # both recipes, on the same tasks
+    assert paper["model_flops_total"] == pytest.approx(plan["model_flops_total"])
+    assert paper["total_steps"] == plan["total_steps"] and paper["prediction_flops"] == plan["prediction_flops"] > 0
+    assert fast["model_flops_total"] < paper["model_flops_total"]
     if name == "arc1":  # the fine-tune example names the run's final checkpoint
         assert f"runs/arc1/checkpoints/step_{plan['total_steps']:08d}.pt" in readme
 
@@ -45,6 +49,7 @@ def test_plan_stage_times_steps_and_trains_nothing(tmp_path: Path):
     timing = plan["timing"]
     assert timing["seconds_per_step"] > 0 and timing["estimated_hours"] > 0 and timing["processes"] == 1
     assert plan["total_steps"] == cfg.max_steps
+    assert plan["prediction_flops"] > 0 and plan["recipes"] == {}  # no preset named: no recipe pair
     assert not (tmp_path / "checkpoints").exists()
 
     with_sampling = apply_overrides(tiny_config(max_steps=0), ["epochs=10", "data.sampling=examples"])

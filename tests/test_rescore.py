@@ -162,6 +162,40 @@ def test_a_failed_rescoring_keeps_the_candidates(tmp_path: Path, monkeypatch):
     assert len(predictions) > 0 and predictions.logp is None
 
 
+def test_truth_scores_are_the_rescoring_of_the_true_answer(dataset):
+    """ce_true is the mean over views of −(the likelihood score of the true answer) per label cell; the shares of
+    two processes merge to the figure of one; accuracy counts the label cells the argmax gets right."""
+    from pipeline.encoding import encode_labels
+    from pipeline.rescore import merge_truth_scores, truth_scores, view_logprobs
+
+    model = CopyModel()
+    whole = truth_scores(model, dataset, views=3)
+    halves = [truth_scores(model, dataset, views=3, rank=r, world=2) for r in range(2)]
+    assert merge_truth_scores([whole]) == pytest.approx(merge_truth_scores(halves))
+    assert merge_truth_scores([{}]) is None
+    rows = dataset.test_rows(3)
+    expected_ce, expected_acc = {}, {}
+    for p, t, g, v in zip(rows["puzzle_index"], rows["test_index"], rows["grid"], rows["variant"]):
+        task = dataset.task(int(p))
+        logp = view_logprobs(model, dataset, np.array([g]), np.array([v]))[0]
+        answer = task.test_outputs[int(t)]
+        aug = dataset.augmentation(int(v))
+        labels = encode_labels(aug.apply(answer), dataset.canvas)
+        cells = int((labels >= 0).sum())
+        score = candidate_logp(logp, [answer], int(dataset.variant_dihedral[v]), dataset.variant_colours[v])[0]
+        expected_ce.setdefault((task.id, int(t)), []).append(-score / cells)
+        expected_acc.setdefault((task.id, int(t)), []).append(
+            float(((logp.argmax(-1) == labels) & (labels >= 0)).sum()) / cells)
+    assert set(whole) == set(expected_ce)
+    for key, (ce, acc, n) in whole.items():
+        assert n == 3
+        assert ce / n == pytest.approx(np.mean(expected_ce[key]))
+        assert acc / n == pytest.approx(np.mean(expected_acc[key]))
+    merged = merge_truth_scores([whole])
+    assert merged["ce_true"] == pytest.approx(np.mean([np.mean(v) for v in expected_ce.values()]))
+    assert 0 <= merged["cell_acc_true"] <= 1
+
+
 # ------------------------------------------------------------------------------------------ counts and settings
 @settings(max_examples=60, deadline=None)
 @given(h=st.integers(1, 30), w=st.integers(1, 30), dihedral=st.integers(0, 7), canvas=st.sampled_from([30, 12]))
