@@ -34,6 +34,15 @@ def job_barrier() -> None:
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
+def close_process_group() -> None:
+    """Leave a launched job together: wait for every process, then take the process group down. A process that
+    exits with the group still up can abort in gloo's teardown (SIGABRT, "terminate called without an active
+    exception") once its peer has gone, turning a finished job into a failed one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_rows(local: Tensor, world_size: int, group: dist.ProcessGroup | None = None) -> Tensor:
     """Concatenate every process's tensor along dim 0, in rank order (same shape required everywhere)."""
     if world_size == 1:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from pipeline import export, runfolder, settings
-from pipeline.collectives import is_main_process, job_barrier, world_size
+from pipeline.collectives import close_process_group, is_main_process, job_barrier, world_size
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
 from pipeline.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
@@ -406,7 +406,9 @@ def cli(argv: list[str] | None = None) -> int:
     unreadable checkpoint, a full disk, a diverged training run) is one `error:` line and exit status 2; anything
     else is a bug and keeps its traceback."""
     try:
-        return main(argv)
+        status = main(argv)
+        close_process_group()  # under torchrun: every process leaves together (no abort in gloo's teardown)
+        return status
     except PipelineError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.collectives import close_process_group
 from pipeline.config import PredictConfig
 from pipeline.predict import predict_to_file
 
@@ -15,3 +16,4 @@ predict_to_file(data, checkpoint, Path(out), cfg, progress=False)
 import torch.distributed as dist  # noqa: E402
 
 print(f"world {dist.get_world_size() if dist.is_initialized() else 1}")
+close_process_group()  # as the CLI does: leaving with the group up can abort in gloo's teardown
