@@ -175,7 +175,9 @@ def check_pip_command(words: list[str]) -> None:
 
 def check_command(command: Command, presets: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     words = command.words
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value command ...
+    if words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\$\(.*", words[0]):  # VAR=$(command ...): a shell variable
+        return
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):  # VAR=value command ...
         words = words[1:]
     if not words:
         return
