@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "train: an augmented dataset folder")
     p.add_argument("--eval-set", help="augment: the set whose test inputs are held out for prediction")
     p.add_argument("--num-aug", type=int, help="augment: variants per puzzle besides the original")
+    p.add_argument("--identifiers", metavar="FILE", help="augment: a reference dataset's identifiers.json: build "
+                   "exactly its variants under its row numbers, so that a checkpoint trained on it (--checkpoint, "
+                   "--init) keeps its puzzle rows (docs/MULTINODE.md#published-checkpoints)")
     p.add_argument("--canvas", type=int, help="augment: canvas side (30 for the paper)")
     p.add_argument("--seed", type=int, help="augment: seed for augmentation and training; other stages: training")
     p.add_argument("--strict", action="store_true", help="augment: stop at the first malformed task")
@@ -163,6 +166,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         sources = ",".join(escape_spec(d) if "," in d and Path(d).exists() else d for d in args.data)
     flags = {
         "data.eval_set": args.eval_set, "data.num_aug": args.num_aug, "data.canvas": args.canvas,
+        "data.identifiers": str(Path(args.identifiers).resolve()) if builds and args.identifiers else None,
         "data.seed": args.seed if builds else None, "seed": args.seed,
         "predict.max_variants": args.max_variants, "predict.selector": args.selector, "data.sources": sources,
     }
