@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from pipeline import export, inputs, runfolder, settings
+from pipeline import export, hub, inputs, runfolder, settings
 from pipeline.collectives import is_main_process, world_size
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-time-steps", type=int, default=2,
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
-                   "reference's checkpoint (its file or folder)")
+                   "reference's checkpoint (its file or folder); or hf:ORG/NAME[@REVISION][/SUBFOLDER] on the Hugging "
+                   "Face Hub (offline with HF_HUB_OFFLINE=1: its cache)")
     p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
-                   "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), or 'best' / "
+                   "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), hf:ORG/NAME[@REV][/SUB] "
+                   "(the Hugging Face Hub), or 'best' / "
                    "'best:FIGURE' = the evaluated checkpoint with the best held-out figure (ce_true by default; "
                    "pipeline.choose)")
     export.add_arguments(p)
@@ -149,11 +151,19 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
 
     best = args.checkpoint if is_best_spec(args.checkpoint) else None
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
-                   init=optional(args.init), checkpoint=None if best else optional(args.checkpoint), best=best,
+                   init=_weights_path(args.init, "--init"),
+                   checkpoint=None if best else _weights_path(args.checkpoint, "--checkpoint"), best=best,
                    preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
                    export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
+
+
+def _weights_path(value: str | None, flag: str) -> Path | None:
+    """A weights path as given, or the local copy (Hub cache) of an `hf:ORG/NAME[@REVISION][/SUBFOLDER]` spec."""
+    if not value:
+        return None
+    return hub.resolve_hub_spec(value, flag) if hub.is_hub_spec(value) else Path(value)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
