@@ -16,8 +16,8 @@ from augment.compact import AugmentedDataset, TestInput
 from augment.identifiers import PuzzleRows
 from augment.storage import FORMAT, MANIFEST_FIELDS, read_manifest
 from augment.variants import RETRIES_FACTOR, _draw_candidates, _draw_variants
-from pipeline.data import Task, TaskError
-from pipeline.errors import ConfigError
+from pipeline.data.tasks import Task, TaskError
+from pipeline.core.errors import ConfigError
 
 __all__ = ["FORMAT", "MANIFEST_FIELDS", "RETRIES_FACTOR", "AugmentedDataset", "TestInput", "build_dataset",
            "read_manifest", "_draw_candidates", "_draw_variants"]

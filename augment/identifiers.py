@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from augment.transforms import Augmentation
-from pipeline.data import Task
-from pipeline.errors import InputFileError
-from pipeline.io import atomic_write_json, read_json
+from pipeline.data.tasks import Task
+from pipeline.core.errors import InputFileError
+from pipeline.core.io import atomic_write_json, read_json
 
 BLANK = "<blank>"
 _NAME = re.compile(r"^(?P<task>.+?)\|\|\|t(?P<dihedral>[0-7])\|\|\|(?P<colours>[0-9]{10})$")

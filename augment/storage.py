@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from augment.transforms import NUM_DIHEDRAL
-from pipeline.errors import InputFileError
-from pipeline.io import atomic_write_json, atomic_write_with, check_fields, read_json
+from pipeline.core.errors import InputFileError
+from pipeline.core.io import atomic_write_json, atomic_write_with, check_fields, read_json
 
 FORMAT = "trm-arc-augmented-dataset/1"
 # what a dataset is made of, in the order AugmentedDataset takes them

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import CheckpointError
-from pipeline.hub import HubSpec, parse_hub_spec
-from pipeline.predictions import Predictions
+from pipeline.core.errors import CheckpointError
+from pipeline.model.hub import HubSpec, parse_hub_spec
+from pipeline.inference.predictions import Predictions
 from pipeline.run import cli
 from tiny import tiny_overrides
 

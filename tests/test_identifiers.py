@@ -15,10 +15,10 @@ import yaml
 from augment.dataset import build_dataset
 from augment.identifiers import BLANK, identifiers_of, parse_identifiers, read_identifiers, write_identifiers
 from badinput import SMALL
-from pipeline.checkpoint import PUZZLE_TABLE, latest_checkpoint, load_weights, to_reference_state_dict
-from pipeline.data import load_tasks
-from pipeline.errors import InputFileError
-from pipeline.predictions import Predictions
+from pipeline.training.checkpoint import PUZZLE_TABLE, latest_checkpoint, load_weights, to_reference_state_dict
+from pipeline.data.tasks import load_tasks
+from pipeline.core.errors import InputFileError
+from pipeline.inference.predictions import Predictions
 from pipeline.run import cli
 
 REF = Path(__file__).resolve().parent / "golden" / "reference_dataset"  # vendored from shared/reference_dataset

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from badinput import SMALL
-from pipeline import checkpoint as ckpt
-from pipeline.job import JobError, guarded, launcher_problem
+from pipeline.training import checkpoint as ckpt
+from pipeline.core.job import JobError, guarded, launcher_problem
 from pipeline.run import cli
 from tiny import free_port, tiny_overrides
 

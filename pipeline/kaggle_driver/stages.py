@@ -134,8 +134,8 @@ def augment(st: RunState) -> StageResult:
 def submit(st: RunState) -> StageResult:
     """Vote over the candidates, merge with the fallback, validate against the raw challenges, replace."""
     from augment.dataset import AugmentedDataset
-    from pipeline.predictions import Predictions
-    from pipeline.submit import submit as vote_and_write
+    from pipeline.inference.predictions import Predictions
+    from pipeline.cli.submit import submit as vote_and_write
 
     s = st.settings
     st.status["submit"] = {"planned_s": s.submit_reserve_s}
@@ -158,7 +158,7 @@ def submit(st: RunState) -> StageResult:
 
 def score(st: RunState) -> StageResult:
     """Editing runs only: score submission.json against known solutions (settings.solutions)."""
-    from pipeline.data import load_solutions
+    from pipeline.data.tasks import load_solutions
     from submissions.score import format_score, score_submission
 
     s = st.settings
