@@ -17,7 +17,8 @@ A command goes in three steps, and changes nothing before the third:
      the folder meanwhile is checked against, never overwritten);
   3. run the stages; each checks what it reads (the dataset, --init, the checkpoint) before it removes anything.
 Under torchrun / accelerate launch only rank 0 touches the folder; the others run train, predict and plan, and
-with `--stage all` wait for rank 0's dataset.
+with `--stage all` wait for rank 0's dataset. Every process checks what it will read and the processes agree before
+any work (pipeline.core.job.agree, pipeline.cli.inputs): one that fails makes them all stop, with one error line.
 
 Expected failures are `pipeline.core.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
 Anything else is a bug and keeps its traceback.
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aug", type=int, help="augment: variants per puzzle besides the original")
     p.add_argument("--identifiers", metavar="FILE", help="augment: a reference dataset's identifiers.json: build "
                    "exactly its variants under its row numbers, so that a checkpoint trained on it (--checkpoint, "
-                   "--init) keeps its puzzle rows (docs/MULTINODE.md#published-checkpoints)")
+                   "--init) keeps its puzzle rows (docs/PUBLISHED.md)")
     p.add_argument("--canvas", type=int, help="augment: canvas side (30 for the paper)")
     p.add_argument("--seed", type=int, help="augment: seed for augmentation and training; other stages: training")
     p.add_argument("--strict", action="store_true", help="augment: stop at the first malformed task")
