@@ -290,7 +290,7 @@ def _main(argv: list[str] | None) -> int:
             if args.stage == "score" and args.submission:
                 return _score_file(args)
             cfg, req, marker = _take_folder(args, forced, held)
-            facts = inputs.read_by(req, marker)
+            facts = inputs.read_by(req, marker) if world_size() > 1 else {}
             problem = None
         except PipelineError as e:
             problem = e
@@ -403,7 +403,7 @@ def _augment_then_agree(cfg: RunConfig, req: Request, marker: dict | None,
     try:
         marker = runfolder.read_marker(req.out)
         req = dataclasses.replace(req, data_dir=runfolder.dataset_dir(req.out, marker))
-        facts = inputs.dataset_facts(req.data_dir)
+        facts = inputs.dataset_facts(req.data_dir) if world_size() > 1 else {}
         problem = None
     except PipelineError as e:
         problem = e

@@ -142,6 +142,30 @@ def test_a_rank_killed_while_training_ends_the_job_with_one_error(base_run: Path
     assert _survivors(run) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from /proc")
+def test_a_stop_signal_to_one_node_stops_every_rank_with_a_checkpoint(base_run: Path, tmp_path: Path):
+    """SIGTERM to node 0's launcher alone (a scheduler stopping one node first): rank 0 gets it from its torchrun,
+    the ranks agree on the step, rank 0 saves a resumable checkpoint, and every process of both nodes ends."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    (run / "metrics.jsonl").unlink()
+    args = _train(run, "--force", "train", *tiny_overrides(max_steps=10**6, checkpoint_every=10**6, log_every=1))
+    procs = _launch([args, args])
+    metrics = run / "metrics.jsonl"
+    end = time.monotonic() + 120
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert time.monotonic() < end and all(p.poll() is None for p in procs), "training did not start"
+        time.sleep(0.1)
+    stopped = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    codes, log = _finish(procs, 120)
+    assert time.monotonic() - stopped < QUICK_END_S, log[-3000:]
+    assert all(c != 0 for c in codes) and "train: stopped by a signal at step" in log, log[-3000:]
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert not state["final"] and state["world"] == 2 and state["carry"] is not None
+    assert _survivors(run) == []
+
+
 def test_a_launcher_that_forms_no_group_is_refused_naming_torchrun(tmp_path: Path, monkeypatch, capsys):
     """`accelerate launch --cpu --num_machines 2 --machine_rank R ...` (its simple launcher) sets a rendezvous
     address but no WORLD_SIZE/RANK: each process would train alone."""
