@@ -139,7 +139,16 @@ def build_dataset(
         if len(tids) < num_aug:
             short.append({"task_id": task.id, "got": int(len(tids))})
         variants.append((tids, colours))
-    manifest: dict[str, Any] = {
+    manifest = _manifest(sources, seed, num_aug, canvas, puzzles, short, too_big, skipped)
+    if rows is not None:
+        manifest["identifiers"] = rows.record()
+    return _assemble(grids, puzzles, variants, manifest)
+
+
+def _manifest(sources: str | Sequence[str], seed: int, num_aug: int, canvas: int, puzzles: list[dict[str, Any]],
+              short: list[dict[str, Any]], too_big: list[dict[str, Any]], skipped: Sequence[Any]) -> dict[str, Any]:
+    """The build's settings and counts (the variant and example counts are filled in by _assemble)."""
+    return {
         "format": FORMAT,
         "sources": [sources] if isinstance(sources, str) else list(sources),
         "seed": seed,
@@ -154,9 +163,6 @@ def build_dataset(
         "too_big": too_big,
         "skipped": [_as_record(s) for s in skipped],
     }
-    if rows is not None:
-        manifest["identifiers"] = rows.record()
-    return _assemble(grids, puzzles, variants, manifest)
 
 
 def _assemble(grids: _Grids, puzzles: list[dict[str, Any]], variants: list[tuple[np.ndarray, np.ndarray]],

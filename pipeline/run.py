@@ -154,19 +154,12 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
 
     best = args.checkpoint if is_best_spec(args.checkpoint) else None
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
-                   init=_weights_path(args.init, "--init"),
-                   checkpoint=None if best else _weights_path(args.checkpoint, "--checkpoint"), best=best,
+                   init=hub.weights_path(args.init, "--init"),
+                   checkpoint=None if best else hub.weights_path(args.checkpoint, "--checkpoint"), best=best,
                    preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
                    export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
-
-
-def _weights_path(value: str | None, flag: str) -> Path | None:
-    """A weights path as given, or the local copy (Hub cache) of an `hf:ORG/NAME[@REVISION][/SUBFOLDER]` spec."""
-    if not value:
-        return None
-    return hub.resolve_hub_spec(value, flag) if hub.is_hub_spec(value) else Path(value)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:

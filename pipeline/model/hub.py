@@ -61,3 +61,10 @@ def resolve_hub_spec(text: str, flag: str = "--checkpoint") -> Path:
         raise CheckpointError(f"{flag} {text}: the repository {spec.repo_id} has no {spec.subfolder!r} "
                               f"(fetched to {root})")
     return path
+
+
+def weights_path(value: str | None, flag: str) -> Path | None:
+    """A weights path as given on the command line, or the local copy (Hub cache) of an `hf:` spec."""
+    if not value:
+        return None
+    return resolve_hub_spec(value, flag) if is_hub_spec(value) else Path(value)
