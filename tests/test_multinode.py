@@ -187,6 +187,10 @@ def test_a_collective_that_times_out_says_what_it_waited_for():
                                        r"the gradient all-reduce .*TRM_COLLECTIVE_TIMEOUT_S"):
         with guarded("the gradient all-reduce", timeout=7):
             raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 7000ms for recv operation")
-    with pytest.raises(ValueError):  # a bug is not a job failure: it keeps its traceback
-        with guarded("the gradient all-reduce"):
-            raise ValueError("a bug")
+    with pytest.raises(JobError, match="lost the other processes while waiting for a row gather"):
+        with guarded("a row gather"):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:16052.")
+    for bug in (ValueError("a bug"), RuntimeError("Sizes of tensors must match except in dimension 0")):
+        with pytest.raises(type(bug)):  # a bug is not a job failure: it keeps its traceback
+            with guarded("the gradient all-reduce"):
+                raise bug

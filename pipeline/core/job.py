@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 from datetime import timedelta
 from typing import Any, Callable, Mapping, TypeVar
@@ -110,6 +111,17 @@ def start_job() -> None:
             else None
 
 
+_TRANSPORT = re.compile(r"gloo|nccl|connection|timed out|timeout|socket|peer|broken pipe|store", re.IGNORECASE)
+
+
+def _is_transport_failure(error: BaseException) -> bool:
+    """A failure of the processes' communication (a peer gone, a timeout), not a bug in the code around it."""
+    dist_error = getattr(dist, "DistError", ())
+    if dist_error and isinstance(error, dist_error):
+        return True
+    return isinstance(error, RuntimeError) and bool(_TRANSPORT.search(str(error)))
+
+
 class guarded:
     """Turns a collective's failure (a peer gone, a timeout) into one JobError saying what it waited for."""
 
@@ -120,8 +132,8 @@ class guarded:
         return None
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
-        if error is None or isinstance(error, PipelineError) or not isinstance(error, RuntimeError):
-            return False
+        if error is None or isinstance(error, PipelineError) or not _is_transport_failure(error):
+            return False  # a bug inside the collective's function keeps its traceback
         cause = " ".join(str(error).split())
         cause = cause.split(" This is typically caused")[0]
         if "timed out" in cause.lower() or "timeout" in cause.lower():
