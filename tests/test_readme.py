@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import run as pipeline_run
+from pipeline.cli.resolve import flag_overrides
 from pipeline.config import check_config, preset
 from pipeline.core import settings
 from pipeline.core.errors import PipelineError
@@ -138,7 +139,7 @@ def check_pipeline_command(args: list[str], processes: int, presets: dict[str, s
     name = ns.preset or presets.get(out, "demo")
     presets.setdefault(out, name)
     cfg = preset(name)
-    settings.apply_settings(cfg, pipeline_run._flag_overrides(ns) + ns.set)
+    settings.apply_settings(cfg, flag_overrides(ns) + ns.set)
     check_config(cfg, processes)
 
 
