@@ -117,7 +117,8 @@ def _pipeline_args(words: list[str]) -> tuple[list[str], int] | None:
 
         args = get_args_parser().parse_args(rest)
         assert args.module and args.training_script == "pipeline.run", words
-        nnodes = int(str(args.nnodes).split(":")[-1])
+        nnodes = str(args.nnodes).split(":")[-1]
+        nnodes = int(nnodes) if nnodes.isdigit() else 1  # "$SLURM_NNODES" in a batch script
         return args.training_script_args, int(args.nproc_per_node) * nnodes
     if program == "accelerate":
         from accelerate.commands.launch import launch_command_parser
@@ -182,6 +183,8 @@ def check_command(command: Command, presets: dict[str, str], monkeypatch: pytest
         words = words[1:]
     if not words:
         return
+    if words[0] == "srun" and len(words) > 1 and not words[1].startswith("-"):  # srun COMMAND: check COMMAND
+        words = words[1:]
     pipeline = _pipeline_args(words)
     if pipeline is not None:
         check_pipeline_command(*pipeline, presets)
