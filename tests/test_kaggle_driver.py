@@ -20,7 +20,9 @@ from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
 from pipeline.kaggle_driver.processes import is_running
+from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
 from pipeline.kaggle_driver.state import Outcome, RunState
+from pipeline.config import preset
 from pipeline.predictions import Predictions
 from pipeline.train import train
 from tiny import CANVAS, build_tiny_dataset, tiny_config
@@ -205,11 +207,12 @@ def test_a_rehearsal_with_relative_paths(tmp_path, monkeypatch, pretrained):
 
 
 # ------------------------------------------------------------------------------------------ what each input got
-def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path, capsys):
+def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path, capsys, pretrained):
     """A run where some test inputs get no valid candidate: one input with two candidates, one with a single
     candidate (attempt_2 is then its fallback grid), one whose every candidate is invalid, and a task the model
     never saw (too big). The PHASE line, the phase table, the PATH line and kaggle_status.json all count test
-    inputs in the same words, and none of them calls a task whose inputs fell back "from the model"."""
+    inputs in the same words, and none of them calls a task whose inputs fell back "from the model". With known
+    answers the score stage also reports ce_true of the weights prediction used."""
     import numpy as np
 
     from augment.dataset import build_dataset
@@ -228,8 +231,11 @@ def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path,
     challenges["big00000"] = {"train": [{"input": [[1] * 9] * 9, "output": [[2] * 9] * 9}],
                               "test": [{"input": [[7] * 9] * 9}]}
     (tmp_path / "c.json").write_text(json.dumps(challenges))
+    (tmp_path / "test_solutions.json").write_text(json.dumps({"aaaa0000": [[[4, 3]], [[6, 5]]], "bbbb0000": [[[8, 7]]],
+                                                 "big00000": [[[1] * 9] * 9]}))
     run = kd.KaggleRun(kd.KaggleSettings(challenges=tmp_path / "c.json", working=tmp_path / "working",
-                                         run_dir=run_dir, devices=kd.Devices(0, False), time_budget_s=HOUR))
+                                         run_dir=run_dir, devices=kd.Devices(0, False), time_budget_s=HOUR,
+                                         solutions=tmp_path / "test_solutions.json"))
     assert run.write_fallback()
     build_dataset(tasks, {t.id for t in tasks}, num_aug=1, seed=0, canvas=CANVAS, progress=False).save(run_dir / "dataset")
     writer = PredictionsWriter()
@@ -237,8 +243,11 @@ def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path,
     writer.add("aaaa0000", 1, [0, 1], 0.5, [None, None])  # nothing valid
     writer.add("bbbb0000", 0, [0, 1], 0.5, [grid([8, 7]), None])  # one candidate
     writer.finish().save(run_dir / "predictions.npz")
-    run.status["predict"] = {"state": "ok", "checkpoint": "fine-tuned"}
-    assert run.submit()
+    run.state.cfg = preset("kaggle")
+    run.state.cfg.model = kd.checkpoint_model_config(pretrained)[0]
+    weights = pretrained_for_dataset(run_dir, run.state.cfg, pretrained)
+    run.status["predict"] = {"state": "ok", "checkpoint": "fine-tuned", "checkpoint_path": str(weights)}
+    assert run.submit() and run.score()
     summary = run.summary()
 
     words = {"two model candidates": 1, "one model candidate + fallback": 1, "fallback only": 2}
@@ -258,3 +267,8 @@ def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path,
     assert submission["aaaa0000"][0] == {"attempt_1": [[4, 3]], "attempt_2": [[9]]}
     assert submission["aaaa0000"][1] == {"attempt_1": [[5, 6]], "attempt_2": [[5, 6]]}  # fallback only
     assert submission["bbbb0000"][0] == {"attempt_1": [[8, 7]], "attempt_2": [[7, 8]]}  # candidate + fallback
+    scored = json.loads((run_dir / "kaggle_status.json").read_text())["stages"]["score"]
+    assert (scored["pass2"], scored["tasks_solved"], scored["test_outputs"]) == (0.5, 1, 4)  # 4,3 and 8,7 right
+    assert 0 < scored["ce_true"] < 10 and 0 <= scored["cell_acc_true"] <= 1
+    assert re.search(r"PHASE score: .*outcome ok: pass@2 50.0% of 4 test outputs \(1 of 3 tasks solved\), ce_true "
+                     r"\d+\.\d{4}", printed)

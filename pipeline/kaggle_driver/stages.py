@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.kaggle_driver.budget import PlanMode, StagePlan, plan_time
@@ -198,8 +199,10 @@ def describe_merged(answers: Mapping[str, list[Answer]]) -> str:
 
 
 def score(st: RunState) -> StageResult:
-    """Editing runs only: score submission.json against known solutions (settings.solutions)."""
+    """Editing runs only: score submission.json against known solutions (settings.solutions): pass@2, and ce_true
+    of the weights prediction used (pipeline.kaggle_driver.truth), which moves where pass@2 cannot."""
     from pipeline.data import load_solutions
+    from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
     from submissions.score import format_score, score_submission
 
     s = st.settings
@@ -207,4 +210,13 @@ def score(st: RunState) -> StageResult:
     solutions = {k: v for k, v in load_solutions(str(s.solutions)).items() if k in submission}
     report = score_submission(submission, solutions)
     print(format_score(report))
-    return StageResult.ok(f"scored {len(solutions)} tasks against {s.solutions}")
+    record = st.status["score"] = {"pass2": report.kaggle_score, "task_pass2": report.task_score,
+                                   "tasks_solved": report.tasks_solved, "test_outputs": report.num_test_outputs}
+    detail = (f"pass@2 {100 * report.kaggle_score:.1f}% of {report.num_test_outputs} test outputs "
+              f"({report.tasks_solved} of {len(solutions)} tasks solved)")
+    weights = st.status.get("predict", {}).get("checkpoint_path")
+    if weights and (st.run_dir / "dataset").exists():
+        record.update(truth_figures(Path(weights), answered_dataset(st.run_dir / "dataset", solutions)))
+        if "ce_true" in record:
+            detail += f", ce_true {record['ce_true']:.4f} (cell accuracy {record['cell_acc_true']:.3f})"
+    return StageResult.ok(f"{detail} against {s.solutions}")
