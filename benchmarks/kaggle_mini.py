@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # paper's GPU batch), mini-fast's 7 augmentations per task (8 prediction views), checkpoints for the curve.
 BASE_OVERRIDES = ("global_batch_size=64", "data.num_aug=7", "predict.batch_size=256", "log_every=10",
                   "keep_checkpoints=20")
-CURVE_POINTS = 5  # checkpoints along each fine-tune (the curve of ce_true against its FLOPs)
+CURVE_POINTS = 3  # checkpoints along each fine-tune (the curve of ce_true against its FLOPs)
 
 
 def _module(path: Path, name: str):
@@ -146,10 +146,12 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     dataset = answered_dataset(run_dir / "dataset", json.loads(run.s.solutions.read_text()))
     curve = [{"step": 0, "flops": 0.0, **truth_figures(run_dir / "pretrained_for_predict.pt", dataset)}] \
         if (run_dir / "pretrained_for_predict.pt").exists() else []
+    used = status.get("predict", {}).get("checkpoint_path")
     for path in sorted((run_dir / "checkpoints").glob("step_*.pt")):
         state = load_training_state(path)
-        curve.append({"step": state["step"], "flops": float(state.get("flops") or 0.0),
-                      **truth_figures(path, dataset)})
+        figures = ({k: result[k] for k in ("ce_true", "cell_acc_true")} if str(path) == used
+                   else truth_figures(path, dataset))  # the weights prediction used: the score stage has them
+        curve.append({"step": state["step"], "flops": float(state.get("flops") or 0.0), **figures})
     result["curve"] = curve
     result["ft_flops"] = curve[-1]["flops"] if curve and not no_finetune else 0.0
     result["steps"] = status.get("finetune", {}).get("step", 0)
@@ -276,7 +278,35 @@ def tables(root: Path) -> str:
     for j in joints:
         lines += ["", f"Joint training ({j['run']}), ce_true / pass@2 per task by training FLOPs: " + ", ".join(
             f"{c['flops'] / 1e12:.2f} T: {c['ce_true']:.3f} / {100 * c['task_pass2']:.1f}%" for c in j["curve"])]
-    lines += ["", "Commands:", "", "```", *[r["command"] for r in arms], "```"]
+    shown = root.relative_to(ROOT).as_posix() if root.is_relative_to(ROOT) else str(root)
+    lines += ["", "Commands (from the repository root):", "", "```",
+              *[" ".join(r["command"].replace(str(root), shown).split()) for r in arms], "```"]
+    return "\n".join(lines) + "\n\n" + budget_table(arms, joints, no_ft)
+
+
+def budget_table(arms: list[dict], joints: list[dict], no_ft: float | None) -> str:
+    """What a fine-tune budget buys, per arm with several seeds: at each checkpoint of the fine-tune (as a share of
+    the pretraining's FLOPs), ce_true and the gap closed, mean (min–max) over the seeds."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in arms:
+        if not r["no_finetune"]:
+            by_arm.setdefault(r["name"], []).append(r)
+    pre = arms[0]["pretrain_flops"]
+    lines = ["| arm | seeds | fine-tune FLOPs (% of pretraining) | steps | ce_true, mean (min–max) | joint ce_true at "
+             "equal FLOPs | gap closed, mean (min–max) |", "|---|---|---|---|---|---|---|"]
+    for name, runs in by_arm.items():
+        if len(runs) < 2:
+            continue
+        for k, point in enumerate(runs[0]["curve"]):
+            points = [r["curve"][k] for r in runs if len(r["curve"]) > k]
+            ces = [c["ce_true"] for c in points]
+            joint = _mean([_interp(j["curve"], pre + point["flops"]) for j in joints])
+            closed = [gap_closed(no_ft, joint, c) for c in ces]
+            closed = [c for c in closed if c is not None]
+            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {100 * point['flops'] / pre:.0f}% | "
+                         f"{point['step']} | {_f(_mean(ces))} ({_f(min(ces))}–{_f(max(ces))}) | {_f(joint)} | "
+                         + (f"{100 * _mean(closed):.0f}% ({100 * min(closed):.0f}–{100 * max(closed):.0f}%)"
+                            if closed else "–") + " |")
     return "\n".join(lines)
 
 
