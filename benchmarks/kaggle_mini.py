@@ -55,8 +55,8 @@ def _module(path: Path, name: str):
 def prepare(root: Path) -> None:
     """The split, as two Kaggle-style task files with solutions beside them, and the fake input tree."""
     from pipeline.config import preset
-    from pipeline.data import load_tasks, select_tasks
-    from pipeline.splits import dev_every, dev_split_ids
+    from pipeline.data.tasks import load_tasks, select_tasks
+    from pipeline.data.splits import dev_every, dev_split_ids
 
     d = preset("mini").data
     tasks = select_tasks(load_tasks(d.sources, skip_invalid=True).tasks, max_side=d.max_side)
@@ -85,7 +85,7 @@ def prepare(root: Path) -> None:
 
 
 def bundle(root: Path, checkpoint: Path) -> None:
-    from pipeline.checkpoint import load_training_state
+    from pipeline.training.checkpoint import load_training_state
 
     builder = _module(ROOT / "kaggle" / "build_bundle.py", "trm_build_bundle")
     builder.build_bundle(root / "input" / "trm-arc-bundle", checkpoint, dependency_wheels=False)
@@ -106,7 +106,7 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
             budget_s: float, params: dict[str, str]) -> dict[str, Any]:
     """One Kaggle driver run (as the notebook runs it: settings from the environment, KaggleRun.run_all) on the
     fake input tree; its fine-tune is bounded by FLOPs (ft_fraction of the pretraining's), not by the clock."""
-    from pipeline.checkpoint import load_training_state
+    from pipeline.training.checkpoint import load_training_state
     from pipeline.kaggle_driver import KaggleRun, settings_from_env
     from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
 
@@ -163,8 +163,8 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
 
 
 def _row_step_flops(root: Path) -> float:
-    """Model FLOPs of one training row-step of the pretrained model at full depth (pipeline.compute's figure)."""
-    from pipeline.compute import run_flops
+    """Model FLOPs of one training row-step of the pretrained model at full depth (pipeline.training.compute's figure)."""
+    from pipeline.training.compute import run_flops
     from pipeline.config import RunConfig
     from pipeline.kaggle_driver.pretrained import checkpoint_model_config
 
@@ -181,14 +181,14 @@ def joint(root: Path, run: Path) -> dict[str, Any]:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.checkpoint import load_model_for_inference, load_training_state
-    from pipeline.evaluate import HeldOutEvaluator
+    from pipeline.training.checkpoint import load_model_for_inference, load_training_state
+    from pipeline.cli.evaluate import HeldOutEvaluator
     from pipeline.kaggle_driver.truth import TRUTH_VIEWS
-    from pipeline.rescore import merge_truth_scores, truth_scores
+    from pipeline.inference.rescore import merge_truth_scores, truth_scores
 
     dataset = AugmentedDataset.load(run / "dataset")
     evaluator = HeldOutEvaluator(dataset, TRUTH_VIEWS)
-    from pipeline.predict import predict
+    from pipeline.inference.predict import predict
 
     start = 0.95 * pretrained_flops(root)  # the baseline is read at the pretraining's FLOPs and beyond
     curve = []

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.choose import choice_note, choose_checkpoint, forget_choice, record_choice
-from pipeline.errors import ConfigError, RunFolderError
+from pipeline.cli.choose import choice_note, choose_checkpoint, forget_choice, record_choice
+from pipeline.core.errors import ConfigError, RunFolderError
 
 
 def _evaluated(out: Path, rows: dict[int, dict]) -> None:

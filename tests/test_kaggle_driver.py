@@ -23,8 +23,8 @@ from pipeline.kaggle_driver.processes import is_running
 from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
 from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.config import preset
-from pipeline.predictions import Predictions
-from pipeline.train import train
+from pipeline.inference.predictions import Predictions
+from pipeline.training.train import train
 from tiny import CANVAS, build_tiny_dataset, tiny_config
 
 WORKER = Path(__file__).parent / "stubborn_worker.py"
@@ -183,7 +183,7 @@ def pretrained(tmp_path_factory) -> Path:
 def test_a_rehearsal_with_relative_paths(tmp_path, monkeypatch, pretrained):
     """Every path given relative to the notebook's folder, while the children run inside the run folder: the
     settings make them absolute, so fine-tuning (--init) and prediction find their files."""
-    from pipeline.data import load_tasks, select_tasks
+    from pipeline.data.tasks import load_tasks, select_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:2]
@@ -216,8 +216,8 @@ def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path,
     import numpy as np
 
     from augment.dataset import build_dataset
-    from pipeline.data import Task
-    from pipeline.predictions import PredictionsWriter
+    from pipeline.data.tasks import Task
+    from pipeline.inference.predictions import PredictionsWriter
 
     def grid(*rows):
         return np.array(rows, np.uint8)

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.rescore as rescore_module
-from pipeline import checkpoint as ckpt
+import pipeline.inference.rescore as rescore_module
+from pipeline.training import checkpoint as ckpt
 from pipeline.config import PredictConfig
 from pipeline.kaggle_driver import launch_command, run_child
 from pipeline.kaggle_driver.processes import is_running
-from pipeline.model import TRM
-from pipeline.predict import predict_to_file
-from pipeline.predictions import Predictions
-from pipeline.signals import Stopped
-from pipeline.train import BUDGET_CHECK_EVERY, train
+from pipeline.model.trm import TRM
+from pipeline.inference.predict import predict_to_file
+from pipeline.inference.predictions import Predictions
+from pipeline.core.signals import Stopped
+from pipeline.training.train import BUDGET_CHECK_EVERY, train
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ cost, so that windows add up to the budget:
               final save)         own budget)     timeout -> SIGKILL)    drains its output)
 
 The child is told `work` as its time budget and is sent SIGTERM at `stage_overhead_s + work` (it then saves what
-it has: pipeline.signals); SIGKILL follows `kill_grace_s` later, and the driver waits at most READER_JOIN_S
+it has: pipeline.core.signals); SIGKILL follows `kill_grace_s` later, and the driver waits at most READER_JOIN_S
 for its output. So a stage ends inside its window even when the child hangs, and the next stage's window is
 never eaten into.
 """

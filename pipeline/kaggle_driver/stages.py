@@ -138,8 +138,8 @@ def submit(st: RunState) -> StageResult:
     what every test input got (submissions.write.Answer), counted over the raw challenges: a task the model did
     not answer (malformed, too big for the canvas) is fallback only."""
     from augment.dataset import AugmentedDataset
-    from pipeline.predictions import Predictions
-    from pipeline.submit import submit as vote_and_write
+    from pipeline.inference.predictions import Predictions
+    from pipeline.cli.submit import submit as vote_and_write
 
     s = st.settings
     st.status["submit"] = {"planned_s": s.submit_reserve_s}
@@ -201,7 +201,7 @@ def describe_merged(answers: Mapping[str, list[Answer]]) -> str:
 def score(st: RunState) -> StageResult:
     """Editing runs only: score submission.json against known solutions (settings.solutions): pass@2, and ce_true
     of the weights prediction used (pipeline.kaggle_driver.truth), which moves where pass@2 cannot."""
-    from pipeline.data import load_solutions
+    from pipeline.data.tasks import load_solutions
     from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
     from submissions.score import format_score, score_submission
 

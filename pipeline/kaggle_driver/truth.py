@@ -1,7 +1,7 @@
 """Draft runs with known answers only (settings.solutions): how likely the weights prediction used make the true
 answers, `ce_true` (per-cell cross-entropy of each test output's answer under its first views, the model's last ACT
 step; mean over views, then over test outputs) and `cell_acc_true`, as evaluation during training computes them
-(pipeline.rescore.truth_scores). pass@2 moves by whole test outputs; this moves with every step of a fine-tune.
+(pipeline.inference.rescore.truth_scores). pass@2 moves by whole test outputs; this moves with every step of a fine-tune.
 
 The run's dataset holds no answers (hidden tasks), so the same tasks are built again with them: the same order,
 seed and augmentations give the same variants (they are drawn from the demonstrations and test inputs only), which
@@ -43,8 +43,8 @@ def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS) -> d
     answer is known."""
     import torch
 
-    from pipeline.checkpoint import load_model_for_inference
-    from pipeline.rescore import merge_truth_scores, truth_scores
+    from pipeline.training.checkpoint import load_model_for_inference
+    from pipeline.inference.rescore import merge_truth_scores, truth_scores
 
     model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     model.eval()
