@@ -237,6 +237,15 @@ def gap_closed(no_ft: float | None, joint: float | None, tuned: float | None) ->
     return (no_ft - tuned) / (no_ft - joint)
 
 
+def _phase_seconds(root: Path, r: dict) -> str:
+    """'fine-tune s / predict s' of the arm's driver run (kaggle_status.json), on this shared CPU."""
+    path = root / "arms" / f"{r['name']}_s{r['seed']}" / "working" / "trm_run" / "kaggle_status.json"
+    if not path.exists():
+        return "–"
+    stages = json.loads(path.read_text())["stages"]
+    return " / ".join(f"{stages.get(k, {}).get('seconds', 0):.0f}" for k in ("finetune", "predict"))
+
+
 def tables(root: Path) -> str:
     """Every arm and seed that ran (results/*.json), with the two baselines at equal total FLOPs."""
     results = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
@@ -245,12 +254,13 @@ def tables(root: Path) -> str:
     if not arms:
         return "no results yet"
     pre = arms[0]["pretrain_flops"]
-    no_ft = _mean([r.get("ce_true") for r in arms if r["no_finetune"]])
-    lines = [f"Pretraining: {pre / 1e12:.2f} TFLOP. No fine-tuning (mean of its seeds): ce_true {_f(no_ft)}.", "",
+    no_ft = _mean([r.get("ce_true") for r in arms if r["name"] == "no-finetune"])  # 8 views, as the arms
+    lines = [f"Pretraining: {pre / 1e12:.2f} TFLOP. No fine-tuning (`no-finetune`, mean of its seeds): ce_true "
+             f"{_f(no_ft)}; every gap below is closed from there.", "",
              "| arm | seed | settings | fine-tune steps | fine-tune FLOPs (% of pretraining) | ce_true | joint ce_true "
              "at equal FLOPs | gap closed | cell acc | pass@2 outputs | pass@2 per task | test inputs: two / one + "
-             "fallback / fallback only | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fallback / fallback only | fine-tune s / predict s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in arms:
         total = pre + r["ft_flops"]
         joint = _mean([_interp(j["curve"], total) for j in joints])
@@ -261,7 +271,7 @@ def tables(root: Path) -> str:
             f"{r['ft_flops'] / 1e12:.2f} T ({100 * r['ft_flops'] / pre:.0f}%) | {_f(r.get('ce_true'))} | {_f(joint)} | "
             f"{'–' if closed is None else f'{100 * closed:.0f}%'} | {_f(r.get('cell_acc_true'))} | "
             f"{100 * r['pass2']:.1f} | {100 * r['task_pass2']:.1f} | "
-            f"{' / '.join(str(v) for v in a.values())} | {r['wall_s']:.0f} |")
+            f"{' / '.join(str(v) for v in a.values())} | {_phase_seconds(root, r)} | {r['wall_s']:.0f} |")
     lines += ["", "Curves (fine-tune FLOPs as % of pretraining: ce_true; gap closed against joint training at the same "
               "total FLOPs):", ""]
     for r in arms:
@@ -276,7 +286,7 @@ def tables(root: Path) -> str:
                           + ("" if closed is None else f" ({100 * closed:.0f}%)"))
         lines.append(f"- {r['name']} seed {r['seed']}: " + ", ".join(points))
     for j in joints:
-        lines += ["", f"Joint training ({j['run']}), ce_true / pass@2 per task by training FLOPs: " + ", ".join(
+        lines += ["", f"Joint training ({Path(j['run']).name}), ce_true / pass@2 per task by training FLOPs: " + ", ".join(
             f"{c['flops'] / 1e12:.2f} T: {c['ce_true']:.3f} / {100 * c['task_pass2']:.1f}%" for c in j["curve"])]
     shown = root.relative_to(ROOT).as_posix() if root.is_relative_to(ROOT) else str(root)
     lines += ["", "Commands (from the repository root):", "", "```",
