@@ -72,7 +72,8 @@ def prepare(root: Path) -> None:
     fake = _module(ROOT / "kaggle" / "fake_input.py", "trm_fake_input")
     fake.write_fake_input(root / "input", str(folder / "dev_challenges.json"))
     print(f"{len(tasks) - len(dev)} pretraining tasks, {len(dev)} dev tasks (hidden test tasks) -> {root}")
-    print("pretraining (mini-fast on the pretraining tasks only, half of mini's FLOPs):")
+    print("pretraining (mini-fast on the pretraining tasks only, planned for half of mini's FLOPs; docs/KAGGLE_BENCHMARK.md "
+          "measures its checkpoint at step 500, then: bundle --checkpoint .../checkpoints/step_00000500.pt):")
     print(f"  python -m pipeline.run --stage augment --preset mini-fast --data {folder}/pretrain_challenges.json "
           f"--eval-set '' --seed 0 --out {root}/pretrain_s0")
     print(f"  python -m pipeline.run --stage train --preset mini-fast --out {root}/pretrain_s0 --seed 0 "
