@@ -169,8 +169,7 @@ def _row_step_flops(root: Path) -> float:
     from pipeline.config import RunConfig
     from pipeline.kaggle_driver.pretrained import checkpoint_model_config
 
-    info = json.loads((root / "pretrained.json").read_text())
-    model_cfg, _ = checkpoint_model_config(info["checkpoint"])
+    model_cfg, _ = checkpoint_model_config(root / "input" / "trm-arc-bundle" / "checkpoint" / "model.pt")
     cfg = RunConfig(model=model_cfg, global_batch_size=1)
     return run_flops(cfg, 1)
 
