@@ -1,7 +1,7 @@
 """Stage `plan` (also `--stage train --dry-run`): what a training run will cost, before it costs it.
 
 Writes `plan.json` in the run folder: the schedule the trainer will follow (steps, epochs, groups, intervals, from
-pipeline.training.train's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
+pipeline.training.compute's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
 training steps on this machine's device, the estimated hours. With canvas buckets (`data.canvas_buckets`) it gives the
 tokens and FLOPs per step both with the buckets and on the whole canvas, counted exactly from the dataset. Nothing is trained and no checkpoint is written.
 
@@ -30,7 +30,11 @@ def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int)
     """Seconds per optimizer step of `rows` rows per process (median of `steps`, after one warm-up step)."""
     import copy
 
-    from pipeline.training.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
+    from pipeline.training.loss import METRIC_KEYS
+    from pipeline.training.refill import Refill
+    from pipeline.training.runtime import make_runtime
+    from pipeline.training.state import blank_carries, build_state
+    from pipeline.training.step import train_step
 
     small = copy.deepcopy(cfg)
     rt = make_runtime(small)
@@ -77,7 +81,7 @@ def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop
     """The paper recipe and its fast counterpart (config.FAST_RECIPES) on this dataset: steps, training and
     prediction FLOPs, and hours at this machine's timed seconds per FLOP; {} for a preset without a pair."""
     from pipeline.config import preset, recipe_pair
-    from pipeline.training.train import total_steps
+    from pipeline.training.compute import total_steps
 
     out = {}
     for name in recipe_pair(preset_name):
@@ -96,7 +100,7 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
               preset_name: str | None = None) -> dict[str, Any]:
     """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours). For a preset with a fast
     counterpart (or the fast one), `recipes` holds both recipes' FLOPs and hours."""
-    from pipeline.training.train import plan_steps
+    from pipeline.training.compute import plan_steps
 
     dataset = AugmentedDataset.load(dataset_dir)
     cfg.model.seq_len = dataset.canvas * dataset.canvas
