@@ -3,6 +3,8 @@ so a model computes on a bucket exactly what it computes on the whole canvas whe
 outside the bucket; the rules that choose a bucket; encoding on a bucket."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -322,3 +324,96 @@ def test_the_stream_is_the_same_with_buckets_only_placed_inside_them(mixed_datas
             assert (batch[key][k, cells:] == fill).all()
     with pytest.raises(ValueError, match="canvas buckets"):
         plain.load_state_dict(bucketed.state_dict())
+
+
+# -- the trainer's step on buckets -----------------------------------------------------------------------------------
+class FixedRefill:
+    """The trainer's refill, played: every halted row takes its row of `fresh`; rows sit on `sides`."""
+
+    def __init__(self, fresh: dict[str, torch.Tensor], sides: np.ndarray):
+        self.fresh, self.sides = fresh, sides
+
+    def __call__(self, index, halted):
+        return self.fresh
+
+    def watch(self, index, halted):
+        pass
+
+    def local_sides(self, index):
+        return self.sides
+
+
+def trainer_state(engine: RowEngine, rows: int):
+    from pipeline.config import RunConfig
+    from pipeline.training.optim import SignSGD, build_dense_optimizer
+    from pipeline.training.state import TrainState
+
+    torch.manual_seed(0)
+    model = TRM(model_config(halt_exploration_prob=0.5))
+    with torch.no_grad():
+        model.puzzle_emb.weights.normal_()
+    cfg = RunConfig(model=model.config, global_batch_size=rows, lr=1e-3, lr_warmup_steps=0, ema=False)
+    dense = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_dense_optimizer(dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
+    table = SignSGD(model.puzzle_emb.weights, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay)
+    state = TrainState(model, optimizer, table, None, None, [engine.blank_carry(model, rows, "cpu")], engine=engine)
+    return state, cfg
+
+
+def test_a_training_step_on_buckets_is_the_masked_full_canvas_step(monkeypatch):
+    """The trainer's step with rows on mixed buckets (gathered, run, scattered back) equals a whole-canvas step whose
+    attention keeps each bucket row off the cells outside its bucket: loss, gradients, the optimizer's update, the
+    puzzle rows' update and the carry, over two steps (the second continues the carried rows)."""
+    import pipeline.training.step as step_module
+    from pipeline.training.runtime import Runtime
+    from pipeline.training.step import train_step
+
+    full = corner_batch(rows=3, seed=1)
+    sides = np.array([SIDE, CANVAS, SIDE])
+    cells = grid_positions(SIDE, CANVAS)
+    local = {k: v.clone() for k, v in full.items()}  # bucket-local layout: a bucket row's corner first, PAD after
+    for r in np.flatnonzero(sides == SIDE):
+        for key, fill in (("inputs", PAD), ("labels", IGNORE_LABEL)):
+            local[key][r] = fill
+            local[key][r, :SIDE * SIDE] = full[key][r, cells]
+    rt = Runtime(accelerator=type("FP32", (), {"autocast": staticmethod(contextlib.nullcontext)})(), rank=0, world=1,
+                 device=torch.device("cpu"))
+
+    def run(engine: RowEngine, fresh: dict) -> tuple:
+        state, cfg = trainer_state(engine, 3)
+        grads, sums = [], torch.zeros(7, dtype=torch.float64)
+        real = step_module.all_reduce_gradients
+        monkeypatch.setattr(step_module, "all_reduce_gradients", lambda params, world: grads.append(
+            [p.grad.clone() for p in params]) or real(params, world))
+        for _ in range(2):
+            train_step(state, cfg, rt, FixedRefill(fresh, sides if engine.on_buckets else np.full(3, CANVAS)), sums,
+                       torch.zeros((), dtype=torch.bool), 10)
+        return state, grads, sums
+
+    bucketed = run(RowEngine(CANVAS, (SIDE, CANVAS), P), local)
+    visible = torch.ones(3, P + CANVAS * CANVAS, dtype=torch.bool)  # per row: the keys its attention may read
+    for r in np.flatnonzero(sides == SIDE):
+        visible[r, P:] = False
+        visible[r, P + cells] = True
+    real_attention = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: real_attention(q, k, v, attn_mask=visible[:, None, None, :]))
+    masked = run(RowEngine(CANVAS, (), P), full)
+    monkeypatch.undo()
+
+    (b_state, b_grads, b_sums), (m_state, m_grads, m_sums) = bucketed, masked
+    torch.testing.assert_close(b_sums, m_sums, atol=1e-5, rtol=1e-6)  # loss, q-loss and metrics
+    for b_step, m_step in zip(b_grads, m_grads):
+        for b, m in zip(b_step, m_step):
+            torch.testing.assert_close(b, m, atol=2e-5, rtol=1e-4)
+    for (name, b), m in zip(b_state.model.named_parameters(), m_state.model.parameters()):
+        torch.testing.assert_close(b, m, atol=1e-6, rtol=1e-5, msg=name)  # the optimizer's update
+    torch.testing.assert_close(b_state.model.puzzle_emb.weights, m_state.model.puzzle_emb.weights, atol=1e-6, rtol=1e-5)
+    b_carry, m_carry = b_state.carries[0], m_state.carries[0]
+    assert torch.equal(b_carry.steps, m_carry.steps) and torch.equal(b_carry.halted, m_carry.halted)
+    slots = torch.cat((torch.arange(P), P + cells))
+    for r, side in enumerate(sides.tolist()):
+        where = slots if side == SIDE else torch.arange(P + CANVAS * CANVAS)
+        torch.testing.assert_close(b_carry.z_H[r, :len(where)], m_carry.z_H[r, where], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(b_carry.z_L[r, :len(where)], m_carry.z_L[r, where], atol=2e-5, rtol=1e-4)
