@@ -417,3 +417,47 @@ def test_a_training_step_on_buckets_is_the_masked_full_canvas_step(monkeypatch):
         where = slots if side == SIDE else torch.arange(P + CANVAS * CANVAS)
         torch.testing.assert_close(b_carry.z_H[r, :len(where)], m_carry.z_H[r, where], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(b_carry.z_L[r, :len(where)], m_carry.z_L[r, where], atol=2e-5, rtol=1e-4)
+
+
+# -- no silent crop --------------------------------------------------------------------------------------------------
+class DrawsAnAnswer(torch.nn.Module):
+    """A stand-in model that answers every row with one fixed grid (the true output), drawn at the row's canvas
+    positions: on a bucket too small for it, it shows the part the bucket holds, as a real model's logits would."""
+
+    def __init__(self, answer: np.ndarray, canvas: int):
+        super().__init__()
+        self.config = type("Config", (), {"halt_max_steps": 1, "seq_len": canvas * canvas})()
+        self.puzzle_len = 0
+        tokens = encode_many(answer.ravel(), np.array([0]), np.array([answer.shape[0]]), np.array([answer.shape[1]]),
+                             canvas)
+        self.tokens = torch.from_numpy(tokens[0]).long()
+
+    def initial_carry(self, batch):
+        return type("Carry", (), {"halted": torch.ones(batch["inputs"].shape[0], dtype=torch.bool)})()
+
+    def forward(self, carry, batch, exploration=None, positions=None):
+        drawn = self.tokens if positions is None else self.tokens[positions]
+        preds = drawn[None].expand(batch["inputs"].shape[0], -1)
+        return carry, {"preds": preds, "q_halt_logits": torch.zeros(preds.shape[0])}
+
+
+def test_an_answer_bigger_than_its_predicted_bucket_is_run_again_on_a_bigger_one():
+    """The issue's task: demonstrations 3×3 → 6×6 and 2×2 → 4×4 explain "the output is twice the input", so a 4×4
+    test input is given bucket 12 of 12,20; its true output is 16×16. Every view's answer reaches bucket 12's edge,
+    is run again on the canvas, and comes back whole (16×16), not cut to 12×12; the input is counted."""
+    rng = np.random.default_rng(0)
+    grid = lambda h, w: rng.integers(0, 10, (h, w), dtype=np.uint8)  # noqa: E731
+    answer = np.full((16, 16), 3, np.uint8)
+    task = Task("grow", [(grid(3, 3), grid(6, 6)), (grid(2, 2), grid(4, 4))], [grid(4, 4)], [answer], "t")
+    dataset = build_dataset([task], {task.id}, num_aug=3, seed=0, canvas=20, progress=False)
+    engine = RowEngine.build("12", 20)
+    rows = dataset.test_rows()
+    assert engine.held_out_sides(dataset, rows["puzzle_index"], rows["test_index"]).tolist() == [12] * 4
+    stats: dict = {}
+    predictions = predict(DrawsAnAnswer(answer, 20), dataset, PredictConfig(max_variants=0), progress=False,
+                          engine=engine, stats=stats)
+    assert len(predictions) == 4 and all(predictions.grid(k).shape == (16, 16) for k in range(4))
+    assert stats["rerun_inputs"] == 1
+    whole: dict = {}
+    predict(DrawsAnAnswer(answer, 20), dataset, PredictConfig(max_variants=0), progress=False, stats=whole)
+    assert whole["rerun_inputs"] == 0  # on the whole canvas nothing is run twice
