@@ -73,20 +73,23 @@ class Refill:
         host, event = self._pending.pop(index)
         if event is not None:
             event.synchronize()
-        rows = np.flatnonzero(host.numpy())
-        ks, offsets = self.sampler.take_indices(len(rows))
-        sides = self.sampler.sides(ks)
-        self.sides[self._global_rows(index)[rows]] = sides
-        lo = self.rt.rank * self.local_batch
-        mine = (rows >= lo) & (rows < lo + self.local_batch)
-        at = None if offsets is None else offsets[mine]
+        halted_rows = np.flatnonzero(host.numpy())  # global row numbers, ascending
+        examples, offsets = self.sampler.take_indices(len(halted_rows))
+        sides = self.sampler.sides(examples)
+        self.sides[self._global_rows(index)[halted_rows]] = sides
+        first_local = self.rt.rank * self.local_batch
+        local = (halted_rows >= first_local) & (halted_rows < first_local + self.local_batch)
+        local_offsets = None if offsets is None else offsets[local]
         encode = self.sampler.dataset.encode_train_examples
-        fresh = encode(ks[mine], at, sides[mine]) if self.sampler.buckets else encode(ks[mine], at)
+        if self.sampler.buckets:
+            fresh = encode(examples[local], local_offsets, sides[local])
+        else:
+            fresh = encode(examples[local], local_offsets)
         batch = {
             "inputs": np.zeros((self.local_batch, self.seq_len), np.int32),
             "labels": np.full((self.local_batch, self.seq_len), -100, np.int32),
             "puzzle_identifiers": np.zeros(self.local_batch, np.int32),
         }
         for key in batch:
-            batch[key][rows[mine] - lo] = fresh[key]
+            batch[key][halted_rows[local] - first_local] = fresh[key]
         return {k: to_device(torch.from_numpy(v), self.rt.device) for k, v in batch.items()}
