@@ -24,6 +24,7 @@ from pipeline.training.compute import bucket_costs, run_flops
 from pipeline.config import RunConfig
 from pipeline.core.io import atomic_write_json
 from pipeline.model.flops import model_flops_per_row_step
+from pipeline.model.rows import RowEngine
 
 
 def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:
@@ -72,7 +73,11 @@ def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any
         rows = len(dataset.test_rows(1)["variant"]) * min(views or cfg.data.num_aug + 1, cfg.data.num_aug + 1)
     rescored = len(dataset.test_rows(cfg.predict.rescore_views)["variant"]) if cfg.predict.rescore_views > 0 else 0
     steps = cfg.predict.act_steps or cfg.model.halt_max_steps
-    per_row = model_flops_per_row_step(cfg.model, backward=False)
+    engine = RowEngine.build(cfg.data.canvas_buckets, dataset.canvas, cfg.model)
+    inputs = dataset.test_rows(1)
+    sides = engine.held_out_sides(dataset, inputs["puzzle_index"], inputs["test_index"])  # each input's first side
+    per_row = float(np.mean([model_flops_per_row_step(cfg.model, int(side) ** 2, backward=False) for side in sides])
+                    if len(sides) else model_flops_per_row_step(cfg.model, backward=False))
     return {"prediction_rows": rows, "prediction_act_steps": steps,
             "prediction_flops": (rows * steps + rescored * cfg.model.halt_max_steps) * per_row}
 
@@ -81,7 +86,7 @@ def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop
     """The paper recipe and its fast counterpart (config.FAST_RECIPES) on this dataset: steps, training and
     prediction FLOPs, and hours at this machine's timed seconds per FLOP; {} for a preset without a pair."""
     from pipeline.config import preset, recipe_pair
-    from pipeline.training.compute import total_steps
+    from pipeline.training.compute import canvas_share, total_steps
 
     out = {}
     for name in recipe_pair(preset_name):
@@ -89,7 +94,8 @@ def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop
         cfg.model.seq_len = dataset.canvas * dataset.canvas
         cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
         steps = total_steps(cfg, dataset)
-        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps), **prediction_flops(cfg, dataset)}
+        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps) * canvas_share(cfg, dataset),
+                 **prediction_flops(cfg, dataset)}
         if seconds_per_flop is not None:
             entry["estimated_hours"] = seconds_per_flop * entry["model_flops_total"] / 3600
         out[name] = entry

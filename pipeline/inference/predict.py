@@ -162,13 +162,13 @@ def run_act_steps(model: TRM, batch: dict[str, torch.Tensor], steps: int, halt: 
     """(preds int64 (B, L), q_halt logits (B,)) after `steps` ACT steps from a fresh carry (past halt_max_steps
     the recursion continues instead of restarting), every row on `side` (default: the whole canvas); with `halt`,
     each row's at its first step with q_halt > 0, stopping early once every row has halted."""
-    if engine is None:
-        engine = RowEngine(math.isqrt(model.config.seq_len), puzzle_len=model.puzzle_len)
-    side = engine.canvas if side is None else side
-    carry = engine.fresh_carry(model, batch)
+    carry = model.initial_carry(batch)
     preds = q = done = None
     for _ in range(steps):
-        carry, outputs = engine.step(model, carry, batch, side)
+        if engine is None:  # the whole canvas
+            carry, outputs = model(carry, batch)
+        else:
+            carry, outputs = engine.step(model, carry, batch, engine.canvas if side is None else side)
         carry.halted = torch.zeros_like(carry.halted)  # eval halts only at halt_max_steps; go on past it
         if not halt:
             preds, q = outputs["preds"], outputs["q_halt_logits"]
