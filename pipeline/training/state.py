@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from augment.dataset import AugmentedDataset
 from pipeline.config import RunConfig, to_dict
@@ -25,7 +24,7 @@ from pipeline.model.rows import RowEngine
 from pipeline.model.trm import TRM, Carry
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler
-from pipeline.training.collectives import gather_carries, gather_rows_to_main
+from pipeline.training.collectives import barrier, gather_carries, gather_rows_to_main
 from pipeline.training.compute import nominal_epoch
 from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer
 from pipeline.training.runtime import Runtime
@@ -126,7 +125,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
             keep=cfg.keep_checkpoints,
         )
     if rt.world > 1:
-        dist.barrier()
+        barrier()
     return path
 
 
@@ -150,5 +149,5 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
                           lambda f: torch.save(weights, f))
     if rt.world > 1:
-        dist.barrier()
+        barrier()
     return row
