@@ -131,11 +131,11 @@ def _predict_rows(model: TRM, dataset: AugmentedDataset, engine: RowEngine, cfg:
                   start_time: float, partial_path: str | Path | None, stop: Callable[[], object] | None,
                   rerun: set[tuple[int, int]]) -> None:
     """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
-    lo, hi = 0, len(rows["variant"])
+    total = len(rows["variant"])
     steps = cfg.act_steps or model.config.halt_max_steps
     last_save = time.perf_counter()
-    for start in range(lo, hi, cfg.batch_size):
-        end = min(hi, start + cfg.batch_size)
+    for start in range(0, total, cfg.batch_size):
+        end = min(total, start + cfg.batch_size)
         for side, part in engine.groups(rows["side"][start:end]):
             picked = np.arange(start, end) if part is None else start + part
             variant = rows["variant"][picked]
@@ -149,11 +149,11 @@ def _predict_rows(model: TRM, dataset: AugmentedDataset, engine: RowEngine, cfg:
             writer.finish().save(partial_path)
             last_save = time.perf_counter()
         if stop is not None and stop():
-            bar.write(f"predict: stopped by a signal after {end - lo} of {hi - lo} rows")
+            bar.write(f"predict: stopped by a signal after {end} of {total} rows")
             break
         if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
-            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end - lo} "
-                      f"of {hi - lo} rows")
+            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end} "
+                      f"of {total} rows")
             break
 
 

@@ -18,8 +18,6 @@ would differ too, so they are refused with buckets before anything runs.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -96,14 +94,6 @@ class RowEngine:
         if present == [self.canvas] or not present:
             return [(self.canvas, None)]
         return [(int(side), np.flatnonzero(np.asarray(sides) == side)) for side in present]
-
-    def batches(self, sides: np.ndarray, batch_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(side, batch end, row indices) for consecutive batches of `batch_size` rows, each split by side: the
-        loop every pass over held-out rows (prediction, re-scoring, truth scores) runs."""
-        for start in range(0, len(sides), batch_size):
-            end = min(len(sides), start + batch_size)
-            for side, part in self.groups(sides[start:end]):
-                yield side, end, np.arange(start, end) if part is None else start + part
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, side: int, device: torch.device | str) -> Tensor | None:
