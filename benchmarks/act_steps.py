@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset  # noqa: E402
 from pipeline.data.encoding import IGNORE_LABEL, decode_grids  # noqa: E402
-from pipeline.model.trm import TRM, log_stablemax  # noqa: E402
+from pipeline.model.trm import TRM  # noqa: E402
+from pipeline.training.loss import log_stablemax  # noqa: E402
 from pipeline.inference.predict import eval_task_ids  # noqa: E402
 from pipeline.inference.predictions import Predictions, PredictionsWriter  # noqa: E402
 from pipeline.inference.vote import vote  # noqa: E402

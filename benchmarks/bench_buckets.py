@@ -55,7 +55,11 @@ def build(cfg, num_aug: int) -> AugmentedDataset:
 
 
 def step_times(args: argparse.Namespace) -> dict:
-    from pipeline.training.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
+    from pipeline.training.loss import METRIC_KEYS
+    from pipeline.training.refill import Refill
+    from pipeline.training.runtime import make_runtime
+    from pipeline.training.state import blank_carries, build_state
+    from pipeline.training.step import train_step
 
     base = apply_overrides(preset(args.preset), args.set)
     base.global_batch_size, base.grad_accum_steps = args.rows, 1
@@ -97,7 +101,8 @@ def compile_graphs(args: argparse.Namespace) -> dict:
     """Graphs torch.compile makes for the blocks over training steps on two buckets with varying row counts."""
     from torch._dynamo.utils import counters
 
-    from pipeline.model.trm import TRM, ModelConfig, act_loss
+    from pipeline.model.trm import TRM, ModelConfig
+    from pipeline.training.loss import act_loss
 
     torch.manual_seed(0)
     model = TRM(ModelConfig(seq_len=36, hidden_size=32, num_heads=2, H_cycles=2, L_cycles=2, halt_max_steps=3,

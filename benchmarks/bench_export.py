@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import preset
     from pipeline.cli.export import export_weights
     from pipeline.run import main as run_main
-    from pipeline.training.train import blank_carries, build_state, make_runtime, save_state
+    from pipeline.training.runtime import make_runtime
+    from pipeline.training.state import blank_carries, build_state, save_state
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_export_"))
     run = work / "run"

@@ -24,7 +24,9 @@ from pipeline.training.batches import TrainSampler
 from pipeline.training.collectives import gather_objects
 from pipeline.config import preset
 from pipeline.data.tasks import load_tasks
-from pipeline.training.train import Refill, check_loop, make_runtime
+from pipeline.training.refill import Refill
+from pipeline.training.runtime import make_runtime
+from pipeline.training.train import check_loop
 
 
 def main() -> None:

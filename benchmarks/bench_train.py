@@ -28,7 +28,8 @@ import torch
 from augment.dataset import build_dataset
 from pipeline.config import RunConfig, preset
 from pipeline.data.tasks import load_tasks, select_tasks
-from pipeline.model.trm import TRM, act_loss
+from pipeline.model.trm import TRM
+from pipeline.training.loss import act_loss
 from pipeline.model.flops import model_flops_per_row_step
 from pipeline.training.train import train
 

@@ -38,7 +38,9 @@ from pipeline.training.batches import TrainSampler  # noqa: E402
 from pipeline.config import PredictConfig, RunConfig, apply_overrides, preset  # noqa: E402
 from pipeline.data.tasks import load_tasks, select_tasks  # noqa: E402
 from pipeline.core.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.model.trm import TRM, act_loss, dense_params_without_gradient  # noqa: E402
+from pipeline.model.trm import TRM  # noqa: E402
+from pipeline.training.loss import act_loss  # noqa: E402
+from pipeline.training.runtime import dense_params_without_gradient  # noqa: E402
 from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer  # noqa: E402
 from pipeline.model.flops import model_flops_per_row_step  # noqa: E402
 from pipeline.inference.predict import predict  # noqa: E402

@@ -13,7 +13,9 @@ from pipeline.training.checkpoint import (
 )
 import torch.nn.functional as F
 
-from pipeline.model.trm import TRM, ModelConfig, act_loss, dense_params_without_gradient, swiglu_width
+from pipeline.model.trm import TRM, ModelConfig, swiglu_width
+from pipeline.training.loss import act_loss
+from pipeline.training.runtime import dense_params_without_gradient
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -15,7 +15,8 @@ from pipeline.training.checkpoint import (
     load_reference_state_dict,
     to_reference_state_dict,
 )
-from pipeline.model.trm import TRM, ModelConfig, act_loss
+from pipeline.model.trm import TRM, ModelConfig
+from pipeline.training.loss import act_loss
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
 

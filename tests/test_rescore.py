@@ -14,7 +14,7 @@ from augment.dataset import AugmentedDataset
 from pipeline.config import PredictConfig
 from pipeline.data.encoding import VOCAB_SIZE, encode_labels, encode_many, label_cells
 from pipeline.core.errors import ConfigError
-from pipeline.model.trm import log_stablemax
+from pipeline.training.loss import log_stablemax
 from pipeline.inference.predictions import Predictions, PredictionsWriter
 from pipeline.inference.predict import check_rescore_settings
 from pipeline.inference.rescore import candidate_logp, rescore, top_groups
@@ -29,12 +29,13 @@ class CopyModel(nn.Module):
     def __init__(self, steps: int = 2):
         super().__init__()
         self.config = type("Config", (), {"halt_max_steps": steps})()
+        self.puzzle_len = 0
         self.calls = 0
 
     def initial_carry(self, batch):
         return None
 
-    def forward(self, carry, batch):
+    def forward(self, carry, batch, exploration=None, positions=None):
         self.calls += 1
         return carry, {"logits": 20.0 * nn.functional.one_hot(batch["inputs"].long(), VOCAB_SIZE).float()}
 

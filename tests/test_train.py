@@ -172,7 +172,8 @@ def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
     import pipeline.training.train as train_mod
 
-    real = train_mod.act_loss
+    import pipeline.training.step as step_mod
+    real = step_mod.act_loss
     calls = {"n": 0}
 
     def poisoned(outputs, carry):
@@ -180,7 +181,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Pat
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 5 else loss), metrics
 
-    monkeypatch.setattr(train_mod, "act_loss", poisoned)
+    monkeypatch.setattr(step_mod, "act_loss", poisoned)
     with pytest.raises(train_mod.NonFiniteLossError, match="last good checkpoint is .*step_00000004.pt"):
         train_mod.train(tiny_config(checkpoint_every=2, log_every=1, max_steps=10), tiny_data, tmp_path, progress=False)
     last = ckpt.latest_checkpoint(tmp_path / "checkpoints")

@@ -10,12 +10,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import pipeline.training.refill as refill_module
+import pipeline.training.runtime as runtime_module
 import pipeline.training.train as train_module
 from augment.dataset import AugmentedDataset
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler
-from pipeline.training.train import (BUDGET_CHECK_EVERY, Refill, Runtime, blank_carries, build_state, check_loop,
-                            make_runtime, train, train_step)
+from pipeline.training.loss import METRIC_KEYS
+from pipeline.training.refill import Refill
+from pipeline.training.runtime import Runtime, make_runtime
+from pipeline.training.state import blank_carries, build_state
+from pipeline.training.step import train_step
+from pipeline.training.train import BUDGET_CHECK_EVERY, check_loop, train
 from tiny import build_tiny_dataset, tiny_config
 
 
@@ -28,7 +34,7 @@ def test_each_process_encodes_only_its_rows_and_gets_what_one_process_would(tiny
     dataset = AugmentedDataset.load(tiny_data)
     local, seq_len = 4, dataset.canvas**2
     halted = np.array([1, 0, 1, 1, 0, 1, 1, 0], dtype=bool)  # global mask of 2 processes x 4 rows
-    monkeypatch.setattr(train_module, "all_gather_rows", lambda t, world: torch.from_numpy(halted))
+    monkeypatch.setattr(refill_module, "all_gather_rows", lambda t, world: torch.from_numpy(halted))
     encoded = []
     real_encode = dataset.encode_train_examples
     monkeypatch.setattr(dataset, "encode_train_examples", lambda ks, offsets: encoded.append(len(ks)) or real_encode(ks, offsets))
@@ -97,7 +103,7 @@ def test_a_steady_training_step_reads_no_value_back_from_the_device(tiny_data: P
     state = build_state(cfg, dataset, rt)
     state.carries = blank_carries(state.model, cfg, cfg.global_batch_size, rt.device)
     refill = Refill(state.sampler, rt, cfg.global_batch_size, cfg.model.seq_len)
-    sums = torch.zeros(len(train_module.METRIC_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
     bad = torch.zeros((), dtype=torch.bool)
     train_step(state, cfg, rt, refill, sums, bad, 10)
     with RecordOps() as recorder:
@@ -124,7 +130,7 @@ def test_gradient_gate_runs_before_a_mixed_precision_run_and_stops_a_broken_one(
                                                                                  fresh_accelerate_state):
     train(tiny_config(mixed_precision="bf16", max_steps=1), tiny_data, tmp_path / "bf16", progress=False)
     assert "gradient gate: all" in capsys.readouterr().out
-    monkeypatch.setattr(train_module, "dense_params_without_gradient", lambda *a, **k: ["blocks.0.mlp.down.weight"])
+    monkeypatch.setattr(runtime_module, "dense_params_without_gradient", lambda *a, **k: ["blocks.0.mlp.down.weight"])
     with pytest.raises(RuntimeError, match=r"gradient gate: .*blocks\.0\.mlp\.down\.weight"):
         train(tiny_config(mixed_precision="bf16", max_steps=1), tiny_data, tmp_path / "broken", progress=False)
     fresh_accelerate_state()

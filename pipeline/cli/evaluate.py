@@ -6,7 +6,8 @@ default (`eval_views`). It lives here, downstream of training, and reaches the t
 pipeline.training.train never imports prediction or scoring. With several processes each predicts an interleaved share of
 the rows (as stage predict does) and rank 0 votes and scores.
 
-Besides pass@k, it reports the model's per-cell cross-entropy and accuracy of the *true* answers under the same
+Every figure is in the run's own mode: on the canvas buckets the run predicts on (the row engine), never on a
+canvas prediction does not use. Besides pass@k, it reports the model's per-cell cross-entropy and accuracy of the *true* answers under the same
 views (`ce_true`, `cell_acc_true`: pipeline.inference.rescore.truth_scores): pass@2 on a small held-out split moves by whole
 test outputs (2 points each on mini's 49), the likelihood of the truth moves with every step of learning.
 """
@@ -22,6 +23,7 @@ from pipeline.inference.predict import predict
 from pipeline.inference.predictions import Predictions
 from pipeline.inference.rescore import merge_truth_scores, truth_scores
 from pipeline.inference.vote import SELECTORS
+from pipeline.model.rows import RowEngine
 from submissions.score import score_submission
 from submissions.write import build_submission
 
@@ -30,14 +32,14 @@ class HeldOutEvaluator:
     """pass@1 / pass@2 (over test outputs and per task) and the oracle on the dataset's held-out tasks."""
 
     def __init__(self, dataset: AugmentedDataset, views: int, batch_size: int = 256, selector: str = "vote",
-                 buckets: tuple[int, ...] = ()):
+                 engine: RowEngine | None = None):
         if selector not in SELECTORS:
             raise ConfigError(f"predict.selector: unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
         self.dataset = dataset
         self.tasks = [t for t in dataset.eval_tasks() if t.test_outputs is not None]
         self.solutions = {t.id: t.test_outputs for t in self.tasks}
         self.cfg = PredictConfig(max_variants=views, batch_size=batch_size, selector=selector)
-        self.buckets = buckets  # the canvas buckets' sides (pipeline.data.canvas), as training uses them
+        self.engine = engine  # the rows' canvas or buckets, as the run predicts (None: the whole canvas)
 
     @classmethod
     def for_dataset(cls, dataset: AugmentedDataset, views: int, batch_size: int = 256,
@@ -47,15 +49,18 @@ class HeldOutEvaluator:
         return evaluator if evaluator.tasks else None
 
     def __call__(self, model: Any, rt: Any) -> dict[str, Any] | None:
+        stats: dict[str, int] = {}
         part = predict(model, self.dataset, self.cfg, device=rt.device, autocast=rt.accelerator.autocast,
-                       rank=rt.rank, world=rt.world, progress=False, buckets=self.buckets)
+                       rank=rt.rank, world=rt.world, progress=False, engine=self.engine, stats=stats)
         truth = truth_scores(model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size,
-                             device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world)
-        parts = gather_objects((part, truth), rt.world)
+                             device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world,
+                             engine=self.engine)
+        parts = gather_objects((part, truth, stats.get("rerun_inputs", 0)), rt.world)
         if not rt.is_main:
             return None
-        predictions = Predictions.concatenate([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
-        return {**self.score(predictions), **(merge_truth_scores([t for _, t in parts]) or {})}
+        predictions = Predictions.concatenate([p for p, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        return {**self.score(predictions), **(merge_truth_scores([t for _, t, _ in parts]) or {}),
+                "rerun_inputs": sum(r for _, _, r in parts)}
 
     def score(self, predictions: Predictions) -> dict[str, Any]:
         selector = SELECTORS[self.cfg.selector]

@@ -1,7 +1,7 @@
 """Stage `plan` (also `--stage train --dry-run`): what a training run will cost, before it costs it.
 
 Writes `plan.json` in the run folder: the schedule the trainer will follow (steps, epochs, groups, intervals, from
-pipeline.training.train's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
+pipeline.training.compute's own functions, so plan and run cannot disagree), the model's FLOPs, and, after timing a few real
 training steps on this machine's device, the estimated hours. With canvas buckets (`data.canvas_buckets`) it gives the
 tokens and FLOPs per step both with the buckets and on the whole canvas, counted exactly from the dataset. Nothing is trained and no checkpoint is written.
 
@@ -24,13 +24,18 @@ from pipeline.training.compute import bucket_costs, run_flops
 from pipeline.config import RunConfig
 from pipeline.core.io import atomic_write_json
 from pipeline.model.flops import model_flops_per_row_step
+from pipeline.model.rows import RowEngine
 
 
 def time_steps(cfg: RunConfig, dataset: AugmentedDataset, steps: int, rows: int) -> dict[str, Any]:
     """Seconds per optimizer step of `rows` rows per process (median of `steps`, after one warm-up step)."""
     import copy
 
-    from pipeline.training.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
+    from pipeline.training.loss import METRIC_KEYS
+    from pipeline.training.refill import Refill
+    from pipeline.training.runtime import make_runtime
+    from pipeline.training.state import blank_carries, build_state
+    from pipeline.training.step import train_step
 
     small = copy.deepcopy(cfg)
     rt = make_runtime(small)
@@ -68,7 +73,11 @@ def prediction_flops(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any
         rows = len(dataset.test_rows(1)["variant"]) * min(views or cfg.data.num_aug + 1, cfg.data.num_aug + 1)
     rescored = len(dataset.test_rows(cfg.predict.rescore_views)["variant"]) if cfg.predict.rescore_views > 0 else 0
     steps = cfg.predict.act_steps or cfg.model.halt_max_steps
-    per_row = model_flops_per_row_step(cfg.model, backward=False)
+    engine = RowEngine.build(cfg.data.canvas_buckets, dataset.canvas, cfg.model)
+    inputs = dataset.test_rows(1)
+    sides = engine.held_out_sides(dataset, inputs["puzzle_index"], inputs["test_index"])  # each input's first side
+    per_row = float(np.mean([model_flops_per_row_step(cfg.model, int(side) ** 2, backward=False) for side in sides])
+                    if len(sides) else model_flops_per_row_step(cfg.model, backward=False))
     return {"prediction_rows": rows, "prediction_act_steps": steps,
             "prediction_flops": (rows * steps + rescored * cfg.model.halt_max_steps) * per_row}
 
@@ -77,7 +86,7 @@ def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop
     """The paper recipe and its fast counterpart (config.FAST_RECIPES) on this dataset: steps, training and
     prediction FLOPs, and hours at this machine's timed seconds per FLOP; {} for a preset without a pair."""
     from pipeline.config import preset, recipe_pair
-    from pipeline.training.train import total_steps
+    from pipeline.training.compute import canvas_share, total_steps
 
     out = {}
     for name in recipe_pair(preset_name):
@@ -85,7 +94,8 @@ def recipes(preset_name: str | None, dataset: AugmentedDataset, seconds_per_flop
         cfg.model.seq_len = dataset.canvas * dataset.canvas
         cfg.model.num_puzzle_identifiers = dataset.num_puzzle_identifiers
         steps = total_steps(cfg, dataset)
-        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps), **prediction_flops(cfg, dataset)}
+        entry = {"total_steps": steps, "model_flops_total": run_flops(cfg, steps) * canvas_share(cfg, dataset),
+                 **prediction_flops(cfg, dataset)}
         if seconds_per_flop is not None:
             entry["estimated_hours"] = seconds_per_flop * entry["model_flops_total"] / 3600
         out[name] = entry
@@ -96,7 +106,7 @@ def make_plan(cfg: RunConfig, dataset_dir: str | Path, time_steps_n: int = 2, ro
               preset_name: str | None = None) -> dict[str, Any]:
     """The plan as a dict; `time_steps_n` = 0 skips the timing (and so the hours). For a preset with a fast
     counterpart (or the fast one), `recipes` holds both recipes' FLOPs and hours."""
-    from pipeline.training.train import plan_steps
+    from pipeline.training.compute import plan_steps
 
     dataset = AugmentedDataset.load(dataset_dir)
     cfg.model.seq_len = dataset.canvas * dataset.canvas

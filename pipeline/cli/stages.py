@@ -126,8 +126,8 @@ def stage_train(cfg: RunConfig, req: Request) -> None:
     """Everything training needs is checked (the dataset, --init, the checkpoint resumed and the settings it was
     made with) before --force train removes the previous run; then train."""
     from augment.dataset import AugmentedDataset
-    from pipeline.data.canvas import parse_buckets
     from pipeline.cli.evaluate import HeldOutEvaluator
+    from pipeline.model.rows import RowEngine
     from pipeline.training.train import train
 
     dataset = AugmentedDataset.load(req.data_dir)
@@ -145,7 +145,7 @@ def stage_train(cfg: RunConfig, req: Request) -> None:
     evaluator = None
     if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
         evaluator = HeldOutEvaluator.for_dataset(dataset, cfg.eval_views, cfg.predict.batch_size, cfg.predict.selector,
-                                                 parse_buckets(cfg.data.canvas_buckets, dataset.canvas))
+                                                 RowEngine.build(cfg.data.canvas_buckets, dataset.canvas, cfg.model))
     path = train(cfg, req.data_dir, req.out, resume=req.resume, init_checkpoint=req.init, progress=not req.quiet,
                  evaluator=evaluator)
     if is_main_process():  # under torchrun every process gets here; one line is enough

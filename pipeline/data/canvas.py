@@ -1,15 +1,17 @@
-"""Canvas buckets: on which square side each example is computed (`data.canvas_buckets`).
+"""Canvas buckets, the geometry: on which square side a grid fits (the setting `data.canvas_buckets` is read by
+pipeline.model.rows.RowEngine, which also runs the rows).
 
 The reference computes every example on the whole canvas (30×30: 900 grid tokens), whatever its size. With buckets
 (a short ascending list of sides, the canvas always the last), an example is computed on the smallest side b that
 holds it: the top-left b×b corner of the canvas. Its cells keep their canvas positions (cell (r, c) is canvas
-position r·canvas + c in every bucket, pipeline.model.trm.grid_positions), so one set of weights serves every bucket,
+position r·canvas + c in every bucket, pipeline.model.rows.grid_positions), so one set of weights serves every bucket,
 and on a bucket b an example's tokens are exactly the top-left corner of its full-canvas tokens. For that the
 bucket must hold the grid's EOS edge too: a grid of extent e (its larger side, offset included) needs e + 1 ≤ b,
 or b = canvas (where, as in the reference, an edge that falls off the canvas is not drawn).
 
-What differs from the full canvas is only attention: on the full canvas every row also attends to the PAD cells
-outside the bucket (they take part in attention in the reference), on a bucket those cells do not exist.
+What differs from the full canvas is attention: on the full canvas every row also attends to the PAD cells outside
+the bucket (they take part in attention in the reference), on a bucket those cells do not exist. (A grid
+convolution or a token MLP would differ too: the row engine refuses them with buckets.)
 
 Rows on a bucket are stored in "bucket-local layout" wherever rows of several buckets share one array (the
 trainer's carry, a refill): a row of side b holds its b×b canvas row-major in its first b² entries, the rest is
@@ -23,25 +25,6 @@ bucket must also hold the unknown output, whose size is bounded from the task's 
 from __future__ import annotations
 
 import numpy as np
-
-
-def parse_buckets(text: str, canvas: int) -> tuple[int, ...]:
-    """`data.canvas_buckets` ("" or e.g. "12,20,30") -> ascending sides ending with the canvas; () = no buckets."""
-    text = str(text).strip()
-    if not text:
-        return ()
-    try:
-        sides = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"data.canvas_buckets: expected comma-separated square sides such as '12,20,30', "
-                         f"got {text!r}") from None
-    if any(b < 2 or b > canvas for b in sides):
-        raise ValueError(f"data.canvas_buckets: every side must be 2..data.canvas ({canvas}), got {text!r}")
-    if sides != sorted(set(sides)):
-        raise ValueError(f"data.canvas_buckets: sides must be strictly ascending, got {text!r}")
-    if sides[-1] != canvas:
-        sides.append(canvas)  # whatever fits no smaller bucket is computed on the whole canvas
-    return tuple(sides)
 
 
 def side_for(extent: np.ndarray, buckets: tuple[int, ...], canvas: int) -> np.ndarray:

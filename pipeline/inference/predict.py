@@ -9,9 +9,11 @@ With several processes, each takes an interleaved share of the rows and every pr
 candidates. `predict_to_file` writes them at once, then re-scores the top candidates by their likelihood under a
 few views (pipeline.inference.rescore, `predict.rescore_views`; sharded over the processes too), within the same time
 budget, for the `likelihood` selectors, and writes the file again with the scores.
-With canvas buckets (`buckets`, pipeline.data.canvas) each test input is computed on the smallest bucket that holds it and
-the output its demonstrations predict (AugmentedDataset.held_out_extent): a batch of rows is split by bucket, one
-model call per bucket present; re-scoring uses the same buckets.
+With canvas buckets (`engine`, pipeline.model.rows.RowEngine) each test input is computed on the smallest bucket that
+holds it and the output its demonstrations predict (AugmentedDataset.held_out_extent): a batch of rows is split by
+bucket, one model call per bucket present. That prediction of the output's size can be wrong, so nothing is cropped
+silently: a view whose decoded answer reaches its bucket's edge (no room left for the EOS edge) is run again on the
+next bigger bucket, up to the whole canvas, and the number of test inputs this happened to is reported.
 
 Nothing done is lost: `save_partial_every_s` > 0 writes the candidates made so far to `predictions.partial.npz`
 (one file per process) every that many seconds and when the run fails (an exception such as CUDA out-of-memory),
@@ -34,15 +36,14 @@ import torch
 from tqdm import tqdm
 
 from augment.dataset import AugmentedDataset
-from pipeline.data.canvas import parse_buckets
 from pipeline.config import PredictConfig
 from pipeline.training.collectives import all_reduce_sum, gather_objects
 from pipeline.data.encoding import IGNORE_LABEL, decode_grids
 from pipeline.core.errors import CheckpointError, ConfigError
+from pipeline.model.rows import RowEngine
 from pipeline.model.trm import TRM
 from pipeline.inference.predictions import Predictions, PredictionsWriter
 from pipeline.inference.rescore import rescore
-from pipeline.training.rows import bucket_groups
 from pipeline.core.signals import Stopped, stop_requested, stoppable
 
 
@@ -63,36 +64,45 @@ def predict(
     progress: bool = True,
     partial_path: str | Path | None = None,
     stop: Callable[[], object] | None = None,
-    buckets: tuple[int, ...] = (),
+    engine: RowEngine | None = None,
+    stats: dict | None = None,
 ) -> Predictions:
     """Candidates for this process's share of the held-out rows (all rows when world == 1); with `partial_path`,
     the candidates so far are saved there every cfg.save_partial_every_s seconds and on an exception. `stop()`
-    returning true (checked after every batch) ends the pass like the time budget does. `buckets`: the canvas
-    buckets' sides (pipeline.data.canvas.parse_buckets; () = the whole canvas)."""
+    returning true (checked after every batch) ends the pass like the time budget does. `engine`: the rows'
+    canvas or buckets (default the whole canvas); `stats["rerun_inputs"]` gets the number of this process's test
+    inputs run again on a bigger bucket."""
     model.eval()
+    engine = engine or RowEngine(dataset.canvas, puzzle_len=model.puzzle_len)
     start_time = time.perf_counter()
     rows = dataset.test_rows(cfg.max_variants if cfg.max_variants > 0 else None)
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]  # 0 = the original
     order = np.lexsort((np.arange(len(view)), view))[rank::world]  # round-robin over inputs; this rank's share
     rows = {k: v[order] for k, v in rows.items()}
-    rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
+    rows["side"] = engine.held_out_sides(dataset, rows["puzzle_index"], rows["test_index"])
     writer = PredictionsWriter(eval_task_ids(dataset))
     bar = tqdm(total=len(order), disable=not progress, desc="predict", unit="ex", dynamic_ncols=True)
+    rerun: set[tuple[int, int]] = set()
     try:
-        _predict_rows(model, dataset, cfg, rows, writer, bar, device, autocast, start_time, partial_path, stop)
+        _predict_rows(model, dataset, engine, cfg, rows, writer, bar, device, autocast, start_time, partial_path,
+                      stop, rerun)
     except BaseException:
         if partial_path is not None and len(writer):
             writer.finish().save(partial_path)  # what was done survives the failure
         raise
     finally:
         bar.close()
+    if stats is not None:
+        stats["rerun_inputs"] = len(rerun)
     return writer.finish()
 
 
-def _predict_batch(model: TRM, dataset: AugmentedDataset, grid: np.ndarray, variant: np.ndarray, side: int,
-                   steps: int, early_stop: bool, device, autocast) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """(q float32 (n,), answer grids in the original orientation, None where nothing decodes) of test input grids
-    `grid` seen through `variant`s, all on the bucket of side `side`, after `steps` ACT steps (run_act_steps)."""
+def _predict_batch(model: TRM, dataset: AugmentedDataset, engine: RowEngine, grid: np.ndarray, variant: np.ndarray,
+                   side: int, steps: int, early_stop: bool, device, autocast) -> tuple[np.ndarray, list, np.ndarray]:
+    """(q float32 (n,), answer grids in the original orientation (None where nothing decodes), bool (n,): run
+    again on a bigger bucket) of test input grids `grid` seen through `variant`s, first on the bucket of side
+    `side`, after `steps` ACT steps (run_act_steps). A view whose answer reaches its bucket's edge is run again on
+    the next bigger bucket (recursively, up to the canvas)."""
     inputs = dataset.encode_grids(grid, variant, canvas=side)
     batch = {
         "inputs": torch.from_numpy(inputs).to(device),
@@ -100,50 +110,65 @@ def _predict_batch(model: TRM, dataset: AugmentedDataset, grid: np.ndarray, vari
         "puzzle_identifiers": torch.from_numpy((variant + 1).astype(np.int32)).to(device),
     }
     with autocast() if autocast is not None else nullcontext():  # a fresh context manager per batch
-        preds, q_logits = run_act_steps(model, batch, steps, early_stop)
+        preds, q_logits = run_act_steps(model, batch, steps, early_stop, engine, side)
     q = torch.sigmoid(q_logits.float()).cpu().numpy()
     grids = decode_grids(preds.cpu().numpy(), side)
-    return q, [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
+    rerun = np.zeros(len(grids), bool)
+    if side < engine.canvas:
+        rerun[[i for i, g in enumerate(grids) if g is not None and max(g.shape) >= side]] = True
+    answers = [None if g is None else dataset.augmentation(int(v)).invert(g) for g, v in zip(grids, variant)]
+    if rerun.any():
+        again = np.flatnonzero(rerun)
+        q[again], bigger, _ = _predict_batch(model, dataset, engine, grid[again], variant[again],
+                                             engine.bigger(side), steps, early_stop, device, autocast)
+        for i, answer in zip(again.tolist(), bigger):
+            answers[i] = answer
+    return q, answers, rerun
 
 
-def _predict_rows(model: TRM, dataset: AugmentedDataset, cfg: PredictConfig, rows: dict[str, np.ndarray],
-                  writer: PredictionsWriter, bar: tqdm, device, autocast, start_time: float,
-                  partial_path: str | Path | None, stop: Callable[[], object] | None) -> None:
+def _predict_rows(model: TRM, dataset: AugmentedDataset, engine: RowEngine, cfg: PredictConfig,
+                  rows: dict[str, np.ndarray], writer: PredictionsWriter, bar: tqdm, device, autocast,
+                  start_time: float, partial_path: str | Path | None, stop: Callable[[], object] | None,
+                  rerun: set[tuple[int, int]]) -> None:
     """The batch loop of predict(): every row's candidate into `writer`, until the rows or the time run out."""
-    lo, hi = 0, len(rows["variant"])
+    total = len(rows["variant"])
     steps = cfg.act_steps or model.config.halt_max_steps
     last_save = time.perf_counter()
-    for start in range(lo, hi, cfg.batch_size):
-        end = min(hi, start + cfg.batch_size)
-        for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
-            sl = slice(start, end) if part is None else start + part
-            variant = rows["variant"][sl]
-            q, answers = _predict_batch(model, dataset, rows["grid"][sl], variant, side, steps, cfg.early_stop,
-                                        device, autocast)
-            writer.add([dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][sl]],
-                       rows["test_index"][sl], variant, q, answers)
+    for start in range(0, total, cfg.batch_size):
+        end = min(total, start + cfg.batch_size)
+        for side, part in engine.groups(rows["side"][start:end]):
+            picked = np.arange(start, end) if part is None else start + part
+            variant = rows["variant"][picked]
+            q, answers, again = _predict_batch(model, dataset, engine, rows["grid"][picked], variant, side, steps,
+                                               cfg.early_stop, device, autocast)
+            rerun.update(zip(rows["puzzle_index"][picked][again].tolist(), rows["test_index"][picked][again].tolist()))
+            writer.add([dataset.puzzles[int(p)]["task_id"] for p in rows["puzzle_index"][picked]],
+                       rows["test_index"][picked], variant, q, answers)
         bar.update(end - start)
         if partial_path is not None and cfg.save_partial_every_s > 0 and time.perf_counter() - last_save >= cfg.save_partial_every_s:
             writer.finish().save(partial_path)
             last_save = time.perf_counter()
         if stop is not None and stop():
-            bar.write(f"predict: stopped by a signal after {end - lo} of {hi - lo} rows")
+            bar.write(f"predict: stopped by a signal after {end} of {total} rows")
             break
         if cfg.time_budget_s > 0 and time.perf_counter() - start_time > cfg.time_budget_s:
-            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end - lo} "
-                      f"of {hi - lo} rows")
+            bar.write(f"predict: time budget of {cfg.time_budget_s:.0f} s reached after {end} "
+                      f"of {total} rows")
             break
 
 
-def run_act_steps(model: TRM, batch: dict[str, torch.Tensor], steps: int,
-                  halt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def run_act_steps(model: TRM, batch: dict[str, torch.Tensor], steps: int, halt: bool = False,
+                  engine: RowEngine | None = None, side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(preds int64 (B, L), q_halt logits (B,)) after `steps` ACT steps from a fresh carry (past halt_max_steps
-    the recursion continues instead of restarting); with `halt`, each row's at its first step with q_halt > 0,
-    stopping early once every row has halted."""
+    the recursion continues instead of restarting), every row on `side` (default: the whole canvas); with `halt`,
+    each row's at its first step with q_halt > 0, stopping early once every row has halted."""
     carry = model.initial_carry(batch)
     preds = q = done = None
     for _ in range(steps):
-        carry, outputs = model(carry, batch)
+        if engine is None:  # the whole canvas
+            carry, outputs = model(carry, batch)
+        else:
+            carry, outputs = engine.step(model, carry, batch, engine.canvas if side is None else side)
         carry.halted = torch.zeros_like(carry.halted)  # eval halts only at halt_max_steps; go on past it
         if not halt:
             preds, q = outputs["preds"], outputs["q_halt_logits"]
@@ -183,7 +208,7 @@ def predict_to_file(
     from accelerate import Accelerator
 
     from pipeline.training.checkpoint import dataset_fingerprint
-    from pipeline.training.train import auto_mixed_precision
+    from pipeline.training.runtime import auto_mixed_precision
 
     check_rescore_settings(cfg)
     on_gpu = torch.cuda.is_available()
@@ -192,15 +217,19 @@ def predict_to_file(
     fingerprint = dataset_fingerprint(dataset_dir)
     model = load_checked_model(checkpoint_path, dataset, dataset_dir, cfg.use_ema).to(accelerator.device)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    buckets = parse_buckets(canvas_buckets, dataset.canvas)
-    if buckets and rank == 0:
-        print(f"predict: on canvas buckets, test inputs per side: {bucket_shares(dataset, buckets)}")
+    engine = RowEngine.build(canvas_buckets, dataset.canvas, model.config)
+    if engine.on_buckets and rank == 0:
+        print(f"predict: on canvas buckets, test inputs per side: {bucket_shares(dataset, engine)}")
+    stats: dict = {}
     start_time = time.perf_counter()
     out_path = Path(out_path)
     partial = partial_predictions_path(out_path, rank, world) if cfg.save_partial_every_s > 0 else None
     part = predict(model, dataset, prediction_share(cfg, dataset), device=device, autocast=accelerator.autocast,
                    rank=rank, world=world, progress=progress and rank == 0, partial_path=partial, stop=stop_requested,
-                   buckets=buckets)
+                   engine=engine, stats=stats)
+    if engine.on_buckets:  # each process its share
+        print(f"predict: {stats['rerun_inputs']} test input(s) run again on a bigger bucket (a decoded answer "
+              f"reached its bucket's edge){f' on process {rank}' if world > 1 else ''}", flush=True)
     part.dataset_fingerprint = fingerprint
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
@@ -212,7 +241,7 @@ def predict_to_file(
             predictions.logp, predictions.logp_cells = rescore(
                 model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
                 batch_size=cfg.batch_size, device=device, autocast=accelerator.autocast, time_budget_s=left,
-                progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested, buckets=buckets,
+                progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested, engine=engine,
             )
             if rank == 0:
                 predictions.save(out_path)
@@ -226,11 +255,11 @@ def predict_to_file(
     return out_path
 
 
-def bucket_shares(dataset: AugmentedDataset, buckets: tuple[int, ...]) -> str:
-    """How many test inputs go on each bucket, e.g. "12: 3, 30: 1"."""
+def bucket_shares(dataset: AugmentedDataset, engine: RowEngine) -> str:
+    """How many test inputs go on each bucket first, e.g. "12: 3, 30: 1"."""
     rows = dataset.test_rows(1)
-    sides = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
-    return ", ".join(f"{b}: {int((sides == b).sum())}" for b in buckets)
+    sides = engine.held_out_sides(dataset, rows["puzzle_index"], rows["test_index"])
+    return ", ".join(f"{b}: {int((sides == b).sum())}" for b in engine.buckets)
 
 
 def check_rescore_settings(cfg: PredictConfig) -> None:

@@ -16,13 +16,13 @@ prediction pass, for every held-out test input:
      every prediction row of that candidate (`Predictions.logp`; NaN = not scored), and the number of label cells
      the sum runs over (`Predictions.logp_cells`, for the per-cell selectors).
 
-With canvas buckets the model runs on each test input's bucket (the one prediction used), so every candidate it
-produced fits there; a candidate larger than the bucket scores -inf.
+With canvas buckets the model runs on each test input's bucket: the one prediction started on, or the smallest
+that holds its biggest candidate (prediction re-runs a view whose answer reaches its bucket's edge on a bigger one).
 
 `truth_scores` applies the same machinery to the true answer of every held-out test output whose answer is known:
 its per-cell cross-entropy and per-cell accuracy under each view, a held-out signal that moves smoothly while
 pass@2 still moves by whole test outputs (evaluation during training reports it as `ce_true`, `cell_acc_true`).
-It runs on the whole canvas (where the answer always fits), with or without buckets.
+With buckets it runs in the run's own mode (the buckets prediction runs on), never on a canvas prediction does not use.
 
 The model is run once per (test input, view), not per candidate: every candidate of one test input is scored from
 the same logits, so all of them always have the same views and compare fairly even when the time budget cuts the
@@ -45,9 +45,10 @@ from tqdm import tqdm
 from augment.dataset import AugmentedDataset
 from pipeline.training.collectives import all_reduce_sum
 from pipeline.data.encoding import IGNORE_LABEL, encode_many, label_cells
-from pipeline.model.trm import TRM, log_stablemax
+from pipeline.model.rows import RowEngine
+from pipeline.model.trm import TRM
 from pipeline.inference.predictions import Predictions
-from pipeline.training.rows import bucket_groups
+from pipeline.training.loss import log_stablemax
 from pipeline.inference.vote import group_candidates
 
 
@@ -72,20 +73,23 @@ def view_logprobs(
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] | None = None,
     side: int | None = None,
+    engine: RowEngine | None = None,
 ) -> np.ndarray:
     """float32 (n, side*side, vocab): log-probabilities after all ACT steps for test inputs `grid` (original
     grid indices) seen through `variant`s, on the bucket of side `side` (default the whole canvas)."""
     model.eval()
+    engine = engine or RowEngine(dataset.canvas, puzzle_len=model.puzzle_len)
+    side = engine.canvas if side is None else side
     inputs = dataset.encode_grids(grid, variant, canvas=side)
     batch = {
         "inputs": torch.from_numpy(inputs).to(device),
         "labels": torch.full(inputs.shape, IGNORE_LABEL, dtype=torch.int32, device=device),
         "puzzle_identifiers": torch.from_numpy((np.asarray(variant) + 1).astype(np.int32)).to(device),
     }
-    carry = model.initial_carry(batch)
+    carry = engine.fresh_carry(model, batch)
     with autocast() if autocast is not None else nullcontext():
         for _ in range(model.config.halt_max_steps):
-            carry, outputs = model(carry, batch)
+            carry, outputs = engine.step(model, carry, batch, side)
     return log_stablemax(outputs["logits"].float()).cpu().numpy()
 
 
@@ -139,22 +143,23 @@ def rescore(
     rank: int = 0,
     world: int = 1,
     stop: Callable[[], object] | None = None,
-    buckets: tuple[int, ...] = (),
+    engine: RowEngine | None = None,
 ) -> Likelihoods:
     """The likelihood scores of the top-`top_k` candidates by vote of every test input, over its first `views`
     views; NaN / 0 for the rest. Every process passes the same (whole) `predictions` and scores its share of the
     (test input, view) rows; the sums are added up over processes. `time_budget_s` (this call's) or `stop()`
     returning true ends the pass early: candidates of inputs with no view run yet stay unscored (vote order).
-    `buckets`: the canvas buckets prediction ran on (() = the whole canvas)."""
+    `engine`: the rows' canvas or buckets, as prediction ran them (default the whole canvas)."""
     if top_k < 1 or views < 1:
         raise ValueError(f"rescore: top_k and views must be at least 1, got top_k={top_k}, views={views}")
+    engine = engine or RowEngine(dataset.canvas, puzzle_len=model.puzzle_len)
     groups = group_candidates(predictions)
     best = top_groups(predictions, top_k)
     sums = np.zeros((2, len(groups.row)))  # per group: summed log-probability over views, number of views
     failed, error = 0.0, None
     try:
         _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
-                     time_budget_s, progress, rank, world, stop, buckets)
+                     time_budget_s, progress, rank, world, stop, engine)
     except Exception as e:  # noqa: BLE001 - said to every process below, so that none waits for this one
         failed, error = 1.0, e
     total = torch.from_numpy(np.concatenate([sums.ravel(), [failed]])).to(device)
@@ -167,7 +172,7 @@ def rescore(
     per_group = np.where(scored, group_sum / np.maximum(group_views, 1), np.nan)
     heights = predictions.height[groups.row].astype(np.int64)
     widths = predictions.width[groups.row].astype(np.int64)
-    sides = _group_sides(dataset, predictions, groups, buckets)  # the EOS edge stops at the bucket's edge
+    sides = _group_sides(dataset, predictions, groups, best, engine)  # the EOS edge stops at the bucket's edge
     cells = np.where(scored & np.isfinite(per_group), label_cells(heights, widths, sides), 0)
     logp = np.full(len(predictions), np.nan, np.float32)
     counts = np.zeros(len(predictions), np.uint16)
@@ -177,20 +182,34 @@ def rescore(
     return Likelihoods(logp, counts)
 
 
-def _group_sides(dataset: AugmentedDataset, predictions: Predictions, groups, buckets: tuple[int, ...]) -> np.ndarray:
-    """int64 (G,): the bucket side each candidate group's test input is computed on (the canvas without buckets)."""
-    if not buckets:
-        return np.full(len(groups.row), dataset.canvas, np.int64)
+def _input_sides(dataset: AugmentedDataset, predictions: Predictions, groups, best: dict,
+                 engine: RowEngine) -> dict[tuple[int, int], int]:
+    """(task index, test index) -> the side a test input is scored on: the one prediction started on, or the
+    smallest holding its biggest top candidate (where prediction's re-run ended)."""
+    task_index = {t: i for i, t in enumerate(predictions.task_ids)}
     rows = dataset.test_rows(1)
-    sides = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
-    side_of = {(dataset.puzzles[int(p)]["task_id"], int(t)): int(b)
-               for p, t, b in zip(rows["puzzle_index"], rows["test_index"], sides)}
-    return np.array([side_of.get((predictions.task_ids[int(task)], int(t)), dataset.canvas)
+    first = engine.held_out_sides(dataset, rows["puzzle_index"], rows["test_index"])
+    sides = {}
+    for p, t, side in zip(rows["puzzle_index"].tolist(), rows["test_index"].tolist(), first.tolist()):
+        key = (task_index.get(dataset.puzzles[p]["task_id"], -1), t)
+        extent = max([max(int(predictions.height[groups.row[g]]), int(predictions.width[groups.row[g]]))
+                      for g in best.get(key, [])], default=0)
+        sides[key] = max(side, int(engine.side_for(np.array([extent]))[0]) if extent else side)
+    return sides
+
+
+def _group_sides(dataset: AugmentedDataset, predictions: Predictions, groups, best: dict,
+                 engine: RowEngine) -> np.ndarray:
+    """int64 (G,): the side each candidate group's test input is scored on (the canvas without buckets)."""
+    if not engine.on_buckets:
+        return np.full(len(groups.row), dataset.canvas, np.int64)
+    side_of = _input_sides(dataset, predictions, groups, best, engine)
+    return np.array([side_of.get((int(task), int(t)), dataset.canvas)
                      for task, t in zip(groups.task, groups.test_index)], np.int64)
 
 
 def _score_share(model, dataset, predictions, groups, best, sums, batch_size, views, device, autocast,
-                 time_budget_s, progress, rank, world, stop, buckets) -> None:
+                 time_budget_s, progress, rank, world, stop, engine) -> None:
     """This process's (test input, view) rows, round-robin over inputs, added into `sums` (2, G) in place."""
     start_time = time.perf_counter()
     task_index = {t: i for i, t in enumerate(predictions.task_ids)}
@@ -201,15 +220,17 @@ def _score_share(model, dataset, predictions, groups, best, sums, batch_size, vi
     view = rows["variant"] - dataset.puzzle_first_variant[rows["puzzle_index"]]
     order = [i for i in np.lexsort((np.arange(len(view)), view)).tolist() if keys[i] in best][rank::world]
     rows = {k: v[order] for k, v in rows.items()}
-    rows["side"] = dataset.held_out_sides(rows["puzzle_index"], rows["test_index"], buckets)
     keys = [keys[i] for i in order]
+    side_of = _input_sides(dataset, predictions, groups, best, engine) if engine.on_buckets else {}
+    rows["side"] = np.array([side_of.get(key, dataset.canvas) for key in keys], np.int64)
     bar = tqdm(total=len(keys), disable=not progress, desc="rescore", unit="view", dynamic_ncols=True)
     for start in range(0, len(keys), batch_size):
         end = min(len(keys), start + batch_size)
-        for side, part in bucket_groups(rows["side"][start:end], dataset.canvas):
-            at = np.arange(start, end) if part is None else start + part
-            logp = view_logprobs(model, dataset, rows["grid"][at], rows["variant"][at], device, autocast, side)
-            for i, row in enumerate(at.tolist()):
+        for side, part in engine.groups(rows["side"][start:end]):
+            picked = np.arange(start, end) if part is None else start + part
+            logp = view_logprobs(model, dataset, rows["grid"][picked], rows["variant"][picked], device, autocast,
+                                 side, engine)
+            for i, row in enumerate(picked.tolist()):
                 ids, variant = best[keys[row]], int(rows["variant"][row])
                 scores = candidate_logp(logp[i], [grids[g] for g in ids], int(dataset.variant_dihedral[variant]),
                                         dataset.variant_colours[variant])
@@ -236,36 +257,48 @@ def truth_scores(
     autocast: Callable[[], ContextManager] | None = None,
     rank: int = 0,
     world: int = 1,
+    engine: RowEngine | None = None,
 ) -> dict[tuple[str, int], tuple[float, float, int]]:
     """(task id, test index) -> (summed per-cell cross-entropy, summed per-cell accuracy, views) of the true answer
     of every held-out test output with a known answer, over its first `views` views (0 = all), after all ACT steps;
     this process's interleaved share of the rows (merge the shares with `merge_truth_scores`).
 
     Per view, the cells are the answer's label cells (its colours and its EOS edge, as `candidate_logp` scores
-    them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right."""
+    them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right. On
+    the `engine`'s buckets the model runs where prediction runs: the test input's bucket, or, when the answer does not fit
+    there, the smallest bucket that holds it (where prediction's re-run on a bigger bucket ends up)."""
     rows = dataset.test_rows(views if views > 0 else None)
     answer = np.array([_answer_grid(dataset, int(p), int(t)) for p, t in zip(rows["puzzle_index"], rows["test_index"])],
                       np.int64)
     known = answer >= 0
-    if known.any():  # answers that fit the canvas in every view (a dihedral may swap the sides)
-        h, w = dataset.augmented_shapes(np.where(known, answer, 0), rows["variant"])
-        known &= (h <= dataset.canvas) & (w <= dataset.canvas)
+    h, w = dataset.augmented_shapes(np.where(known, answer, 0), rows["variant"])
+    known &= (h <= dataset.canvas) & (w <= dataset.canvas)  # answers that fit the canvas (a dihedral may swap sides)
     share = np.flatnonzero(known)[rank::world]
+    engine = engine or RowEngine(dataset.canvas, puzzle_len=model.puzzle_len)
+    sides = np.maximum(engine.held_out_sides(dataset, rows["puzzle_index"][share], rows["test_index"][share]),
+                       engine.side_for(np.maximum(h, w)[share]))
     out: dict[tuple[str, int], tuple[float, float, int]] = {}
     for start in range(0, len(share), batch_size):
-        sl = share[start:start + batch_size]
-        logp = view_logprobs(model, dataset, rows["grid"][sl], rows["variant"][sl], device, autocast)
-        labels = dataset.encode_grids(answer[sl], rows["variant"][sl], labels=True)
-        mask = labels != IGNORE_LABEL
-        picked = np.take_along_axis(logp, np.where(mask, labels, 0)[..., None].astype(np.int64), axis=-1)[..., 0]
-        cells = mask.sum(axis=1)
-        ce = -np.where(mask, picked, 0.0).sum(axis=1, dtype=np.float64) / cells
-        acc = (mask & (logp.argmax(axis=-1) == labels)).sum(axis=1) / cells
-        for p, t, c, a in zip(rows["puzzle_index"][sl].tolist(), rows["test_index"][sl].tolist(), ce, acc):
-            key = (dataset.puzzles[p]["task_id"], t)
-            old = out.get(key, (0.0, 0.0, 0))
-            out[key] = (old[0] + float(c), old[1] + float(a), old[2] + 1)
+        for side, part in engine.groups(sides[start:start + batch_size]):
+            picked_rows = share[start:start + batch_size] if part is None else share[start + part]
+            _add_truth_scores(out, model, dataset, engine, rows, picked_rows, answer, side, device, autocast)
     return out
+
+
+def _add_truth_scores(out, model, dataset, engine, rows, picked_rows, answer, side, device, autocast) -> None:
+    """The truth scores of `picked_rows` of `rows`, all on the bucket of `side`, added into `out` in place."""
+    logp = view_logprobs(model, dataset, rows["grid"][picked_rows], rows["variant"][picked_rows], device, autocast,
+                         side, engine)
+    labels = dataset.encode_grids(answer[picked_rows], rows["variant"][picked_rows], labels=True, canvas=side)
+    mask = labels != IGNORE_LABEL
+    picked = np.take_along_axis(logp, np.where(mask, labels, 0)[..., None].astype(np.int64), axis=-1)[..., 0]
+    cells = mask.sum(axis=1)
+    ce = -np.where(mask, picked, 0.0).sum(axis=1, dtype=np.float64) / cells
+    acc = (mask & (logp.argmax(axis=-1) == labels)).sum(axis=1) / cells
+    for p, t, c, a in zip(rows["puzzle_index"][picked_rows].tolist(), rows["test_index"][picked_rows].tolist(), ce, acc):
+        key = (dataset.puzzles[p]["task_id"], t)
+        old = out.get(key, (0.0, 0.0, 0))
+        out[key] = (old[0] + float(c), old[1] + float(a), old[2] + 1)
 
 
 def merge_truth_scores(parts: list[dict[tuple[str, int], tuple[float, float, int]]]) -> dict[str, float] | None:

@@ -216,7 +216,8 @@ def score(st: RunState) -> StageResult:
               f"({report.tasks_solved} of {len(solutions)} tasks solved)")
     weights = st.status.get("predict", {}).get("checkpoint_path")
     if weights and (st.run_dir / "dataset").exists():
-        record.update(truth_figures(Path(weights), answered_dataset(st.run_dir / "dataset", solutions)))
+        record.update(truth_figures(Path(weights), answered_dataset(st.run_dir / "dataset", solutions),
+                                    canvas_buckets=st.cfg.data.canvas_buckets if st.cfg is not None else ""))
         if "ce_true" in record:
             detail += f", ce_true {record['ce_true']:.4f} (cell accuracy {record['cell_acc_true']:.3f})"
     return StageResult.ok(f"{detail} against {s.solutions}")

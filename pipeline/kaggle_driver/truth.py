@@ -38,15 +38,17 @@ def answered_dataset(run_dataset: Path, solutions: Mapping[str, Sequence[Any]]):
     return answered
 
 
-def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS) -> dict[str, float]:
-    """{"ce_true", "cell_acc_true"} of the weights prediction loads from `checkpoint` (EMA when saved); {} when no
-    answer is known."""
+def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS, canvas_buckets: str = "") -> dict[str, float]:
+    """{"ce_true", "cell_acc_true"} of the weights prediction loads from `checkpoint` (EMA when saved), on the canvas
+    buckets prediction ran on (`data.canvas_buckets`; "" = the whole canvas); {} when no answer is known."""
     import torch
 
-    from pipeline.training.checkpoint import load_model_for_inference
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
+    from pipeline.model.rows import RowEngine
+    from pipeline.training.checkpoint import load_model_for_inference
 
     model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     model.eval()
+    engine = RowEngine.build(canvas_buckets, dataset.canvas, model.config)
     with torch.no_grad():
-        return merge_truth_scores([truth_scores(model, dataset, views)]) or {}
+        return merge_truth_scores([truth_scores(model, dataset, views, engine=engine)]) or {}

@@ -24,7 +24,12 @@ def model_flops_per_row_step(m: ModelConfig, seq_len: int | None = None, backwar
     L = m.seq_len if seq_len is None else seq_len
     D, S = m.hidden_size, L + m.puzzle_len
     inter = swiglu_width(D, m.expansion)
-    per_block = 2 * S * (3 * D * D + D * D + 2 * D * inter + inter * D) + 4 * S * S * D
+    if m.mlp_t:  # a SwiGLU over the sequence axis (width S) for each of the D channels, instead of attention
+        token_inter = swiglu_width(S, m.expansion)
+        per_block = 2 * D * (2 * S * token_inter + token_inter * S)
+    else:  # the fused qkv and output projections, and attention's two matmuls (q kᵀ, then · v)
+        per_block = 2 * S * (3 * D * D + D * D) + 4 * S * S * D
+    per_block += 2 * S * (2 * D * inter + inter * D)  # the SwiGLU MLP
     per_block += 2 * m.mlp_conv**2 * inter * L  # the grid convolution in the MLP (0 unless mlp_conv)
     forward_blocks = m.H_cycles * (m.L_cycles + 1) * m.num_layers
     grad_blocks = (m.L_cycles + 1) * m.num_layers

@@ -23,7 +23,7 @@ resume are the same with or without buckets; only the offsets and the sides diff
 
 Everything is a function of (seed, epoch, position in the epoch), so a resumed run draws exactly what an
 uninterrupted one would, and every process draws the same stream. The ACT trainer takes as many examples as rows
-halted (pipeline.training.train.Refill), so a stream position is not a step.
+halted (pipeline.training.refill.Refill), so a stream position is not a step.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class TrainSampler:
     """Endless stream of training examples, the same on every process (a function of seed and position only).
 
     `batch_size` is the global batch: the group epoch is cut into batches of that size (see the module docstring).
-    `buckets`: the canvas buckets' sides (pipeline.data.canvas.parse_buckets; () = the whole canvas).
+    `buckets`: the canvas buckets' sides (pipeline.model.rows.RowEngine.buckets; () = the whole canvas).
     """
 
     def __init__(
