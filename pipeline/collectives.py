@@ -73,6 +73,20 @@ def all_reduce_sum(t: Tensor, world_size: int) -> Tensor:
     return t
 
 
+def all_reduce_sum_async(t: Tensor, world_size: int) -> Callable[[], Tensor]:
+    """Start a sum over processes, in place; returns the wait for it, which returns `t` (the sum runs meanwhile,
+    e.g. while the next step computes)."""
+    if world_size == 1:
+        return lambda: t
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait() -> Tensor:
+        work.wait()
+        return t
+
+    return wait
+
+
 def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Sum gradients over processes with one collective on a flat buffer (a missing gradient counts as zeros)."""
     if world_size == 1:

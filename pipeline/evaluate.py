@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.predict import predict
 from pipeline.predictions import Predictions
 from pipeline.rescore import merge_truth_scores, truth_scores
+from pipeline.signals import stop_requested
 from pipeline.vote import SELECTORS
 from submissions.score import score_submission
 from submissions.write import build_submission
@@ -47,15 +48,18 @@ class HeldOutEvaluator:
         return evaluator if evaluator.tasks else None
 
     def __call__(self, model: Any, rt: Any) -> dict[str, Any] | None:
+        """The figures (on rank 0; None elsewhere). A stop request (pipeline.signals) ends the evaluation at the
+        next batch of any process: then None everywhere, and the trainer saves and stops."""
         part = predict(model, self.dataset, self.cfg, device=rt.device, autocast=rt.accelerator.autocast,
-                       rank=rt.rank, world=rt.world, progress=False, buckets=self.buckets)
-        truth = truth_scores(model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size,
-                             device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world)
-        parts = gather_objects((part, truth), rt.world)
-        if not rt.is_main:
+                       rank=rt.rank, world=rt.world, progress=False, buckets=self.buckets, stop=stop_requested)
+        truth = {} if stop_requested() is not None else truth_scores(
+            model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size, device=rt.device,
+            autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world, stop=stop_requested)
+        parts = gather_objects((part, truth, stop_requested() is not None), rt.world)
+        if not rt.is_main or any(stopped for _, _, stopped in parts):
             return None
-        predictions = Predictions.concatenate([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
-        return {**self.score(predictions), **(merge_truth_scores([t for _, t in parts]) or {})}
+        predictions = Predictions.concatenate([p for p, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        return {**self.score(predictions), **(merge_truth_scores([t for _, t, _ in parts]) or {})}
 
     def score(self, predictions: Predictions) -> dict[str, Any]:
         selector = SELECTORS[self.cfg.selector]

@@ -175,10 +175,12 @@ def predict_to_file(
     cfg: PredictConfig,
     progress: bool = True,
     canvas_buckets: str = "",
+    checkpoint_choice: str | None = None,
 ) -> Path:
     """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file (stamped with
     the dataset's fingerprint: which dataset's inputs it answers), then re-score and write it again with the
     scores; on the canvas buckets `canvas_buckets` (the setting data.canvas_buckets; "" = the whole canvas).
+    `checkpoint_choice` (how the weights were chosen, pipeline.choose's text) is stored in the same file.
     Every process of a job calls it; rank 0 writes."""
     from accelerate import Accelerator
 
@@ -201,7 +203,7 @@ def predict_to_file(
     part = predict(model, dataset, prediction_share(cfg, dataset), device=device, autocast=accelerator.autocast,
                    rank=rank, world=world, progress=progress and rank == 0, partial_path=partial, stop=stop_requested,
                    buckets=buckets)
-    part.dataset_fingerprint = fingerprint
+    part.dataset_fingerprint, part.checkpoint_choice = fingerprint, checkpoint_choice
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
         partial.unlink(missing_ok=True)  # the whole share is in the file: no partial file left behind

@@ -236,13 +236,15 @@ def truth_scores(
     autocast: Callable[[], ContextManager] | None = None,
     rank: int = 0,
     world: int = 1,
+    stop: Callable[[], object] | None = None,
 ) -> dict[tuple[str, int], tuple[float, float, int]]:
     """(task id, test index) -> (summed per-cell cross-entropy, summed per-cell accuracy, views) of the true answer
     of every held-out test output with a known answer, over its first `views` views (0 = all), after all ACT steps;
     this process's interleaved share of the rows (merge the shares with `merge_truth_scores`).
 
     Per view, the cells are the answer's label cells (its colours and its EOS edge, as `candidate_logp` scores
-    them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right."""
+    them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right. `stop()`
+    true ends it after the batch it is in (what is scored so far is returned)."""
     rows = dataset.test_rows(views if views > 0 else None)
     answer = np.array([_answer_grid(dataset, int(p), int(t)) for p, t in zip(rows["puzzle_index"], rows["test_index"])],
                       np.int64)
@@ -253,6 +255,8 @@ def truth_scores(
     share = np.flatnonzero(known)[rank::world]
     out: dict[tuple[str, int], tuple[float, float, int]] = {}
     for start in range(0, len(share), batch_size):
+        if stop is not None and stop():
+            break
         sl = share[start:start + batch_size]
         logp = view_logprobs(model, dataset, rows["grid"][sl], rows["variant"][sl], device, autocast)
         labels = dataset.encode_grids(answer[sl], rows["variant"][sl], labels=True)

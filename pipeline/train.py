@@ -38,8 +38,8 @@ from augment.dataset import AugmentedDataset
 from pipeline import checkpoint as ckpt
 from pipeline.batches import TrainSampler, examples_per_epoch
 from pipeline.canvas import parse_buckets
-from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, gather_carries,
-                                  gather_rows_to_main)
+from pipeline.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, all_reduce_sum_async,
+                                  gather_carries, gather_rows_to_main)
 from pipeline.compute import canvas_share, depth_at, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
 from pipeline.errors import ConfigError, PipelineError
@@ -331,13 +331,16 @@ def blank_carries(model: TRM, cfg: RunConfig, micro: int, device: torch.device) 
     return carries
 
 
-def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, final: bool) -> Path:
+def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, final: bool,
+               carry: bool | None = None) -> Path:
     """A checkpoint of everything (rank 0 writes; every rank must call: the carry gather is a collective).
 
     The carry (2 × global batch × S × D floats: 2.9 GB for the paper config) is what makes a resume exact; the
-    final checkpoint, kept for prediction and fine-tuning, leaves it out."""
+    final checkpoint, kept for prediction and fine-tuning, leaves it out, and so does the checkpoint saved on a stop
+    request (`carry=False`): it must be written within the sender's kill grace, and a resume from it is correct,
+    if not bit-exact (the rows in flight start afresh from the sampler's stream; docs/RELIABILITY.md)."""
     global_carry = None
-    if not final:  # gathered to rank 0 alone (the only writer); other ranks get empty tensors
+    if not final if carry is None else carry:  # gathered to rank 0 alone (the only writer); the others get empties
         global_carry = gather_carries(state.carries, lambda t: gather_rows_to_main(t, rt.world))
         global_carry["sides"] = torch.from_numpy(state.sides.copy())  # every process holds all of them
     path = ckpt_dir / f"step_{state.step:08d}.pt"
@@ -356,6 +359,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "rng": ckpt.get_rng_state(),
                 "world": rt.world,
                 "final": final,
+                "stopped": carry is False and not final,  # saved on a stop request, without the carry
                 "dataset_fingerprint": state.dataset_fingerprint,
                 "flops": state.flops,
                 "wall_s": state.wall_s,
@@ -421,34 +425,63 @@ def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, s
     return lr_scale
 
 
-BUDGET_CHECK_EVERY = 10  # steps between stop checks with several processes (each check is a collective)
-
-
 @dataclass(frozen=True)
 class LoopCheck:
     """What the loop must do after a step, the same on every process."""
 
     out_of_time: bool = False  # the time budget is spent: a final checkpoint, then stop
-    signalled: bool = False  # a stop request (SIGTERM, pipeline.signals): a resumable checkpoint, then Stopped
+    signalled: bool = False  # a stop request (SIGTERM, pipeline.signals): a checkpoint, then Stopped
     save_due: bool = False  # checkpoint_every_s has passed since the last checkpoint
 
 
-def check_loop(cfg: RunConfig, rt: Runtime, step: int, elapsed_s: float, since_save_s: float) -> LoopCheck:
-    """Whether to stop or save after `step`. With one process the clock and the signal flag are read every step.
-    With several, every process must stop or save at the same step, which takes a collective and a wait for the
-    device: that is done every BUDGET_CHECK_EVERY steps only (a run may overshoot by that many steps)."""
-    local = LoopCheck(
-        out_of_time=cfg.time_budget_s > 0 and elapsed_s > cfg.time_budget_s,
-        signalled=stop_requested() is not None,
-        save_due=cfg.checkpoint_every_s > 0 and since_save_s > cfg.checkpoint_every_s,
-    )
+class LoopChecks:
+    """Whether to stop or save after each step, the same on every process.
+
+    With one process the clock and the signal flag are read every step. With several, every process must stop or
+    save at the same step: each step starts a sum of the three flags over the processes (a few bytes, which runs
+    while the next step computes) and acts on the sum the step before started, so a stop request or the end of the
+    time budget reaches every process within one step, and no step waits for the device to agree."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self._pending: Callable[[], torch.Tensor] | None = None  # the sum in flight (started one step ago)
+        self._saved_since = False  # a checkpoint was written after the sum in flight was started
+
+    def __call__(self, elapsed_s: float, since_save_s: float) -> LoopCheck:
+        cfg = self.cfg
+        local = LoopCheck(
+            out_of_time=cfg.time_budget_s > 0 and elapsed_s > cfg.time_budget_s,
+            signalled=stop_requested() is not None,
+            save_due=cfg.checkpoint_every_s > 0 and since_save_s > cfg.checkpoint_every_s,
+        )
+        if self.rt.world == 1:
+            return local
+        flags = torch.tensor([float(local.out_of_time), float(local.signalled), float(local.save_due)],
+                             device=self.rt.device)
+        previous, self._pending = self._pending, all_reduce_sum_async(flags, self.rt.world)
+        stale_save, self._saved_since = self._saved_since, False
+        if previous is None:
+            return LoopCheck()
+        out_of_time, signalled, save_due = (previous() > 0).tolist()
+        return LoopCheck(out_of_time, signalled, save_due and not stale_save)
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the sum in flight's `save_due` predates it."""
+        self._saved_since = True
+
+    def settle(self) -> None:
+        """Wait for the sum in flight (every process, before they leave the loop)."""
+        if self._pending is not None:
+            self._pending()
+            self._pending = None
+
+
+def anyone_signalled(rt: Runtime) -> bool:
+    """Whether any process has a stop request (a collective with several: every process calls it)."""
+    flag = stop_requested() is not None
     if rt.world == 1:
-        return local
-    if step % BUDGET_CHECK_EVERY:
-        return LoopCheck()
-    flags = torch.tensor([float(local.out_of_time), float(local.signalled), float(local.save_due)], device=rt.device)
-    out_of_time, signalled, save_due = (all_reduce_sum(flags, rt.world) > 0).tolist()
-    return LoopCheck(out_of_time, signalled, save_due)
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=rt.device), rt.world).item() > 0)
 
 
 def nominal_epoch(cfg: RunConfig, dataset: AugmentedDataset, step: int) -> float:
@@ -491,10 +524,13 @@ def train(
     init_checkpoint: str | Path | None = None,
     progress: bool = True,
     evaluator: Evaluator | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Path:
     """Train; return the path of the last checkpoint. Resuming continues from the latest checkpoint in out_dir.
     The time budget counts from here: loading the dataset, building the model and restoring are part of it.
-    SIGTERM: a resumable checkpoint, then pipeline.signals.Stopped."""
+    Nothing is written to out_dir until everything that can refuse the run has passed (the weights, the checkpoint
+    resumed, the trackers started); then `on_start()` (rank 0: e.g. --force train removing the previous run).
+    SIGTERM: a checkpoint to resume from, then pipeline.signals.Stopped."""
     t_begin = time.perf_counter()
     out_dir = Path(out_dir)
     rt = make_runtime(cfg, out_dir)
@@ -524,7 +560,10 @@ def train(
         state.carries, state.sides = blank_carries(state.model, cfg, micro, rt.device), None
     if state.sides is None:  # fresh rows (all halted), or a carry saved before buckets existed
         state.sides = np.full(cfg.global_batch_size, dataset.canvas, dtype=np.int64)
+    start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
     if rt.is_main:
+        if on_start is not None:
+            on_start()
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", to_dict(cfg))
         print(f"resolved config:\n{dumps(cfg)}")
@@ -534,7 +573,6 @@ def train(
             f"checkpoint every {every} steps{f' or {cfg.checkpoint_every_s:.0f} s' if cfg.checkpoint_every_s > 0 else ''}, "
             f"evaluation every {eval_every or 'no'} steps"
         )
-    start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
     refill = Refill(state.sampler, rt, micro, cfg.model.seq_len, state.sides)
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -543,6 +581,7 @@ def train(
     interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
     last_path = ckpt.latest_checkpoint(ckpt_dir)
     last_save = time.perf_counter()
+    checks = LoopChecks(cfg, rt)
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
                dynamic_ncols=True)
     while state.step < steps_total:
@@ -572,35 +611,49 @@ def train(
             sums.zero_()
             interval_start, interval_steps, interval_cells = time.perf_counter(), 0, 0
 
-        check = check_loop(cfg, rt, step, time.perf_counter() - t_begin, time.perf_counter() - last_save)
+        check = checks(time.perf_counter() - t_begin, time.perf_counter() - last_save)
         final = step == steps_total or check.out_of_time
         if step % every == 0 or final or check.signalled or check.save_due:
             if rt.world > 1:  # a NaN on any process stops every process (none may go on into the save)
                 bad = all_reduce_sum(bad.to(torch.float32), rt.world) > 0
             if bool(bad.item()):
                 raise NonFiniteLossError(f"non-finite loss before step {step}; the last good checkpoint is {last_path}")
-            last_path = save_state(state, cfg, rt, ckpt_dir, final=final)
+            # on a stop request without the carry: the save must fit the sender's kill grace
+            last_path = save_state(state, cfg, rt, ckpt_dir, final=final, carry=False if check.signalled else None)
             last_save = time.perf_counter()
+            checks.saved()
         if check.signalled and not final:  # no evaluation: the time is the signal sender's
-            message = f"train: stopped by a signal at step {step}; resumable checkpoint {last_path}"
-            if rt.is_main:
-                print(message, flush=True)
-            bar.close()
-            finish_trackers(rt.accelerator)
-            raise Stopped(stop_requested() or signal.SIGTERM, message)
+            _stopped(rt, bar, checks, f"train: stopped by a signal at step {step}; checkpoint to resume from "
+                     f"{last_path}")
         if eval_every and (step % eval_every == 0 or final):
             row = run_evaluation(state, cfg, rt, dataset, evaluator, out_dir)
             if row is not None:
                 bar.write(f"eval at step {step}: pass@2 {row['pass2']:.4f} (per task {row['task_pass2']:.4f}), "
                           f"pass@1 {row['pass1']:.4f}, oracle {row['oracle']:.4f}, {row['views']} views, "
                           f"{row['seconds']:.1f} s")
+            if anyone_signalled(rt):  # a stop request during the evaluation ended it: save, then stop
+                if not final:
+                    last_path = save_state(state, cfg, rt, ckpt_dir, final=False, carry=False)
+                _stopped(rt, bar, checks, f"train: stopped by a signal during the evaluation at step {step}; "
+                         f"checkpoint {last_path}")
         if check.out_of_time:
             if rt.is_main:
                 print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
             break
+    checks.settle()
     bar.close()
     finish_trackers(rt.accelerator)
     return last_path
+
+
+def _stopped(rt: Runtime, bar: Any, checks: LoopChecks, message: str) -> None:
+    """After the stop request's checkpoint: say so, close the trackers, raise Stopped (every process)."""
+    checks.settle()
+    if rt.is_main:
+        print(message, flush=True)
+    bar.close()
+    finish_trackers(rt.accelerator)
+    raise Stopped(stop_requested() or signal.SIGTERM, message)
 
 
 def plan_steps(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
