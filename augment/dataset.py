@@ -2,7 +2,7 @@
 
 The reference materialises every augmented puzzle on disk (ARC-AGI-1 at 1000 augmentations: 5.4 GB, 6 minutes).
 Here a variant is just (puzzle index, dihedral id, colour map): 15 bytes. Grids are augmented on the fly when a
-batch is encoded (pipeline.encoding.encode_many), so nothing augmented is ever stored.
+batch is encoded (pipeline.data.encoding.encode_many), so nothing augmented is ever stored.
 
 Folder layout (see `save`):
     grids.npz      pixels uint8 (N,): every original grid row-major, back to back;
@@ -40,11 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from augment.transforms import DIHEDRAL_SWAPS_AXES, NUM_DIHEDRAL, Augmentation, dihedral_view
-from pipeline.canvas import output_bound, side_for
-from pipeline.data import Task, TaskError
-from pipeline.encoding import IGNORE_LABEL, PAD, encode_many
-from pipeline.errors import ConfigError, InputFileError
-from pipeline.io import atomic_write_json, atomic_write_with, check_fields, read_json
+from pipeline.data.canvas import output_bound, side_for
+from pipeline.data.tasks import Task, TaskError
+from pipeline.data.encoding import IGNORE_LABEL, PAD, encode_many
+from pipeline.core.errors import ConfigError, InputFileError
+from pipeline.core.io import atomic_write_json, atomic_write_with, check_fields, read_json
 
 FORMAT = "trm-arc-augmented-dataset/1"
 RETRIES_FACTOR = 5  # up to RETRIES_FACTOR * num_aug random draws per puzzle, as the reference
@@ -386,7 +386,7 @@ class AugmentedDataset:
 
     def held_out_extent(self, puzzle_index: np.ndarray, test_index: np.ndarray) -> np.ndarray:
         """int64 (n,): the larger side a held-out test input and its (unknown) output need together, the output's
-        predicted from its puzzle's demonstration pairs (pipeline.canvas.output_bound; the canvas when no rule
+        predicted from its puzzle's demonstration pairs (pipeline.data.canvas.output_bound; the canvas when no rule
         explains them). The same for every view (a dihedral transform never changes the larger side)."""
         if self._held_out_extent is None:
             shape = lambda g: (int(self.grid_height[g]), int(self.grid_width[g]))  # noqa: E731
@@ -434,7 +434,7 @@ class AugmentedDataset:
                               sides: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Training examples ks (n,) as a batch: inputs/labels int32 (n, canvas*canvas), puzzle_identifiers (n,).
         With `sides` (n,), example i is drawn on the bucket of side sides[i], in bucket-local layout
-        (pipeline.canvas: its first side² entries; the rest PAD, labels IGNORE_LABEL)."""
+        (pipeline.data.canvas: its first side² entries; the rest PAD, labels IGNORE_LABEL)."""
         variant, gin, gout = self.train_refs(ks)
         batch = {"puzzle_identifiers": (variant + 1).astype(np.int32)}
         if sides is None or (np.asarray(sides) == self.canvas).all():

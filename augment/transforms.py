@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import Task
+from pipeline.data.tasks import Task
 
 NUM_DIHEDRAL = 8
 NUM_COLOURS = 10

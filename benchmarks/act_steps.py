@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset  # noqa: E402
-from pipeline.encoding import IGNORE_LABEL, decode_grids  # noqa: E402
-from pipeline.model import TRM, log_stablemax  # noqa: E402
-from pipeline.predict import eval_task_ids  # noqa: E402
-from pipeline.predictions import Predictions, PredictionsWriter  # noqa: E402
-from pipeline.vote import vote  # noqa: E402
+from pipeline.data.encoding import IGNORE_LABEL, decode_grids  # noqa: E402
+from pipeline.model.trm import TRM, log_stablemax  # noqa: E402
+from pipeline.inference.predict import eval_task_ids  # noqa: E402
+from pipeline.inference.predictions import Predictions, PredictionsWriter  # noqa: E402
+from pipeline.inference.vote import vote  # noqa: E402
 from submissions.score import score_submission  # noqa: E402
 from submissions.write import build_submission  # noqa: E402
 
@@ -122,7 +122,7 @@ def act_study(model: TRM, dataset: AugmentedDataset, steps: tuple[int, ...] = ST
 
 
 def main() -> None:
-    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
 
     folder = Path(sys.argv[1])
     model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))

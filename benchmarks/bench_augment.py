@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 from augment.dataset import AugmentedDataset, build_dataset
-from pipeline.batches import TrainSampler
-from pipeline.data import load_tasks
+from pipeline.training.batches import TrainSampler
+from pipeline.data.tasks import load_tasks
 
 REFERENCE = {"wall_s": 385.0, "disk_mb": 5.4e3, "rss_mb": 12.2e3, "variants": 730_514, "short": 140}
 TARGET = {"wall_s": 10.0, "disk_mb": 50.0, "rss_mb": 1024.0}

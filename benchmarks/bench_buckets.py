@@ -15,7 +15,7 @@
 and two trainers with the same seed, so the same weights and the same stream: one on the whole canvas, one on
 `--buckets`. A fresh model halts no row early (q_halt starts at -5), so both compute the same rows for N_sup steps.
 It prints seconds per optimizer step (median of the timed steps, after one warm-up step each) and the ratio of
-the FLOPs the two actually computed (pipeline.model.model_flops_per_row_step on each row's side).
+the FLOPs the two actually computed (pipeline.model.flops.model_flops_per_row_step on each row's side).
 
 `predict` runs stage predict's computation (every view, then the likelihood pass) on the run's final checkpoint
 with the run's dataset, once on the whole canvas and once on `--buckets`, and scores both on the held-out answers;
@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset, build_dataset  # noqa: E402
-from pipeline.canvas import parse_buckets  # noqa: E402
+from pipeline.data.canvas import parse_buckets  # noqa: E402
 from pipeline.config import apply_overrides, from_dict, preset  # noqa: E402
-from pipeline.data import load_tasks, select_tasks  # noqa: E402
-from pipeline.model import model_flops_per_row_step  # noqa: E402
-from pipeline.splits import held_out_ids  # noqa: E402
+from pipeline.data.tasks import load_tasks, select_tasks  # noqa: E402
+from pipeline.model.flops import model_flops_per_row_step  # noqa: E402
+from pipeline.data.splits import held_out_ids  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- training step
@@ -55,7 +55,7 @@ def build(cfg, num_aug: int) -> AugmentedDataset:
 
 
 def step_times(args: argparse.Namespace) -> dict:
-    from pipeline.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
+    from pipeline.training.train import METRIC_KEYS, Refill, blank_carries, build_state, make_runtime, train_step
 
     base = apply_overrides(preset(args.preset), args.set)
     base.global_batch_size, base.grad_accum_steps = args.rows, 1
@@ -97,7 +97,7 @@ def compile_graphs(args: argparse.Namespace) -> dict:
     """Graphs torch.compile makes for the blocks over training steps on two buckets with varying row counts."""
     from torch._dynamo.utils import counters
 
-    from pipeline.model import TRM, ModelConfig, act_loss
+    from pipeline.model.trm import TRM, ModelConfig, act_loss
 
     torch.manual_seed(0)
     model = TRM(ModelConfig(seq_len=36, hidden_size=32, num_heads=2, H_cycles=2, L_cycles=2, halt_max_steps=3,
@@ -139,7 +139,7 @@ def learn(args: argparse.Namespace) -> dict:
             if (folder / "score.json").exists():
                 results["runs"].append({"arm": arm, "seed": seed, **learn_figures(folder, buckets)})
     if results["runs"]:  # the translation range of this data, whole canvas against buckets
-        from pipeline.canvas import side_for, translation_room
+        from pipeline.data.canvas import side_for, translation_room
 
         dataset = AugmentedDataset.load(root / f"full_s{args.seeds.split(',')[0]}" / "dataset")
         extent = dataset.train_extent(np.arange(dataset.num_train_examples))
@@ -151,8 +151,8 @@ def learn(args: argparse.Namespace) -> dict:
 
 
 def learn_figures(folder: Path, buckets: str) -> dict:
-    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
-    from pipeline.predictions import Predictions
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.inference.predictions import Predictions
     from submissions.score import score_submission
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -204,8 +204,8 @@ def learn_table(result: dict) -> str:
 def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[int, ...], views: int = 8) -> float:
     """Mean over held-out test outputs of the per-cell cross-entropy (nats) of the true answer, averaged over
     the first `views` views (cells: the answer's colours and its EOS edge)."""
-    from pipeline.predictions import PredictionsWriter
-    from pipeline.rescore import rescore
+    from pipeline.inference.predictions import PredictionsWriter
+    from pipeline.inference.rescore import rescore
 
     writer = PredictionsWriter([t.id for t in dataset.eval_tasks()])
     for task in dataset.eval_tasks():
@@ -217,11 +217,11 @@ def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[i
 
 
 def predict_arms(args: argparse.Namespace) -> dict:
-    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
     from pipeline.config import PredictConfig
-    from pipeline.predict import predict
-    from pipeline.rescore import rescore
-    from pipeline.vote import SELECTORS
+    from pipeline.inference.predict import predict
+    from pipeline.inference.rescore import rescore
+    from pipeline.inference.vote import SELECTORS
     from submissions.score import score_submission
     from submissions.write import build_submission
 

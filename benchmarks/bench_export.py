@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from augment.dataset import AugmentedDataset
-    from pipeline import checkpoint as ckpt
+    from pipeline.training import checkpoint as ckpt
     from pipeline.config import preset
-    from pipeline.export import export_weights
+    from pipeline.cli.export import export_weights
     from pipeline.run import main as run_main
-    from pipeline.train import blank_carries, build_state, make_runtime, save_state
+    from pipeline.training.train import blank_carries, build_state, make_runtime, save_state
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_export_"))
     run = work / "run"

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from augment.dataset import AugmentedDataset, build_dataset
-from pipeline.batches import TrainSampler
-from pipeline.collectives import gather_objects
+from pipeline.training.batches import TrainSampler
+from pipeline.training.collectives import gather_objects
 from pipeline.config import preset
-from pipeline.data import load_tasks
-from pipeline.train import LoopChecks, Refill, make_runtime
+from pipeline.data.tasks import load_tasks
+from pipeline.training.train import LoopChecks, Refill, make_runtime
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ so that peaks do not mix.
 
 The machine may be shared: the script measures how much CPU other processes took meanwhile. To compare two
 versions of the model fairly on a busy machine, `--compare OTHER_MODEL.py` (e.g. an older
-`git show COMMIT:pipeline/model.py`) times both in the same process, alternating run by run, on the same
+`git show COMMIT:pipeline/model/trm.py`) times both in the same process, alternating run by run, on the same
 weights and batch.
 
     python benchmarks/bench_model.py                       # both configurations
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from pipeline import model as this_model
+from pipeline.model.trm import trm as this_model
 
 CONFIGS = {
     # name: (overrides of the paper preset, batch size, default repeats)

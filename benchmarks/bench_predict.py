@@ -15,9 +15,9 @@ import torch
 
 from augment.dataset import AugmentedDataset, build_dataset
 from pipeline.config import PredictConfig, RunConfig, preset
-from pipeline.data import load_tasks, select_tasks
-from pipeline.model import TRM
-from pipeline.predict import predict
+from pipeline.data.tasks import load_tasks, select_tasks
+from pipeline.model.trm import TRM
+from pipeline.inference.predict import predict
 
 
 def bench(name: str, cfg: RunConfig, root: Path, rows: int, batch_size: int) -> tuple[str, int, float]:

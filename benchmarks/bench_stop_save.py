@@ -1,4 +1,4 @@
-"""Seconds from SIGTERM to a complete checkpoint: a fine-tune with the paper model's shapes (pipeline.model
+"""Seconds from SIGTERM to a complete checkpoint: a fine-tune with the paper model's shapes (pipeline.model.trm
 ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle positions, the 30x30 canvas) on 2 processes
 (torchrun, gloo on a CPU), stopped as the Kaggle driver stops a child (SIGTERM to every worker), and timed until
 the checkpoint file appears (it appears whole: written to a temp file, then renamed) and until the job has ended.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dataset(folder: Path) -> Path:
     from augment.dataset import build_dataset
-    from pipeline.data import load_tasks
+    from pipeline.data.tasks import load_tasks
 
     tasks = load_tasks("arc-agi-1/training").tasks[:1] + load_tasks("arc-agi-1/evaluation").tasks[:1]
     build_dataset(tasks, {tasks[1].id}, num_aug=1, seed=0, canvas=30, progress=False).save(folder)
@@ -66,7 +66,7 @@ def stop_once_training(work: Path, depth: str, steps_before: int) -> dict:
             break
         time.sleep(0.02)
     ended_s = time.perf_counter() - t0
-    from pipeline import checkpoint as ckpt
+    from pipeline.training import checkpoint as ckpt
 
     last = ckpt.latest_checkpoint(run / "checkpoints")
     state = ckpt.load_training_state(last, mmap=True) if last else {}
@@ -82,7 +82,7 @@ def carry_worker(rows: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.collectives import gather_rows_to_main
+    from pipeline.training.collectives import gather_rows_to_main
 
     dist.init_process_group("gloo")
     local = rows // dist.get_world_size()

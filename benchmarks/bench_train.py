@@ -27,10 +27,10 @@ import torch
 
 from augment.dataset import build_dataset
 from pipeline.config import RunConfig, preset
-from pipeline.data import load_tasks, select_tasks
-from pipeline.model import TRM, act_loss
-from pipeline.plan import model_flops_per_row_step
-from pipeline.train import train
+from pipeline.data.tasks import load_tasks, select_tasks
+from pipeline.model.trm import TRM, act_loss
+from pipeline.model.flops import model_flops_per_row_step
+from pipeline.training.train import train
 
 
 def make_dataset(root: Path, canvas: int, num_aug: int, max_tasks: int = 0) -> Path:
@@ -55,7 +55,7 @@ def time_model_only(cfg: RunConfig, data: Path, steps: int, device: str, rows: i
     """Seconds per step of forward + loss + backward alone for `rows` rows (one device's share), on batches from
     the same sampler."""
     from augment.dataset import AugmentedDataset
-    from pipeline.batches import TrainSampler
+    from pipeline.training.batches import TrainSampler
 
     ds = AugmentedDataset.load(data)
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = ds.canvas**2, ds.num_puzzle_identifiers

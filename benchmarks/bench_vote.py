@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import Task
-from pipeline.predictions import Predictions, PredictionsWriter
-from pipeline.vote import SELECTORS, group_candidates
+from pipeline.data.tasks import Task
+from pipeline.inference.predictions import Predictions, PredictionsWriter
+from pipeline.inference.vote import SELECTORS, group_candidates
 from submissions.score import score_submission
 from submissions.validate import validate_submission_file
 from submissions.write import build_submission, write_submission

@@ -6,10 +6,10 @@
 For the `arc1` and `arc2` presets' data (built here with no augmentation: a dihedral view never changes an
 example's larger side, so every variant has its original's bucket) it counts, exactly:
   - grid tokens per training example (the bucket's side², plus the 16 puzzle tokens) with and without buckets,
-    and the model FLOPs per row-step (pipeline.model.model_flops_per_row_step), for the best list of each length
+    and the model FLOPs per row-step (pipeline.model.flops.model_flops_per_row_step), for the best list of each length
     (1..6 shapes, by exhaustive search) and for the chosen list;
   - the translation range: offsets an example can take, full canvas against its bucket;
-  - held-out test inputs: the bucket chosen from the demonstrations (pipeline.canvas.output_bound) and how many
+  - held-out test inputs: the bucket chosen from the demonstrations (pipeline.data.canvas.output_bound) and how many
     true test outputs would not fit it (ARC-AGI-1 evaluation, ARC-AGI-2 evaluation, the paper's ARC-AGI-2
     evaluation), and prediction tokens per view.
 Training examples are weighted as the reference's group epochs weight them (every puzzle once, all its examples).
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset, build_dataset  # noqa: E402
-from pipeline.canvas import parse_buckets, side_for, translation_room  # noqa: E402
+from pipeline.data.canvas import parse_buckets, side_for, translation_room  # noqa: E402
 from pipeline.config import preset  # noqa: E402
-from pipeline.data import load_solutions, load_tasks  # noqa: E402
-from pipeline.model import model_flops_per_row_step  # noqa: E402
-from pipeline.splits import held_out_ids  # noqa: E402
+from pipeline.data.tasks import load_solutions, load_tasks  # noqa: E402
+from pipeline.model.flops import model_flops_per_row_step  # noqa: E402
+from pipeline.data.splits import held_out_ids  # noqa: E402
 
 CHOSEN = "12,16,20,24,30"
 HELD_OUT = ("arc-agi-1/evaluation", "arc-agi-2/evaluation", "arc-agi-2-paper/evaluation")

@@ -10,7 +10,7 @@ In order (each line printed as soon as it is measured, so a cut-off run still sa
 3. three profiled training steps (forward, loss, backward, Adam-atan2, sign-SGD, EMA) at the per-device batch:
    the share of device time in GEMMs, attention (and which SDPA kernel ran), elementwise and other work, peak
    memory and allocator retries;
-4. forward+backward alone vs the full training loop (`pipeline.train.train`: refill, collectives, optimizers,
+4. forward+backward alone vs the full training loop (`pipeline.training.train.train`: refill, collectives, optimizers,
    EMA, logging) over --steps steps, with MFU = model FLOPs per step / step time / device peak;
 5. the same with compiled blocks (`model.compile_backend`, --compile; "none" skips it);
 6. prediction: views/s (every view run for N_sup ACT steps, decoded, de-augmented and recorded).
@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import bench as bench_loop  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 from augment.dataset import AugmentedDataset, build_dataset  # noqa: E402
-from pipeline.batches import TrainSampler  # noqa: E402
+from pipeline.training.batches import TrainSampler  # noqa: E402
 from pipeline.config import PredictConfig, RunConfig, apply_overrides, preset  # noqa: E402
-from pipeline.data import load_tasks, select_tasks  # noqa: E402
-from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.model import TRM, act_loss, dense_params_without_gradient  # noqa: E402
-from pipeline.optim import EMA, SignSGD, build_dense_optimizer  # noqa: E402
-from pipeline.plan import model_flops_per_row_step  # noqa: E402
-from pipeline.predict import predict  # noqa: E402
+from pipeline.data.tasks import load_tasks, select_tasks  # noqa: E402
+from pipeline.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from pipeline.model.trm import TRM, act_loss, dense_params_without_gradient  # noqa: E402
+from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer  # noqa: E402
+from pipeline.model.flops import model_flops_per_row_step  # noqa: E402
+from pipeline.inference.predict import predict  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOPS, no sparsity) by device-name fragment, first match wins.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),

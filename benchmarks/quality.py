@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from augment.dataset import AugmentedDataset  # noqa: E402
-from pipeline.io import atomic_write_json, atomic_write_text  # noqa: E402
-from pipeline.predictions import OPTIONAL_COLUMNS, Predictions  # noqa: E402
-from pipeline.vote import SELECTORS, vote  # noqa: E402
+from pipeline.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from pipeline.inference.predictions import OPTIONAL_COLUMNS, Predictions  # noqa: E402
+from pipeline.inference.vote import SELECTORS, vote  # noqa: E402
 from submissions.score import compare_selectors, score_submission  # noqa: E402
 from submissions.write import build_submission  # noqa: E402
 from time_to_accuracy import markdown as issue17_tables  # noqa: E402
@@ -63,7 +63,7 @@ BASELINE = "mini"  # the arm whose mean final ce_true and FLOPs the others are m
 
 def mini_flops() -> float:
     """Model FLOPs of a whole `mini` training run (its 2000 steps of 64 rows on the 10x10 canvas)."""
-    from pipeline.compute import run_flops
+    from pipeline.training.compute import run_flops
     from pipeline.config import preset
 
     cfg = preset("mini")
@@ -73,7 +73,7 @@ def mini_flops() -> float:
 
 def at_flops(fraction: float, *overrides: str, evals: int = 4, preset: str = "mini") -> Arm:
     """An arm trained for `fraction` of mini's FLOPs (flops_budget), evaluated `evals` times evenly."""
-    from pipeline.compute import steps_for_flops
+    from pipeline.training.compute import steps_for_flops
     from pipeline.config import apply_overrides
     from pipeline.config import preset as make_preset
 
@@ -172,10 +172,10 @@ def train_exact_accuracy(metrics_path: Path) -> tuple[float | None, list[dict]]:
 def time_passes(folder: Path) -> dict:
     """Seconds of the prediction pass (every view) and of the likelihood re-scoring pass, re-run on the final
     checkpoint: what the likelihood selectors cost."""
-    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
     from pipeline.config import from_dict
-    from pipeline.predict import predict
-    from pipeline.rescore import rescore
+    from pipeline.inference.predict import predict
+    from pipeline.inference.rescore import rescore
 
     cfg = from_dict(json.loads((folder / "config.json").read_text())).predict
     dataset = AugmentedDataset.load(folder / "dataset")
@@ -197,7 +197,7 @@ COLLECT_VERSION = 2  # bump when collect() gathers something new: cached figures
 
 def act_steps_of(folder: Path) -> list[dict]:
     from act_steps import act_study
-    from pipeline.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
 
     model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))
     return act_study(model, AugmentedDataset.load(folder / "dataset"))

@@ -31,7 +31,7 @@ def _pairs(grids_in, grids_out=None) -> list[dict]:
 
 def write_fake_input(out: Path, tasks_spec: str = "arc-agi-2/evaluation", max_tasks: int = 0) -> Path:
     """Write the competition folder under `out`; return the test challenges file."""
-    from pipeline.data import load_tasks
+    from pipeline.data.tasks import load_tasks
 
     tasks = load_tasks(tasks_spec).tasks
     if max_tasks > 0:

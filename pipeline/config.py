@@ -3,7 +3,7 @@
 Training settings sit at the top level (so `--set lr=2e-4` works); the model, data and prediction settings
 are nested (`--set model.hidden_size=256`, `--set data.num_aug=100`, `--set predict.max_variants=64`).
 A string setting lists its choices in its type (`Literal[...]`); numeric bounds are in LIMITS and the relations
-between settings in check_config. Values from outside are read by pipeline.settings; every command checks the
+between settings in check_config. Values from outside are read by pipeline.core.settings; every command checks the
 config it resolved with check_config before it changes anything.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from pipeline import settings
-from pipeline.errors import ConfigError
-from pipeline.model import ModelConfig
+from pipeline.core import settings
+from pipeline.core.errors import ConfigError
+from pipeline.model.flops import flops_of_steps, steps_for_budget
+from pipeline.model.trm import ModelConfig
 
-# How candidates are ranked into attempt_1 / attempt_2 (pipeline.vote.SELECTORS implements each; a test checks
+# How candidates are ranked into attempt_1 / attempt_2 (pipeline.inference.vote.SELECTORS implements each; a test checks
 # that the two lists agree).
 Selector = Literal["vote", "q_weighted", "max_q", "likelihood", "likelihood_vote", "likelihood_cell",
                    "likelihood_cell_vote"]
@@ -33,13 +34,13 @@ class DataConfig:
     max_tasks: int = 0  # keep at most this many tasks per source set (0 = all), for small demos
     skip_invalid: bool = True  # skip malformed tasks (listed in the manifest) instead of stopping
     seed: int = 0
-    # training stream (pipeline.batches): "groups" = the reference's epoch (every puzzle group once, one random
+    # training stream (pipeline.training.batches): "groups" = the reference's epoch (every puzzle group once, one random
     # variant each with all its examples together); "examples" = every example of every variant once
     sampling: Literal["groups", "examples"] = "groups"
     # "reference" = one fixed offset per example, one example per variant untranslated; "per_draw" = a fresh
     # offset at every draw; "none" = all at (0, 0)
     translation: Literal["reference", "per_draw", "none"] = "reference"
-    # canvas buckets (pipeline.canvas, docs/BUCKETS.md): "" = every example on the whole canvas (the reference's
+    # canvas buckets (pipeline.data.canvas, docs/BUCKETS.md): "" = every example on the whole canvas (the reference's
     # computation); or ascending square sides, e.g. "12,16,20,24,30" (PAPER_BUCKETS): each training pair and test
     # input is computed on the smallest that holds it, cells at their canvas positions (the canvas is always the
     # last bucket). A compute setting: the dataset and the weights are the same either way.
@@ -54,7 +55,7 @@ PAPER_BUCKETS = "12,16,20,24,30"
 class PredictConfig:
     max_variants: int = 0  # views per test input to run (the original counts as one); 0 = all (1001 at num_aug 1000)
     batch_size: int = 256
-    selector: Selector = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.vote)
+    selector: Selector = "vote"  # how candidates are ranked into attempt_1 / attempt_2 (pipeline.inference.vote)
     # ACT steps per view (0 = the model's halt_max_steps); more than halt_max_steps continue the recursion
     act_steps: int = 0
     # halt at prediction as training does: a row's answer is the one of its first step with q_halt > 0, and a
@@ -65,7 +66,7 @@ class PredictConfig:
     # over test inputs (every input's 1st view, then every input's 2nd, ...) so a cut-off run still covers all
     save_partial_every_s: float = 0.0  # > 0: keep the candidates so far in predictions.partial.npz, rewritten
     # this often and on a failure (the Kaggle driver submits from them when prediction dies part-way)
-    rescore_views: int = 8  # likelihood re-scoring (pipeline.rescore): views per test input (0 = off); its scores
+    rescore_views: int = 8  # likelihood re-scoring (pipeline.inference.rescore): views per test input (0 = off); its scores
     rescore_top_k: int = 8  # feed the `likelihood` selectors; the top-K candidates by vote are scored
 
 
@@ -78,11 +79,11 @@ class RunConfig:
     seed: int = 0
     global_batch_size: int = 768
     # An epoch is the reference's: with data.sampling="groups" it is groups × mean examples per variant
-    # examples, so steps = epochs × that / global_batch_size (pipeline.batches.examples_per_epoch)
+    # examples, so steps = epochs × that / global_batch_size (pipeline.training.batches.examples_per_epoch)
     epochs: float = 100_000  # ends training unless max_steps is set
     max_steps: int = 0  # 0 = derive from epochs
     flops_budget: float = 0.0  # > 0: as many steps as reach this many model FLOPs (overrides max_steps and epochs)
-    # Muon for the block matrices needs torch >= 2.9 (pipeline.muon)
+    # Muon for the block matrices needs torch >= 2.9 (pipeline.training.muon)
     optimizer: Literal["adam_atan2", "adamw", "muon"] = "adam_atan2"
     lr: float = 1e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: "constant" (paper) or "cosine"
@@ -133,7 +134,7 @@ def preset(name: str) -> RunConfig:
         cfg.lr_warmup_steps = 100
         cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end,
         cfg.checkpoint_every_s = 900.0  # every 15 minutes (an out-of-memory kill or a crash loses at most that),
-        # and on SIGTERM (pipeline.signals)
+        # and on SIGTERM (pipeline.core.signals)
         cfg.eval_every_epochs = 0  # the hidden tasks have no known answers
         return cfg
     if name == "demo":
@@ -195,11 +196,11 @@ def _fast(base: str) -> RunConfig:
     them); the paper's fast recipes keep the paper's epochs, so their cheaper steps are FLOPs saved."""
     cfg = apply_overrides(preset(base), list(FAST_SETTINGS[base]))
     if base == "mini":
-        from pipeline.compute import run_flops, steps_for_flops
-
         reference = preset("mini")
         reference.model.seq_len = cfg.model.seq_len = cfg.data.canvas**2
-        cfg.max_steps = steps_for_flops(cfg, run_flops(reference, reference.max_steps))
+        budget = flops_of_steps(reference.model, reference.global_batch_size, reference.depth_curriculum,
+                                reference.max_steps)
+        cfg.max_steps = steps_for_budget(cfg.model, cfg.global_batch_size, cfg.depth_curriculum, budget)
     return cfg
 
 
@@ -225,7 +226,7 @@ def _mini() -> RunConfig:
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `key=value` strings in place (dotted keys reach nested sections); every problem is a ConfigError
-    naming the setting (pipeline.settings)."""
+    naming the setting (pipeline.core.settings)."""
     settings.apply_settings(cfg, overrides)
     return cfg
 
@@ -307,14 +308,14 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
         raise ConfigError(f"{blame('global_batch_size', 'grad_accum_steps')}: global_batch_size="
                           f"{cfg.global_batch_size} does not divide into {world} process(es) × grad_accum_steps="
                           f"{cfg.grad_accum_steps}")
-    from pipeline.tracking import tracker_problem
+    from pipeline.core.tracking import tracker_problem
 
     problem = tracker_problem(cfg.log_with, installed=False)  # whether installed: checked where training starts
     if problem:
         raise ConfigError(f"{name('log_with')}: {problem}")
     if not cfg.log_project.strip() or cfg.log_project in (".", "..") or any(c in cfg.log_project for c in "/\\\0"):
         raise ConfigError(f"{name('log_project')}: {cfg.log_project!r} is not a folder name (RUN/tensorboard/PROJECT)")
-    from pipeline.canvas import parse_buckets
+    from pipeline.data.canvas import parse_buckets
 
     try:
         parse_buckets(cfg.data.canvas_buckets, cfg.data.canvas)
@@ -324,7 +325,7 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
         raise ConfigError(f"{name('data.canvas_buckets')}: buckets need attention (model.mlp_t's token MLP has one "
                           "sequence length)")
     if cfg.data.eval_set.startswith("dev:"):
-        from pipeline.splits import dev_every
+        from pipeline.data.splits import dev_every
 
         dev_every(cfg.data.eval_set)
 

@@ -3,23 +3,23 @@
 A run folder (`--out`, default `runs/PRESET`) collects every stage's artifacts:
   run.json · dataset/ (+ manifest.json) · config.json · checkpoints/step_N.pt · metrics.jsonl · predictions.npz ·
   submission.json (+ submission_report.json) · score.json + score_per_task.csv · report.html · export/
-and is one configuration: run.json (pipeline.runfolder) fixes its preset and dataset settings, and a command that
+and is one configuration: run.json (pipeline.cli.runfolder) fixes its preset and dataset settings, and a command that
 contradicts them, writes into a foreign folder, or trains over another run's checkpoints is refused.
 `--stage all` runs augment → train → predict → submit → score → report, skipping stages whose artifact is
 already there (`--force STAGE` redoes one and everything after it).
 
 A command goes in three steps, and changes nothing before the third:
-  1. read: the command line becomes a Request (pipeline.stages) and a RunConfig: the folder's preset and dataset
+  1. read: the command line becomes a Request (pipeline.cli.stages) and a RunConfig: the folder's preset and dataset
      settings, the run's own config.json when the command continues a training run (a setting given that differs
      is named, and refused where the run could not continue with it), then the flags and --set; every setting is
-     checked (pipeline.settings, pipeline.config.check_config);
+     checked (pipeline.core.settings, pipeline.config.check_config);
   2. take the folder: created if new, locked, and its run.json read again under the lock (a command that claimed
      the folder meanwhile is checked against, never overwritten);
   3. run the stages; each checks what it reads (the dataset, --init, the checkpoint) before it removes anything.
 Under torchrun / accelerate launch only rank 0 touches the folder; the others run train, predict and plan, and
 with `--stage all` wait for rank 0's dataset.
 
-Expected failures are `pipeline.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
+Expected failures are `pipeline.core.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
 Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -32,16 +32,18 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from pipeline import export, runfolder, settings
-from pipeline.collectives import close_process_group, is_main_process, job_barrier, world_size
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.cli import export, runfolder
+
+from pipeline.core import settings
+from pipeline.training.collectives import close_process_group, is_main_process, job_barrier, world_size
+from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
-from pipeline.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
-from pipeline.io import is_disk_full, read_json
-from pipeline.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
+from pipeline.core.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
+from pipeline.core.io import is_disk_full, read_json
+from pipeline.cli.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
                              stage_done)
-from pipeline.tracking import tracker_problem
+from pipeline.core.tracking import tracker_problem
 
 FORCE_THIS = "(this stage)"
 RUN_STAGES = ("predict", "submit", "score", "report", "export")  # after training: they use what training used
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
                    "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), or 'best' / "
                    "'best:FIGURE' = the evaluated checkpoint with the best held-out figure (ce_true by default; "
-                   "pipeline.choose)")
+                   "pipeline.cli.choose)")
     export.add_arguments(p)
     p.add_argument("--max-variants", type=int, help="predict: augmented views per test input")
     p.add_argument("--selector", help=f"submit: how candidates are ranked ({', '.join(get_args(Selector))})")
@@ -144,7 +146,7 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
         if not (data_dir / "manifest.json").is_file():
             raise InputFileError(data_dir, "no augmented dataset here (no manifest.json)", "--data")
     optional = lambda value: Path(value) if value else None  # noqa: E731
-    from pipeline.choose import is_best_spec
+    from pipeline.cli.choose import is_best_spec
 
     best = args.checkpoint if is_best_spec(args.checkpoint) else None
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
@@ -157,7 +159,7 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     """The dedicated flags as key=value settings (dataset flags only where a dataset is built)."""
-    from pipeline.data import escape_spec
+    from pipeline.data.tasks import escape_spec
 
     builds = args.stage in ("augment", "all")
     sources = None

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data import Task
-from pipeline.io import atomic_write_text
+from pipeline.data.tasks import Task
+from pipeline.core.io import atomic_write_text
 from submissions.curves import dashboard_html, read_metrics, read_rows  # noqa: F401 - read_metrics re-exported
 from submissions.score import ScoreReport, _as_grid, score_submission
 

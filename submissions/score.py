@@ -21,10 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data import Task
-from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.predictions import Predictions
-from pipeline.vote import SELECTORS, Selector, vote
+from pipeline.data.tasks import Task
+from pipeline.core.io import atomic_write_json, atomic_write_text
+from pipeline.inference.predictions import Predictions
+from pipeline.inference.vote import SELECTORS, Selector, vote
 from submissions.validate import ATTEMPT_KEYS, grid_problems
 from submissions.write import build_submission
 

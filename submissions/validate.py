@@ -10,9 +10,9 @@ import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.data import Task
-from pipeline.errors import InputFileError
-from pipeline.io import read_json
+from pipeline.data.tasks import Task
+from pipeline.core.errors import InputFileError
+from pipeline.core.io import read_json
 
 ATTEMPT_KEYS = ("attempt_1", "attempt_2")
 _SHORT = reprlib.Repr()  # a cell may be anything, e.g. a list nested 900 deep: show only a short head of it

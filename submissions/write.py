@@ -13,9 +13,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.data import Task
-from pipeline.io import atomic_write_text
-from pipeline.vote import Key, Ranked
+from pipeline.data.tasks import Task
+from pipeline.core.io import atomic_write_text
+from pipeline.inference.vote import Key, Ranked
 
 FALLBACKS = ("input",)
 

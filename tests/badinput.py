@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pipeline.run import cli
-from pipeline.runfolder import LOCK
+from pipeline.cli.runfolder import LOCK
 
 SMALL = ["--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6", "--set", "data.max_tasks=3",
          "--canvas", "6", "--num-aug", "2", "--quiet"]
@@ -88,7 +88,7 @@ def edit_checkpoint(ws: Ws, path: Path, edit: Callable[[dict], None], out: Path 
 def fake_disk_full(ws: Ws, after_bytes: int = 0, names: tuple[str, ...] = ()) -> None:
     """Every atomic write whose target name contains one of `names` (all, if empty) fails with ENOSPC after
     `after_bytes` bytes, as a full disk does."""
-    import pipeline.io as pio
+    import pipeline.core.io as pio
 
     real_fdopen, real_mkstemp = os.fdopen, pio.tempfile.mkstemp
     targets: dict[int, str] = {}
@@ -132,7 +132,7 @@ def submission_of(ws: Ws) -> dict:
 
 def truth_of(ws: Ws) -> tuple[str, list]:
     """A task id of the run's submission and its true first test output."""
-    from pipeline.data import load_solutions
+    from pipeline.data.tasks import load_solutions
 
     sols = load_solutions("arc-agi-1/evaluation")
     task_id = sorted(submission_of(ws))[0]
@@ -190,7 +190,7 @@ def run_case(case: Case, base_run: Path, tmp_path: Path, capsys, monkeypatch) ->
 def refingerprint(ws: Ws) -> None:
     """run.json made to agree with the dataset's files as they are now (as if augment had written them), so that a
     case reaches the reader of a broken dataset file rather than the "changed since augment" guard."""
-    from pipeline.checkpoint import dataset_fingerprint
+    from pipeline.training.checkpoint import dataset_fingerprint
 
     marker = json.loads((ws.run / "run.json").read_text())
     marker["dataset_fingerprint"] = dataset_fingerprint(ws.run / "dataset")

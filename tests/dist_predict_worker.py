@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.collectives import close_process_group
+from pipeline.training.collectives import close_process_group
 from pipeline.config import PredictConfig
-from pipeline.predict import predict_to_file
+from pipeline.inference.predict import predict_to_file
 
 data, checkpoint, out = sys.argv[1:4]
 cfg = PredictConfig(max_variants=4, batch_size=2, rescore_views=3, rescore_top_k=2)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.io import atomic_write_with
-from pipeline.optim import SignSGD
+from pipeline.core.io import atomic_write_with
+from pipeline.training.optim import SignSGD
 
 
 def make_problem(batch_size: int = 8, rows: int = 10, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

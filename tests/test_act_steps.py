@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model import TRM, ModelConfig
-from pipeline.predict import run_act_steps
+from pipeline.model.trm import TRM, ModelConfig
+from pipeline.inference.predict import run_act_steps
 
 
 class Scripted(torch.nn.Module):
@@ -66,7 +66,7 @@ def test_the_act_study_scores_what_predict_would_have_made(tmp_path):
 
     from augment.dataset import AugmentedDataset
     from pipeline.config import PredictConfig
-    from pipeline.predict import predict
+    from pipeline.inference.predict import predict
     from tiny import build_tiny_dataset
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -19,7 +19,7 @@ import torch
 from badinput import (GOOD_TASK, SMALL, Case, Ws, augment_new, edit_checkpoint, fake_disk_full, run_case,
                       submission_of, task_folder, truth_of)
 from pipeline.run import cli
-from pipeline.runfolder import RunLock
+from pipeline.cli.runfolder import RunLock
 from tiny import tiny_overrides
 
 
@@ -56,15 +56,15 @@ def fake_full_append(ws: Ws) -> None:
     """Appending to metrics.jsonl (a plain append, not an atomic write) fails as on a full disk."""
     import builtins
 
-    import pipeline.tracking
-    import pipeline.train
+    import pipeline.core.tracking
+    import pipeline.training.train
 
     def full_open(file, mode="r", *a, **kw):
         if "a" in mode:
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
         return builtins.open(file, mode, *a, **kw)
 
-    for module in (pipeline.train, pipeline.tracking):  # the rows are appended by pipeline.tracking.log_row
+    for module in (pipeline.training.train, pipeline.core.tracking):  # the rows are appended by pipeline.core.tracking.log_row
         ws.monkeypatch.setattr(module, "open", full_open, raising=False)
 
 
@@ -106,7 +106,7 @@ def bool_twin(grid: list) -> list:
 
 def with_a_one(ws: Ws) -> Path:
     """A submission whose attempt_1 is the truth with 1s written as booleans (a truth holding a 1 is chosen)."""
-    from pipeline.data import load_solutions
+    from pipeline.data.tasks import load_solutions
 
     sols = load_solutions("arc-agi-1/evaluation")
     sub = submission_of(ws)
@@ -458,7 +458,7 @@ def test_force_train_replaces_another_runs_checkpoints_and_predict_uses_the_new_
 
 
 def test_checkpoint_cleanup_never_removes_a_newer_step(tmp_path: Path):
-    from pipeline.checkpoint import list_checkpoints, save_training_state
+    from pipeline.training.checkpoint import list_checkpoints, save_training_state
 
     (tmp_path / "step_00000020.pt").write_bytes(b"someone else's")
     for step in (1, 2, 3):
@@ -486,7 +486,7 @@ def test_the_lock_is_per_process_and_gone_with_it(base_run: Path, tmp_path: Path
 
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.runfolder import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.cli.runfolder import RunLock; "
                                f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:

@@ -41,14 +41,14 @@ def init_of_something_else(ws: Ws) -> list[str]:
 
 
 def exported(ws: Ws, source, name: str = "exported") -> Path:
-    from pipeline.export import export_weights
+    from pipeline.cli.export import export_weights
 
     export_weights(source, ws.root / name, "mean")
     return ws.root / name
 
 
 def init_export_of_another_model(ws: Ws) -> list[str]:
-    """An exported folder (pipeline.export) whose metadata is sound but whose tensors fit no model here: only
+    """An exported folder (pipeline.cli.export) whose metadata is sound but whose tensors fit no model here: only
     the tensors tell, so they are checked before the old run goes."""
     def narrow(state: dict) -> None:
         for weights in (state["model"], state["ema"]["shadow"]):
@@ -73,7 +73,7 @@ def init_export_of_another_width(ws: Ws) -> list[str]:
 def export_again_on_a_full_disk(ws: Ws) -> list[str]:
     """An earlier export of the run, exported again (every puzzle row, where it had their mean) when the disk
     fills at config.json: the earlier export stays whole, never new weights beside the old config."""
-    from pipeline.export import export_weights
+    from pipeline.cli.export import export_weights
 
     export_weights(ws.latest, ws.run / "export", "mean")
     fake_disk_full(ws, 100, names=("config.json",))
@@ -169,8 +169,8 @@ def test_a_kill_in_the_middle_of_a_dataset_swap_keeps_the_dataset_run_json_descr
     next command (taking the lock) is left with the dataset run.json records."""
     import shutil
 
-    from pipeline.checkpoint import dataset_fingerprint
-    from pipeline.runfolder import NEW_DATASET, OLD_DATASET, RunLock
+    from pipeline.training.checkpoint import dataset_fingerprint
+    from pipeline.cli.runfolder import NEW_DATASET, OLD_DATASET, RunLock
 
     for moment in ("built", "renamed-old", "swapped"):
         run = tmp_path / moment

@@ -61,7 +61,7 @@ def rebuilt(ws: Ws) -> None:
 
 
 def recorded_choice(ws: Ws) -> dict | None:
-    from pipeline.predictions import Predictions
+    from pipeline.inference.predictions import Predictions
 
     text = Predictions.load(ws.run / "predictions.npz").checkpoint_choice
     return None if text is None else json.loads(text)
@@ -75,7 +75,7 @@ def score_says_choice(ws: Ws, out: str, err: str) -> None:
 
 
 def broken_choice_in_predictions(ws: Ws) -> list[str]:
-    from pipeline.predictions import Predictions
+    from pipeline.inference.predictions import Predictions
 
     chose_best(ws)
     predictions = Predictions.load(ws.run / "predictions.npz")
@@ -108,7 +108,7 @@ def export_after_a_killed_first_export(ws: Ws) -> list[str]:
 
 
 def export_over_an_earlier_one_with_a_temp_file(ws: Ws) -> list[str]:
-    from pipeline.export import export_weights
+    from pipeline.cli.export import export_weights
 
     export_weights(ws.latest, ws.run / "export", "mean")
     (ws.run / "export" / ".model.safetensors.k1ll3d.tmp").write_bytes(b"\0" * 1000)
@@ -144,7 +144,7 @@ def resume_with(key: str, value: str, run_value: str | None = None) -> Callable[
 
 def export_with_config(edit: Callable[[dict], dict]) -> Callable[[Ws], Path]:
     def make(ws: Ws) -> Path:
-        from pipeline.export import export_weights
+        from pipeline.cli.export import export_weights
 
         folder = ws.root / "exported"
         export_weights(ws.latest, folder, "mean")

@@ -107,7 +107,7 @@ def evaluated_weights_after_rebuild(ws: Ws) -> list[str]:
 
 
 def predictions_of_other_tasks(ws: Ws) -> list[str]:
-    from pipeline.predictions import PredictionsWriter
+    from pipeline.inference.predictions import PredictionsWriter
 
     writer = PredictionsWriter(["zzzzzzzz"])
     writer.add("zzzzzzzz", 0, 0, 0.5, [np.ones((2, 2), np.uint8)])

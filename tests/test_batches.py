@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from augment.dataset import build_dataset
-from pipeline.batches import TrainSampler, iter_test_batches
-from pipeline.data import Task
-from pipeline.encoding import IGNORE_LABEL, PAD, decode_grid
+from pipeline.training.batches import TrainSampler, iter_test_batches
+from pipeline.data.tasks import Task
+from pipeline.data.encoding import IGNORE_LABEL, PAD, decode_grid
 
 CANVAS = 8
 

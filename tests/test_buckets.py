@@ -1,4 +1,4 @@
-"""Canvas buckets (pipeline.canvas): a bucket is the canvas's top-left corner with every cell at its canvas position,
+"""Canvas buckets (pipeline.data.canvas): a bucket is the canvas's top-left corner with every cell at its canvas position,
 so a model computes on a bucket exactly what it computes on the whole canvas when attention is kept off the cells
 outside the bucket; the rules that choose a bucket; encoding on a bucket."""
 from __future__ import annotations
@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from augment.dataset import build_dataset
-from pipeline.canvas import output_bound, parse_buckets, side_for, translation_room
+from pipeline.data.canvas import output_bound, parse_buckets, side_for, translation_room
 from pipeline.config import PredictConfig
-from pipeline.data import Task
-from pipeline.encoding import IGNORE_LABEL, PAD, encode_many
-from pipeline.model import TRM, ModelConfig, act_loss, grid_positions
-from pipeline.predict import predict
-from pipeline.predictions import Predictions, PredictionsWriter
-from pipeline.rescore import rescore
+from pipeline.data.tasks import Task
+from pipeline.data.encoding import IGNORE_LABEL, PAD, encode_many
+from pipeline.model.trm import TRM, ModelConfig, act_loss, grid_positions
+from pipeline.inference.predict import predict
+from pipeline.inference.predictions import Predictions, PredictionsWriter
+from pipeline.inference.rescore import rescore
 
 CANVAS, SIDE, P = 6, 4, 2
 
@@ -254,7 +254,7 @@ def test_a_candidate_as_large_as_its_bucket_is_scored_without_the_eos_edge_beyon
 def test_prediction_and_rescoring_on_buckets_shard_over_two_processes_as_one(mixed_dataset, monkeypatch):
     """Each rank's share of the views (mixing both buckets) joined, and the re-scoring sums of both ranks added
     (the all-reduce played in-process), give what one process gives."""
-    import pipeline.rescore as rescore_module
+    import pipeline.inference.rescore as rescore_module
 
     ds, model, buckets = mixed_dataset, predict_model(mixed_dataset), (SMALL, PREDICT_CANVAS)
     cfg = PredictConfig(max_variants=0, batch_size=3)
@@ -279,7 +279,7 @@ def test_prediction_and_rescoring_on_buckets_shard_over_two_processes_as_one(mix
 # -- the training stream on buckets ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("translation", ["reference", "per_draw"])
 def test_the_stream_is_the_same_with_buckets_only_placed_inside_them(mixed_dataset, translation):
-    from pipeline.batches import TrainSampler
+    from pipeline.training.batches import TrainSampler
 
     buckets = (SMALL, 6, PREDICT_CANVAS)
     kw = dict(seed=3, sampling="groups", translation=translation, batch_size=4)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.choose import choose_checkpoint, from_text, output_keys, scored_choice, to_text
-from pipeline.errors import ConfigError, RunFolderError
+from pipeline.cli.choose import choose_checkpoint, from_text, output_keys, scored_choice, to_text
+from pipeline.core.errors import ConfigError, RunFolderError
 
 
 def _evaluated(out: Path, rows: dict[int, dict]) -> None:

@@ -46,7 +46,7 @@ def test_augment_reports_bad_tasks_and_strict_stops(tmp_path: Path):
                  "--quiet"]) == 0
     skipped = json.loads((out / "dataset" / "manifest.json").read_text())["skipped"]
     assert len(skipped) == 1 and skipped[0]["task_id"] == "bad"
-    from pipeline.data import TaskError
+    from pipeline.data.tasks import TaskError
 
     with pytest.raises(TaskError, match="bad"):
         main(["--stage", "augment", "--preset", "demo", "--out", str(tmp_path / "strict"), "--data", str(folder),
@@ -143,7 +143,7 @@ def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
 def test_a_folder_claimed_while_a_command_starts_is_checked_not_overwritten(tmp_path: Path, monkeypatch, capsys):
     """The marker race: run.json is read before the lock and again under it; a command that claimed the folder in
     between (another preset) makes this one stop with the conflict, its marker untouched."""
-    from pipeline import runfolder
+    from pipeline.cli import runfolder
     from pipeline.run import cli
 
     out = tmp_path / "run"
@@ -181,8 +181,8 @@ def test_force_augment_under_torchrun_trains_every_rank_on_the_new_dataset(base_
     import shutil
 
     from augment.dataset import AugmentedDataset
-    from pipeline.checkpoint import dataset_fingerprint, latest_checkpoint
-    from pipeline.predictions import Predictions
+    from pipeline.training.checkpoint import dataset_fingerprint, latest_checkpoint
+    from pipeline.inference.predictions import Predictions
 
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -230,7 +230,7 @@ def test_whole_chain_on_canvas_buckets_and_its_checkpoint_on_the_full_canvas(tmp
     """`--set data.canvas_buckets` reaches training, its evaluations, prediction and re-scoring; the weights it
     trains predict on the full canvas too (one set of weights for every bucket)."""
     from augment.dataset import AugmentedDataset
-    from pipeline.predictions import Predictions
+    from pipeline.inference.predictions import Predictions
 
     args = ["--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4, eval_every=2),
             "--set", "predict.max_variants=3", "--set", "data.canvas_buckets=3,4,5"]

@@ -1,4 +1,4 @@
-"""The depth curriculum and the FLOPs plan (pipeline.compute), and the trainer's own count of its FLOPs."""
+"""The depth curriculum and the FLOPs plan (pipeline.training.compute), and the trainer's own count of its FLOPs."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compute import depth_at, run_flops, steps_for_flops
+from pipeline.model.flops import depth_at
+from pipeline.training.compute import run_flops, steps_for_flops
 from pipeline.config import preset
-from pipeline.model import ModelConfig, model_flops_per_row_step
+from pipeline.model.flops import model_flops_per_row_step
+from pipeline.model.trm import ModelConfig
 from tiny import build_tiny_dataset, tiny_config
 
 
@@ -39,7 +41,7 @@ def test_run_flops_sums_the_steps_and_a_budget_buys_the_fewest_steps_that_reach_
 
 
 def test_the_trainer_counts_its_flops_and_a_budget_sets_its_steps(tmp_path: Path):
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     data = build_tiny_dataset(tmp_path / "data", num_tasks=3, num_aug=1)
     cfg = tiny_config(max_steps=0, log_every=1, depth_curriculum=0.5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import (
+from pipeline.data.tasks import (
     BUILTIN_SETS,
     LoadResult,
     SkippedTask,

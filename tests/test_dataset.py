@@ -12,9 +12,9 @@ from augment.dataset import (
     build_dataset,
 )
 from augment.transforms import Augmentation
-from pipeline.data import Task, load_tasks
-from pipeline.encoding import encode_pair
-from pipeline.errors import InputFileError
+from pipeline.data.tasks import Task, load_tasks
+from pipeline.data.encoding import encode_pair
+from pipeline.core.errors import InputFileError
 
 G = lambda rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 

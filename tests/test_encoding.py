@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from augment.transforms import DIHEDRAL_SWAPS_AXES, dihedral
-from pipeline.encoding import (
+from pipeline.data.encoding import (
     EOS,
     IGNORE_LABEL,
     PAD,

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint as ckpt
-from pipeline.export import export_weights
-from pipeline.model import TRM, ModelConfig
+from pipeline.training import checkpoint as ckpt
+from pipeline.cli.export import export_weights
+from pipeline.model.trm import TRM, ModelConfig
 from pipeline.run import cli, main
 from tiny import build_tiny_dataset, tiny_config, tiny_overrides
 
@@ -84,7 +84,7 @@ def test_export_predicts_exactly_like_its_checkpoint(run):
 def test_fine_tuning_from_an_export_is_fine_tuning_from_its_checkpoint(run, new_puzzles, tmp_path):
     from augment.dataset import AugmentedDataset
     from pipeline.config import PredictConfig
-    from pipeline.predict import predict
+    from pipeline.inference.predict import predict
 
     checkpoint = ckpt.latest_checkpoint(run / "checkpoints")
     mean = export_weights(checkpoint, tmp_path / "mean", puzzle_rows="mean", dataset_dir=run / "dataset")

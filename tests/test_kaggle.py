@@ -27,12 +27,12 @@ from pipeline import kaggle_driver as ke
 from pipeline.kaggle_driver import faults, retry
 from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_dataset
 from pipeline.kaggle_driver.stages import config_overrides
-from pipeline.checkpoint import init_from_checkpoint, load_training_state, to_reference_state_dict
+from pipeline.training.checkpoint import init_from_checkpoint, load_training_state, to_reference_state_dict
 from pipeline.config import apply_overrides, preset, to_dict
-from pipeline.data import load_tasks, select_tasks
-from pipeline.model import TRM, ModelConfig
-from pipeline.predictions import Predictions
-from pipeline.train import train
+from pipeline.data.tasks import load_tasks, select_tasks
+from pipeline.model.trm import TRM, ModelConfig
+from pipeline.inference.predictions import Predictions
+from pipeline.training.train import train
 from submissions.validate import validate_submission
 from tiny import CANVAS, build_tiny_dataset, tiny_config
 

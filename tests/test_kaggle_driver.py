@@ -20,8 +20,8 @@ from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
 from pipeline.kaggle_driver.processes import is_running
 from pipeline.kaggle_driver.state import Outcome, RunState
-from pipeline.predictions import Predictions
-from pipeline.train import train
+from pipeline.inference.predictions import Predictions
+from pipeline.training.train import train
 from tiny import CANVAS, build_tiny_dataset, tiny_config
 
 WORKER = Path(__file__).parent / "stubborn_worker.py"
@@ -180,7 +180,7 @@ def pretrained(tmp_path_factory) -> Path:
 def test_a_rehearsal_with_relative_paths(tmp_path, monkeypatch, pretrained):
     """Every path given relative to the notebook's folder, while the children run inside the run folder: the
     settings make them absolute, so fine-tuning (--init) and prediction find their files."""
-    from pipeline.data import load_tasks, select_tasks
+    from pipeline.data.tasks import load_tasks, select_tasks
 
     monkeypatch.chdir(tmp_path)
     tasks = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:2]

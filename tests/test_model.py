@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.training.checkpoint import (
     from_reference_state_dict,
     load_reference_state_dict,
     strip_reference_prefix,
@@ -13,7 +13,7 @@ from pipeline.checkpoint import (
 )
 import torch.nn.functional as F
 
-from pipeline.model import TRM, ModelConfig, act_loss, dense_params_without_gradient, swiglu_width
+from pipeline.model.trm import TRM, ModelConfig, act_loss, dense_params_without_gradient, swiglu_width
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -403,7 +403,7 @@ def test_reference_checkpoint_with_another_puzzle_table_size():
 
 
 def test_grid_convolution_starts_as_the_plain_model_and_leaves_puzzle_positions_alone():
-    from pipeline.model import model_flops_per_row_step
+    from pipeline.model.flops import flops_at_depth, model_flops_per_row_step
 
     torch.manual_seed(0)
     plain = TRM(tiny_config())
@@ -436,7 +436,7 @@ def test_grid_convolution_starts_as_the_plain_model_and_leaves_puzzle_positions_
 
 
 def test_cycles_override_runs_a_shallower_model_and_counts_its_flops():
-    from pipeline.model import model_flops_per_row_step
+    from pipeline.model.flops import flops_at_depth, model_flops_per_row_step
 
     torch.manual_seed(0)
     deep = TRM(tiny_config())
@@ -448,8 +448,8 @@ def test_cycles_override_runs_a_shallower_model_and_counts_its_flops():
     with torch.no_grad():
         a, b = (m(m.initial_carry(batch), batch)[1]["logits"] for m in (deep, shallow))
     torch.testing.assert_close(a, b)
-    assert deep.flops_per_row_step() == model_flops_per_row_step(shallow.config)
+    assert flops_at_depth(deep.config, deep.cycles) == model_flops_per_row_step(shallow.config)
     deep.cycles = None
-    assert deep.flops_per_row_step(seq_len=9) == model_flops_per_row_step(deep.config, 9) < model_flops_per_row_step(deep.config)
+    assert flops_at_depth(deep.config, deep.cycles, 9) == model_flops_per_row_step(deep.config, 9) < model_flops_per_row_step(deep.config)
     forward = model_flops_per_row_step(deep.config, backward=False)
     assert 0 < forward < model_flops_per_row_step(deep.config)

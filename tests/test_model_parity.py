@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.training.checkpoint import (
     config_from_reference,
     from_reference_state_dict,
     load_reference_state_dict,
     to_reference_state_dict,
 )
-from pipeline.model import TRM, ModelConfig, act_loss
+from pipeline.model.trm import TRM, ModelConfig, act_loss
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.optim import EMA, AdamAtan2, SignSGD, build_dense_optimizer, lr_at, sign_sgd_update_
+from pipeline.training.optim import EMA, AdamAtan2, SignSGD, build_dense_optimizer, lr_at, sign_sgd_update_
 
 LR, BETA1, BETA2, WD = 0.01, 0.9, 0.95, 0.1
 
@@ -350,8 +350,8 @@ def test_lr_schedule_values():
 
 
 def test_muon_takes_the_block_matrices_and_adam_atan2_the_rest(monkeypatch):
-    from pipeline.model import TRM, ModelConfig
-    from pipeline.muon import MuonWithAdamAtan2, muon_matrices
+    from pipeline.model.trm import TRM, ModelConfig
+    from pipeline.training.muon import MuonWithAdamAtan2, muon_matrices
 
     model = TRM(ModelConfig(vocab_size=12, seq_len=16, hidden_size=32, num_heads=2, H_cycles=1, L_cycles=1,
                             halt_max_steps=2, puzzle_emb_len=1, puzzle_emb_ndim=32, num_puzzle_identifiers=3))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.optim import SignSGD
+from pipeline.training.optim import SignSGD
 from tiny import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import PAPER_BUCKETS, apply_overrides, preset
-from pipeline.plan import make_plan, model_flops_per_row_step
+from pipeline.cli.plan import make_plan
+from pipeline.model.flops import model_flops_per_row_step
 from pipeline.run import main
 from tiny import build_tiny_dataset, tiny_config
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.predictions import Predictions, PredictionsError, PredictionsWriter
+from pipeline.inference.predictions import Predictions, PredictionsError, PredictionsWriter
 
 
 def _grid(h, w, seed):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.run import main
 from tiny import tiny_overrides
 
@@ -69,7 +69,7 @@ def runs(tmp_path: Path) -> dict[str, Path]:
 
 def _challenges(path: Path) -> Path:
     """A small Kaggle challenges file (two 6×6-sized ARC-AGI-1 evaluation tasks, test outputs unknown)."""
-    from pipeline.data import load_tasks, select_tasks
+    from pipeline.data.tasks import load_tasks, select_tasks
 
     tasks = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=6)[-2:]
     as_json = lambda g: g.tolist()  # noqa: E731

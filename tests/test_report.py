@@ -3,7 +3,7 @@ import re
 
 import numpy as np
 
-from pipeline.data import Task
+from pipeline.data.tasks import Task
 from submissions.report import PALETTE, grid_svg, read_metrics, write_report
 from submissions.score import score_submission
 

@@ -1,4 +1,4 @@
-"""Likelihood re-scoring (pipeline.rescore) and the selectors that read its scores (pipeline.vote)."""
+"""Likelihood re-scoring (pipeline.inference.rescore) and the selectors that read its scores (pipeline.inference.vote)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +12,13 @@ from torch import nn
 
 from augment.dataset import AugmentedDataset
 from pipeline.config import PredictConfig
-from pipeline.encoding import VOCAB_SIZE, encode_labels, encode_many, label_cells
-from pipeline.errors import ConfigError
-from pipeline.model import log_stablemax
-from pipeline.predictions import Predictions, PredictionsWriter
-from pipeline.predict import check_rescore_settings
-from pipeline.rescore import candidate_logp, rescore, top_groups
-from pipeline.vote import (SELECTORS, group_candidates, likelihood, likelihood_cell_vote, likelihood_vote,
+from pipeline.data.encoding import VOCAB_SIZE, encode_labels, encode_many, label_cells
+from pipeline.core.errors import ConfigError
+from pipeline.model.trm import log_stablemax
+from pipeline.inference.predictions import Predictions, PredictionsWriter
+from pipeline.inference.predict import check_rescore_settings
+from pipeline.inference.rescore import candidate_logp, rescore, top_groups
+from pipeline.inference.vote import (SELECTORS, group_candidates, likelihood, likelihood_cell_vote, likelihood_vote,
                            scored_cells, vote)
 from tiny import build_tiny_dataset
 
@@ -101,7 +101,7 @@ def test_top_groups_follow_vote_order():
     p = writer.finish()
     best = top_groups(p, 2)[(0, 0)]
     assert len(best) == 2
-    from pipeline.vote import group_candidates
+    from pipeline.inference.vote import group_candidates
 
     groups = group_candidates(p)
     assert [int(groups.votes[g]) for g in best] == [3, 2]
@@ -136,7 +136,7 @@ def test_per_cell_likelihood_removes_the_small_grid_bias():
     writer.add("t", 0, 1, 0.5, [big])
     p = writer.finish()
     p.logp = np.array([-3.0, -7.5], np.float32)  # per cell: -3 / 3 = -1.0 against -7.5 / 15 = -0.5
-    from pipeline.vote import likelihood_cell
+    from pipeline.inference.vote import likelihood_cell
 
     assert np.array_equal(likelihood(p)[("t", 0)][0].grid, small)
     assert np.array_equal(likelihood_cell(p)[("t", 0)][0].grid, big)
@@ -144,8 +144,8 @@ def test_per_cell_likelihood_removes_the_small_grid_bias():
 
 
 def test_a_failed_rescoring_keeps_the_candidates(tmp_path: Path, monkeypatch):
-    import pipeline.predict as predict_module
-    from pipeline.train import train
+    import pipeline.inference.predict as predict_module
+    from pipeline.training.train import train
     from tiny import tiny_config
 
     data = build_tiny_dataset(tmp_path / "data")
@@ -165,8 +165,8 @@ def test_a_failed_rescoring_keeps_the_candidates(tmp_path: Path, monkeypatch):
 def test_truth_scores_are_the_rescoring_of_the_true_answer(dataset):
     """ce_true is the mean over views of −(the likelihood score of the true answer) per label cell; the shares of
     two processes merge to the figure of one; accuracy counts the label cells the argmax gets right."""
-    from pipeline.encoding import encode_labels
-    from pipeline.rescore import merge_truth_scores, truth_scores, view_logprobs
+    from pipeline.data.encoding import encode_labels
+    from pipeline.inference.rescore import merge_truth_scores, truth_scores, view_logprobs
 
     model = CopyModel()
     whole = truth_scores(model, dataset, views=3)
@@ -225,7 +225,7 @@ def test_thirty_wide_grids_are_counted_without_an_eos_column():
 @given(scores=st.lists(st.floats(-500, 0), min_size=2, max_size=6), votes=st.lists(st.integers(1, 50), min_size=6,
                                                                                    max_size=6))
 def test_the_vote_prior_weighs_the_same_per_cell_as_per_grid(scores, votes):
-    """The rule of pipeline.vote: (log p + log votes) / cells. With equal cell counts the per-cell selector must
+    """The rule of pipeline.inference.vote: (log p + log votes) / cells. With equal cell counts the per-cell selector must
     then rank exactly as likelihood_vote (dividing only log p would let the prior swamp a per-cell mean)."""
     writer = PredictionsWriter()
     for k, v in enumerate(votes[:len(scores)]):

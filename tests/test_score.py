@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data import Task
-from pipeline.predictions import PredictionsWriter
+from pipeline.data.tasks import Task
+from pipeline.inference.predictions import PredictionsWriter
 from submissions.score import compare_selectors, format_score, score_submission, write_score
 from submissions.write import build_submission
 
@@ -87,7 +87,7 @@ def _predictions():
 def test_oracle_and_truth_ranks():
     p = _predictions()
     tasks = [Task(t, [], [np.zeros((1, 1), np.uint8)] * len(gs), None, "x") for t, gs in RIGHT.items()]
-    from pipeline.vote import vote
+    from pipeline.inference.vote import vote
 
     submission, _ = build_submission(tasks, vote(p))
     r = score_submission(submission, RIGHT, p)

@@ -1,4 +1,4 @@
-"""Settings from outside (pipeline.settings) and what a valid config is (pipeline.config): the tables agree with the
+"""Settings from outside (pipeline.core.settings) and what a valid config is (pipeline.config): the tables agree with the
 code that uses them, every preset is valid, and every way a value can be wrong is named."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import typing
 
 import pytest
 
-from pipeline import settings
+from pipeline.core import settings
 from pipeline.config import LIMITS, PRESETS, RunConfig, check_config, from_dict, preset, to_dict
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 def test_the_choices_declared_beside_the_fields_are_the_ones_implemented():
-    from pipeline.optim import build_dense_optimizer
-    from pipeline.vote import SELECTORS
+    from pipeline.training.optim import build_dense_optimizer
+    from pipeline.inference.vote import SELECTORS
 
     hints = settings.field_hints(RunConfig)
     predict_hints = settings.field_hints(type(RunConfig().predict))

@@ -1,4 +1,4 @@
-"""The dev split (pipeline.splits) and the `mini` preset that holds it out."""
+"""The dev split (pipeline.data.splits) and the `mini` preset that holds it out."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 
 from augment.dataset import AugmentedDataset
 from pipeline.config import preset
-from pipeline.data import load_tasks, select_tasks
+from pipeline.data.tasks import load_tasks, select_tasks
 from pipeline.run import main
-from pipeline.splits import dev_every, dev_split_ids, held_out_ids
+from pipeline.data.splits import dev_every, dev_split_ids, held_out_ids
 from tiny import tiny_overrides
 
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.rescore as rescore_module
-from pipeline import checkpoint as ckpt
+import pipeline.inference.rescore as rescore_module
+from pipeline.training import checkpoint as ckpt
 from pipeline.config import PredictConfig
 from pipeline.kaggle_driver import launch_command, run_child
 from pipeline.kaggle_driver.processes import is_running
-from pipeline.model import TRM
-from pipeline.predict import predict_to_file
-from pipeline.predictions import Predictions
-from pipeline.signals import Stopped
-from pipeline.train import train
+from pipeline.model.trm import TRM
+from pipeline.inference.predict import predict_to_file
+from pipeline.inference.predictions import Predictions
+from pipeline.core.signals import Stopped
+from pipeline.training.train import train
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +91,9 @@ def _sigterm_at_call(monkeypatch, target, name: str, call: int) -> list[int]:
 def test_sigterm_during_an_evaluation_ends_it_at_the_next_batch_and_saves(data, tmp_path, monkeypatch):
     """A stop request during evaluation (minutes at the paper's size) ends it after the batch in progress: no
     evaluation row or evaluated weights from a partial evaluation, a checkpoint to resume from, then Stopped."""
-    import pipeline.predict as predict_module
+    import pipeline.inference.predict as predict_module
     from augment.dataset import AugmentedDataset
-    from pipeline.evaluate import HeldOutEvaluator
+    from pipeline.cli.evaluate import HeldOutEvaluator
 
     real = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data), views=4, batch_size=2)
     batches = _sigterm_at_call(monkeypatch, predict_module, "_predict_batch", 1)
@@ -187,7 +187,7 @@ def test_rescoring_sharded_over_two_processes_scores_as_one_process(data, traine
 def paper_canvas_data(tmp_path_factory) -> Path:
     """Two ARC-AGI-1 tasks on the paper's 30x30 canvas (one held out), one augmentation each."""
     from augment.dataset import build_dataset
-    from pipeline.data import load_tasks
+    from pipeline.data.tasks import load_tasks
 
     tasks = load_tasks("arc-agi-1/training").tasks[:1] + load_tasks("arc-agi-1/evaluation").tasks[:1]
     out = tmp_path_factory.mktemp("paper") / "data"
@@ -195,7 +195,7 @@ def paper_canvas_data(tmp_path_factory) -> Path:
     return out
 
 
-# The paper model's shapes (pipeline.model.ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle-embedding
+# The paper model's shapes (pipeline.model.trm.ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle-embedding
 # positions of 512, the 30x30 canvas) at its recursion's least depth (the same tensors, 1 cycle each, so that a
 # step is seconds on a CPU) and the smallest global batch over 2 processes.
 PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "global_batch_size=2",

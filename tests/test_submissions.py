@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data import Task
-from pipeline.vote import Ranked
+from pipeline.data.tasks import Task
+from pipeline.inference.vote import Ranked
 from submissions.validate import validate_submission, validate_submission_file
 from submissions.write import build_submission, fallback_submission, write_submission
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.tracking import flat_hyperparameters, tracker_names, tracker_values
+from pipeline.core.errors import ConfigError
+from pipeline.core.tracking import flat_hyperparameters, tracker_names, tracker_values
 from tiny import build_tiny_dataset, tiny_config
 
 
@@ -20,8 +20,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def _train_with(log_with: str, data: Path, out: Path, **settings) -> list[dict]:
     """A tiny run with held-out evaluations; its metrics.jsonl rows."""
     from augment.dataset import AugmentedDataset
-    from pipeline.evaluate import HeldOutEvaluator
-    from pipeline.train import train
+    from pipeline.cli.evaluate import HeldOutEvaluator
+    from pipeline.training.train import train
 
     cfg = tiny_config(log_with=log_with, max_steps=6, eval_every=3, eval_views=2, **settings)
     evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data), cfg.eval_views)

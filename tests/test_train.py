@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline.model import TRM
+from pipeline.training import checkpoint as ckpt
+from pipeline.model.trm import TRM
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
 
 
 def test_train_runs_logs_and_keeps_checkpoints(tiny_data: Path, tmp_path: Path):
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     last = train(tiny_config(), tiny_data, tmp_path, progress=False)
     assert last == tmp_path / "checkpoints" / "step_00000012.pt"
@@ -132,7 +132,7 @@ def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str):
 
 def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path: Path):
     from augment.dataset import AugmentedDataset
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     base = train(tiny_config(max_steps=4), tiny_data, tmp_path / "base", progress=False)
     other = build_tiny_dataset(tmp_path / "other", num_tasks=3, num_aug=2, offset=6)
@@ -156,7 +156,7 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
 
 
 def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
-    from pipeline.checkpoint import config_from_reference
+    from pipeline.training.checkpoint import config_from_reference
 
     cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
     cfg.num_puzzle_identifiers = 25  # a new dataset with other puzzles than the checkpoint's 10 rows
@@ -170,7 +170,7 @@ def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
-    import pipeline.train as train_mod
+    import pipeline.training.train as train_mod
 
     real = train_mod.act_loss
     calls = {"n": 0}
@@ -192,7 +192,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Pat
 def test_gradient_accumulation_matches_one_pass(tiny_data: Path, tmp_path: Path):
     """Two micro-batches of 4 rows = one pass of 8 rows (while every row halts at the same step, the refill
     order is the same too)."""
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     a = ckpt.load_training_state(train(tiny_config(max_steps=4), tiny_data, tmp_path / "one", progress=False))
     b = ckpt.load_training_state(
@@ -203,8 +203,8 @@ def test_gradient_accumulation_matches_one_pass(tiny_data: Path, tmp_path: Path)
 
 def test_evaluation_during_training_logs_and_keeps_weights(tiny_data: Path, tmp_path: Path):
     from augment.dataset import AugmentedDataset
-    from pipeline.evaluate import HeldOutEvaluator
-    from pipeline.train import train
+    from pipeline.cli.evaluate import HeldOutEvaluator
+    from pipeline.training.train import train
 
     cfg = tiny_config(eval_every=4, eval_views=2, keep_checkpoints=1)
     evaluator = HeldOutEvaluator.for_dataset(AugmentedDataset.load(tiny_data), cfg.eval_views)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pipeline.train as train_module
+import pipeline.training.train as train_module
 from augment.dataset import AugmentedDataset
-from pipeline import checkpoint as ckpt
-from pipeline.batches import TrainSampler
-from pipeline.train import (LoopChecks, Refill, Runtime, blank_carries, build_state,
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.batches import TrainSampler
+from pipeline.training.train import (LoopChecks, Refill, Runtime, blank_carries, build_state,
                             make_runtime, train, train_step)
 from tiny import build_tiny_dataset, tiny_config
 

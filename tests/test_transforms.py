@@ -10,7 +10,7 @@ from augment.transforms import (
     dihedral,
     transformed_shape,
 )
-from pipeline.data import Task
+from pipeline.data.tasks import Task
 
 
 @st.composite

@@ -1,7 +1,7 @@
 import numpy as np
 
-from pipeline.predictions import PredictionsWriter
-from pipeline.vote import SELECTORS, group_candidates, max_q, q_weighted, vote
+from pipeline.inference.predictions import PredictionsWriter
+from pipeline.inference.vote import SELECTORS, group_candidates, max_q, q_weighted, vote
 
 A = np.array([[1, 2], [3, 4]], np.uint8)
 B = np.array([[1, 2], [3, 5]], np.uint8)

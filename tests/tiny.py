@@ -6,7 +6,7 @@ from pathlib import Path
 
 from augment.dataset import build_dataset
 from pipeline.config import RunConfig, apply_overrides, preset
-from pipeline.data import load_tasks, select_tasks
+from pipeline.data.tasks import load_tasks, select_tasks
 
 CANVAS = 6
 

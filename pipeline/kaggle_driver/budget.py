@@ -9,7 +9,7 @@ cost, so that windows add up to the budget:
               final save)         own budget)     timeout -> SIGKILL)    drains its output)
 
 The child is told `work` as its time budget and is sent SIGTERM at `stage_overhead_s + work` (it then saves what
-it has: pipeline.signals); SIGKILL follows `kill_grace_s` later, and the driver waits at most READER_JOIN_S
+it has: pipeline.core.signals); SIGKILL follows `kill_grace_s` later, and the driver waits at most READER_JOIN_S
 for its output. So a stage ends inside its window even when the child hangs, and the next stage's window is
 never eaten into.
 """
@@ -75,10 +75,10 @@ def stage_cost(s: KaggleSettings) -> float:
 
 
 def stop_grace_s(s: KaggleSettings, save_bytes: float, write_bytes_per_s: float) -> float:
-    """The kill grace a child stage needs: SIGTERM reaches every process within one step (pipeline.train), which
+    """The kill grace a child stage needs: SIGTERM reaches every process within one step (pipeline.training.train), which
     then saves a checkpoint without the carry and exits; SIGKILL must come later than that. `kill_grace_s` is
     the allowance for the step in progress and the exit, the save's time comes from its size (`save_bytes`,
-    pipeline.checkpoint.stop_checkpoint_bytes) at the disk's measured rate, with a margin (SAVE_SAFETY)."""
+    pipeline.training.checkpoint.stop_checkpoint_bytes) at the disk's measured rate, with a margin (SAVE_SAFETY)."""
     return s.kill_grace_s + SAVE_SAFETY * save_bytes / max(write_bytes_per_s, 1.0)
 
 

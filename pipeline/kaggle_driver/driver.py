@@ -8,7 +8,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from pipeline.io import atomic_write_json
+from pipeline.core.io import atomic_write_json
 from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import prediction, stages
 from pipeline.kaggle_driver.budget import PlanMode, TimePlan, deadline, plan_time, remaining_s

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.data import Task
+from pipeline.data.tasks import Task
 from pipeline.kaggle_driver.settings import ENV
 from submissions.validate import grid_problems, validate_submission
 from submissions.write import write_submission

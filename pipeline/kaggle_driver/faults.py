@@ -41,7 +41,7 @@ def install_faults(faults: Mapping[str, int]) -> None:
     """Wrap TRM.forward in this process so that it fails as `faults` (one stage's part of parse_faults) says."""
     import torch
 
-    from pipeline.model import TRM
+    from pipeline.model.trm import TRM
 
     original = TRM.forward
     calls = 0

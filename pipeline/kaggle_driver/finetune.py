@@ -15,7 +15,7 @@ from pipeline.kaggle_driver.state import RunState, StageResult
 
 
 def finetune(st: RunState) -> StageResult:
-    from pipeline.checkpoint import checkpoint_step, latest_checkpoint
+    from pipeline.training.checkpoint import checkpoint_step, latest_checkpoint
 
     if not st.dataset_ready:
         return StageResult.skipped("no dataset")

@@ -21,7 +21,7 @@ def collect_partial(run_dir: Path):
     """The candidates a failed prediction child left, joined: each process's partial file, or its finished
     shard (several processes: a rank that got through its share saved it whole); None if none. The files are
     removed (a later attempt starts clean)."""
-    from pipeline.predictions import Predictions, PredictionsError
+    from pipeline.inference.predictions import Predictions, PredictionsError
 
     parts = []
     found = set(run_dir.glob("predictions*.partial.npz")) | set(run_dir.glob("predictions.rank*.npz"))
@@ -36,7 +36,7 @@ def collect_partial(run_dir: Path):
 
 def _checkpoint(st: RunState) -> tuple[str, Path]:
     """(which, path): the fine-tuned checkpoint if there is one, else the pretrained one for this dataset."""
-    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.training.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(st.run_dir / "checkpoints")
     if last is not None:

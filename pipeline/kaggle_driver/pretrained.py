@@ -49,8 +49,8 @@ def load_arch_config(path: Path) -> dict[str, Any]:
 def checkpoint_model_config(path: str | os.PathLike, arch_config: str | os.PathLike | None = None):
     """(ModelConfig, "ours" | "reference") of a pretrained checkpoint: ours carry their run config; a reference
     state dict needs `arch_config`."""
-    from pipeline.checkpoint import REFERENCE_PREFIXES, config_from_reference
-    from pipeline.model import ModelConfig
+    from pipeline.training.checkpoint import REFERENCE_PREFIXES, config_from_reference
+    from pipeline.model.trm import ModelConfig
 
     path = Path(path)
     state = _load_any(path)
@@ -92,10 +92,10 @@ def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.checkpoint import dataset_fingerprint, init_from_checkpoint
+    from pipeline.training.checkpoint import dataset_fingerprint, init_from_checkpoint
     from pipeline.config import to_dict
-    from pipeline.io import atomic_write_with
-    from pipeline.model import TRM
+    from pipeline.core.io import atomic_write_with
+    from pipeline.model.trm import TRM
 
     dataset = AugmentedDataset.load(run_dir / "dataset")
     model_cfg = replace(cfg.model, seq_len=dataset.canvas ** 2, num_puzzle_identifiers=dataset.num_puzzle_identifiers)

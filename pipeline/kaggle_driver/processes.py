@@ -4,7 +4,7 @@ torchrun starts every worker in a session of its own (its elastic agent passes s
 child's process group does not reach the workers, and a worker whose launcher died is re-parented away from our
 child. `ProcessTree` therefore remembers every process it has seen below the child, with its start time (so that
 a re-used pid is never taken for one of ours), and is refreshed while the child runs. Stopping is two steps:
-SIGTERM to the processes that do the work (they save what they have: pipeline.signals), then, after a grace
+SIGTERM to the processes that do the work (they save what they have: pipeline.core.signals), then, after a grace
 period, SIGKILL to the whole tree, frozen first with SIGSTOP so that nothing can start a new process in between.
 
 Linux only (/proc); elsewhere the child's process group is signalled instead (what start_new_session gives).

@@ -55,7 +55,7 @@ class Devices:
     several), or one CPU process."""
 
     gpus: int  # 0 = CPU
-    bf16: bool  # the GPUs compute in bf16 natively (pipeline.train.native_bf16); else training runs in fp32
+    bf16: bool  # the GPUs compute in bf16 natively (pipeline.training.train.native_bf16); else training runs in fp32
     note: str = ""  # why this differs from what was asked, for the log
 
     @property
@@ -88,7 +88,7 @@ def probe_devices() -> tuple[int, bool]:
     """(GPUs present, native bf16 on them)."""
     import torch
 
-    from pipeline.train import native_bf16
+    from pipeline.training.train import native_bf16
 
     count = torch.cuda.device_count()
     return count, count > 0 and native_bf16()

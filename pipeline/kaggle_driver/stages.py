@@ -159,7 +159,7 @@ def write_rate(folder: Path, size: int = 32 << 20) -> float:
 def derive_kill_grace(st: RunState, puzzle_rows: int) -> None:
     """The children's kill grace from what their stop checkpoint costs here: its size (the model with this many
     puzzle rows) at this disk's measured rate (budget.stop_grace_s); never below the kill_grace_s setting."""
-    from pipeline.checkpoint import stop_checkpoint_bytes
+    from pipeline.training.checkpoint import stop_checkpoint_bytes
 
     model = replace(st.cfg.model, num_puzzle_identifiers=puzzle_rows)
     size, rate = stop_checkpoint_bytes(model, st.cfg.ema), write_rate(st.run_dir)
@@ -173,8 +173,8 @@ def derive_kill_grace(st: RunState, puzzle_rows: int) -> None:
 def submit(st: RunState) -> StageResult:
     """Vote over the candidates, merge with the fallback, validate against the raw challenges, replace."""
     from augment.dataset import AugmentedDataset
-    from pipeline.predictions import Predictions
-    from pipeline.submit import submit as vote_and_write
+    from pipeline.inference.predictions import Predictions
+    from pipeline.cli.submit import submit as vote_and_write
 
     s = st.settings
     window = submit_window_s(s)
@@ -199,7 +199,7 @@ def submit(st: RunState) -> StageResult:
 
 def score(st: RunState) -> StageResult:
     """Editing runs only: score submission.json against known solutions (settings.solutions)."""
-    from pipeline.data import load_solutions
+    from pipeline.data.tasks import load_solutions
     from submissions.score import format_score, score_submission
 
     s = st.settings

