@@ -244,6 +244,11 @@ CASES: list[Case] = [
          ("--set model.num_heads", "not divisible")),
     Case("config-json-empty-at-score", config_json_replaced("{}"), ("config.json", "no run settings")),
     Case("config-json-a-folder-at-score", config_json_replaced(None), ("config.json", "a folder")),
+    # --- review 5: plan on a new folder names the exact command that makes it one
+    Case("plan-on-a-new-folder", lambda ws: ["--stage", "plan", "--preset", "demo", "--out", str(ws.root / "new"),
+                                             "--set", "data.num_aug=3"],
+         lambda ws: ("first run python -m pipeline.run --stage augment --preset demo --out "
+                     f"{ws.root / 'new'} --set data.num_aug=3",)),
 ]
 
 
