@@ -242,7 +242,7 @@ def _run_config(path: Path) -> RunConfig:
     if not path.is_file():
         raise InputFileError(path, "is a folder (or another non-file), not the run's settings", "run config")
     content = read_json(path, "run config")
-    if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
+    if isinstance(content, dict) and not isinstance(content.get("model"), dict):
         raise InputFileError(path, "holds no run settings (no model section); --force train rebuilds the run",
                              "run config")
     return from_dict(content, where=str(path))
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" while writing {e.filename}" if e.filename else ""
         if is_disk_full(e):
             raise DiskFullError(e.errno, f"no space left on device{where}") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
             raise InputFileError(e.filename or "?", e.strerror or str(e), "file") from e
         raise
 
