@@ -252,6 +252,17 @@ CASES: list[Case] = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _wandb_forgets_its_settings():
+    """W&B keeps the settings of its first start for the whole process (its mode, its login); a row that starts
+    it without a login must not leave those to a later test's offline run."""
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 def test_the_table_covers_the_probe():
     assert len({c.id for c in CASES}) == len(CASES) >= 25
 
