@@ -45,6 +45,10 @@ class DataConfig:
     # input is computed on the smallest that holds it, cells at their canvas positions (the canvas is always the
     # last bucket). A compute setting: the dataset and the weights are the same either way.
     canvas_buckets: str = ""
+    # a reference dataset's identifiers.json (augment.identifiers): build exactly the variants it names, each under
+    # its row number, so that a checkpoint trained on that dataset predicts with its own puzzle rows; "" = draw
+    # num_aug variants per puzzle
+    identifiers: str = ""
 
 
 # The buckets measured on the arc1/arc2 data (docs/BUCKETS.md): 0.32 / 0.36 of the full canvas's tokens per example.

@@ -17,7 +17,8 @@ A command goes in three steps, and changes nothing before the third:
      the folder meanwhile is checked against, never overwritten);
   3. run the stages; each checks what it reads (the dataset, --init, the checkpoint) before it removes anything.
 Under torchrun / accelerate launch only rank 0 touches the folder; the others run train, predict and plan, and
-with `--stage all` wait for rank 0's dataset.
+with `--stage all` wait for rank 0's dataset. Every process checks what it will read and the processes agree before
+any work (pipeline.core.job.agree, pipeline.cli.inputs): one that fails makes them all stop, with one error line.
 
 Expected failures are `pipeline.core.errors.PipelineError`s; `cli()` prints each as one `error:` line, exit status 2.
 Anything else is a bug and keeps its traceback.
@@ -25,6 +26,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -32,15 +34,16 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_args
 
-from pipeline.cli import export, runfolder
-
+from pipeline.cli import export, inputs, runfolder
 from pipeline.core import settings
-from pipeline.training.collectives import close_process_group, is_main_process, job_barrier, world_size
+from pipeline.model import hub
+from pipeline.training.collectives import is_main_process, world_size
 from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
 from pipeline.core.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
 from pipeline.core.io import is_disk_full, read_json
+from pipeline.core.job import agree, leave, start_job
 from pipeline.cli.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
                              stage_done)
 from pipeline.core.tracking import tracker_problem
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "train: an augmented dataset folder")
     p.add_argument("--eval-set", help="augment: the set whose test inputs are held out for prediction")
     p.add_argument("--num-aug", type=int, help="augment: variants per puzzle besides the original")
+    p.add_argument("--identifiers", metavar="FILE", help="augment: a reference dataset's identifiers.json: build "
+                   "exactly its variants under its row numbers, so that a checkpoint trained on it (--checkpoint, "
+                   "--init) keeps its puzzle rows (docs/PUBLISHED.md)")
     p.add_argument("--canvas", type=int, help="augment: canvas side (30 for the paper)")
     p.add_argument("--seed", type=int, help="augment: seed for augmentation and training; other stages: training")
     p.add_argument("--strict", action="store_true", help="augment: stop at the first malformed task")
@@ -87,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-time-steps", type=int, default=2,
                    help="plan: training steps to time for the hours estimate (0 = no timing)")
     p.add_argument("--init", help="train: fine-tune from these weights: a checkpoint, an exported folder, or the "
-                   "reference's checkpoint (its file or folder)")
+                   "reference's checkpoint (its file or folder); or hf:ORG/NAME[@REVISION][/SUBFOLDER] on the Hugging "
+                   "Face Hub (offline with HF_HUB_OFFLINE=1: its cache)")
     p.add_argument("--checkpoint", help="predict, export: the weights to use (default: the latest checkpoint in --out): "
-                   "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), or 'best' / "
+                   "a checkpoint, an exported folder, the reference's checkpoint (its file or folder), hf:ORG/NAME[@REV][/SUB] "
+                   "(the Hugging Face Hub), or 'best' / "
                    "'best:FIGURE' = the evaluated checkpoint with the best held-out figure (ce_true by default; "
                    "pipeline.cli.choose)")
     export.add_arguments(p)
@@ -150,7 +158,8 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
 
     best = args.checkpoint if is_best_spec(args.checkpoint) else None
     return Request(stage=args.stage, out=out, data_dir=data_dir, forced=forced, resume=args.resume,
-                   init=optional(args.init), checkpoint=None if best else optional(args.checkpoint), best=best,
+                   init=hub.weights_path(args.init, "--init"),
+                   checkpoint=None if best else hub.weights_path(args.checkpoint, "--checkpoint"), best=best,
                    preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
@@ -167,6 +176,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         sources = ",".join(escape_spec(d) if "," in d and Path(d).exists() else d for d in args.data)
     flags = {
         "data.eval_set": args.eval_set, "data.num_aug": args.num_aug, "data.canvas": args.canvas,
+        "data.identifiers": str(Path(args.identifiers).resolve()) if builds and args.identifiers else None,
         "data.seed": args.seed if builds else None, "seed": args.seed,
         "predict.max_variants": args.max_variants, "predict.selector": args.selector, "data.sources": sources,
     }
@@ -279,11 +289,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    forced = _forced(args)
-    _check_arguments(args, forced)
-    if args.stage == "score" and args.submission:
-        return _score_file(args)
+    start_job()  # first: a process that fails a check below must still be able to tell the others
+    facts: dict[str, str] = {}
+    with contextlib.ExitStack() as held:
+        try:
+            args = build_parser().parse_args(argv)
+            forced = _forced(args)
+            _check_arguments(args, forced)
+            if args.stage == "score" and args.submission:
+                return _score_file(args)
+            cfg, req, marker = _take_folder(args, forced, held)
+            facts = inputs.read_by(req, marker) if world_size() > 1 else {}
+            problem = None
+        except PipelineError as e:
+            problem = e
+        agree(problem, facts, "every process's checks before the work starts")
+        if not is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
+            if args.stage in SHARED_STAGES or args.stage == "all":
+                _run_stages(cfg, req, marker)
+            return 0
+        _run_stages(cfg, req, marker)
+    return 0
+
+
+def _take_folder(args: argparse.Namespace, forced: frozenset[str],
+                 held: contextlib.ExitStack) -> tuple[RunConfig, Request, dict[str, Any] | None]:
+    """Steps 1 and 2: the request and its config; on rank 0 (the folder's only writer), also the folder: created if
+    new, locked (held until `held` closes), its marker read again under the lock and claimed. A new folder is
+    removed again if the command then fails."""
     if not args.out and not args.preset:
         raise ConfigError("say which run folder with --out (or --preset, for runs/PRESET)")
     out = Path(args.out or f"runs/{args.preset}")
@@ -293,29 +326,21 @@ def _main(argv: list[str] | None) -> int:
                              f"dataset: first run {_augment_command(args, out)}")
     req = _request(args, out, marker, forced)
     cfg, notes = resolve_config(args, req, marker)
-    if not is_main_process():  # under torchrun rank 0 owns the folder; the others only read and compute
-        if args.stage in SHARED_STAGES or args.stage == "all":
-            _run_stages(cfg, req, marker)
-        return 0
+    if not is_main_process():
+        return cfg, req, marker
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with runfolder.RunLock(out):
-        now = runfolder.check_writable_folder(out)  # again, under the lock: another command may have claimed it
-        if now != marker:
-            marker = now
-            req = _request(args, out, marker, forced)
-            cfg, notes = resolve_config(args, req, marker)
-        for note in notes:
-            print(note)
-        new_folder = marker is None
-        try:
-            marker = _claim(args, req, cfg, marker)
-            _run_stages(cfg, req, marker)
-        except BaseException:
-            if new_folder:
-                runfolder.undo_new_folder(out, created)
-            raise
-    return 0
+    held.enter_context(runfolder.RunLock(out))
+    now = runfolder.check_writable_folder(out)  # again, under the lock: another command may have claimed it
+    if now != marker:
+        marker = now
+        req = _request(args, out, marker, forced)
+        cfg, notes = resolve_config(args, req, marker)
+    for note in notes:
+        print(note)
+    if marker is None:
+        held.push(lambda kind, error, tb: runfolder.undo_new_folder(out, created) if kind else None)
+    return cfg, req, _claim(args, req, cfg, marker)
 
 
 def _augment_command(args: argparse.Namespace, out: Path) -> str:
@@ -368,11 +393,7 @@ def _run_stages(cfg: RunConfig, req: Request, marker: dict | None) -> None:
     for i, stage in enumerate(STAGES):
         redo = i >= first_forced
         if stage == "augment":
-            if main:
-                _augment_unless_done(cfg, req, marker, redo)
-            job_barrier()  # every process reads the dataset rank 0 leaves, never the one it replaces
-            marker = runfolder.read_marker(req.out)
-            req = dataclasses.replace(req, data_dir=runfolder.dataset_dir(req.out, marker))
+            req, marker = _augment_then_agree(cfg, req, marker, redo)
             continue
         if not main and stage not in SHARED_STAGES:
             continue
@@ -391,6 +412,29 @@ def _run_stages(cfg: RunConfig, req: Request, marker: dict | None) -> None:
             elif latest_checkpoint(req.out / "checkpoints") is not None:  # an unfinished run goes on where it stopped
                 stage_req = dataclasses.replace(req, resume=True)
         STAGE_FUNCS[stage](cfg, stage_req)
+
+
+def _augment_then_agree(cfg: RunConfig, req: Request, marker: dict | None,
+                        redo: bool) -> tuple[Request, dict | None]:
+    """Rank 0 augments while the others wait; then every process reads the dataset rank 0 left (never the one it
+    replaced), and all check that they read the same one (a node without the shared folder has none, or its own)."""
+    problem = None
+    try:
+        if is_main_process():
+            _augment_unless_done(cfg, req, marker, redo)
+    except PipelineError as e:
+        problem = e
+    agree(problem, {}, "rank 0's augment stage (the dataset every process trains on)")
+    facts: dict[str, str] = {}
+    try:
+        marker = runfolder.read_marker(req.out)
+        req = dataclasses.replace(req, data_dir=runfolder.dataset_dir(req.out, marker))
+        facts = inputs.dataset_facts(req.data_dir) if world_size() > 1 else {}
+        problem = None
+    except PipelineError as e:
+        problem = e
+    agree(problem, facts, "every process reading the new dataset")
+    return req, marker
 
 
 def _augment_unless_done(cfg: RunConfig, req: Request, marker: dict | None, redo: bool) -> None:
@@ -442,11 +486,16 @@ def cli(argv: list[str] | None = None) -> int:
     else is a bug and keeps its traceback."""
     try:
         status = main(argv)
-        close_process_group()  # under torchrun: every process leaves together (no abort in gloo's teardown)
+        leave(ok=True)  # under torchrun: every process leaves together (no abort in gloo's teardown)
         return status
     except PipelineError as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a failure the processes agreed on is said once, by rank 0
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        leave(ok=False)
         return 2
+    except BaseException:
+        leave(ok=False)  # a stop (SIGTERM) or a bug: at once, without waiting for the others
+        raise
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ LOCK = ".run.lock"
 FORMAT = "trm-arc-run/1"
 # The `data` settings that decide what `augment` builds; they cannot change within a run folder. (Other data
 # settings, e.g. how batches are sampled, belong to training and may differ between commands.)
-DATASET_KEYS = ("sources", "eval_set", "num_aug", "canvas", "max_side", "max_tasks", "skip_invalid", "seed")
+DATASET_KEYS = ("sources", "eval_set", "num_aug", "canvas", "max_side", "max_tasks", "skip_invalid", "seed",
+                "identifiers")
 # Folders a killed atomic write may have left temp files in.
 _WRITE_DIRS = (".", "dataset", "checkpoints", "checkpoints/evaluated")
 DATASET, NEW_DATASET, OLD_DATASET = "dataset", ".dataset.new", ".dataset.old"  # the last two only during a swap

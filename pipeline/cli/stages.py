@@ -48,10 +48,12 @@ class Request:
 # ---------------------------------------------------------------------------------------------- augment
 def stage_augment(cfg: RunConfig, req: Request) -> None:
     from augment.dataset import build_dataset
+    from augment.identifiers import read_identifiers
     from pipeline.data.tasks import load_tasks, select_tasks
     from pipeline.data.splits import held_out_ids
 
     d = cfg.data
+    rows = read_identifiers(d.identifiers) if d.identifiers else None
     loaded = load_tasks(d.sources, skip_invalid=d.skip_invalid)
     tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
     left_out = _left_out_by_selection(loaded.tasks, tasks, d.max_side, d.max_tasks)
@@ -61,7 +63,7 @@ def stage_augment(cfg: RunConfig, req: Request) -> None:
         print(f"skipped {what}: {s.reason}", file=sys.stderr)
     dataset = build_dataset(
         tasks, eval_ids, num_aug=d.num_aug, seed=d.seed, canvas=d.canvas,
-        skipped=[*loaded.skipped, *left_out["skipped"]], sources=d.sources, progress=not req.quiet,
+        skipped=[*loaded.skipped, *left_out["skipped"]], sources=d.sources, progress=not req.quiet, rows=rows,
     )
     m = dataset.manifest
     m["too_big"] = m.get("too_big", []) + left_out["too_big"]
@@ -75,11 +77,10 @@ def stage_augment(cfg: RunConfig, req: Request) -> None:
     if left_out["too_big"] or left_out["skipped"]:
         print(f"augment: {len(left_out['too_big'])} tasks over data.max_side={d.max_side} and "
               f"{len(left_out['skipped'])} over data.max_tasks={d.max_tasks} left out (listed in the manifest)")
-    print(
-        f"augment: {m['num_puzzles']} puzzles, {m['num_variants']} variants, {m['num_train_examples']} training "
-        f"examples, {m['num_test_inputs']} held-out test inputs, {len(m['short_puzzles'])} puzzles short of "
-        f"{d.num_aug} augmentations -> {req.out / runfolder.DATASET}"
-    )
+    drawn = f"the rows of {d.identifiers}" if rows else f"{len(m['short_puzzles'])} puzzles short of {d.num_aug} " \
+        "augmentations"
+    print(f"augment: {m['num_puzzles']} puzzles, {m['num_variants']} variants, {m['num_train_examples']} training "
+          f"examples, {m['num_test_inputs']} held-out test inputs, {drawn} -> {req.out / runfolder.DATASET}")
 
 
 def _check_free_space(out: Path, dataset: Any) -> None:

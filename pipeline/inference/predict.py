@@ -249,7 +249,8 @@ def load_checked_model(checkpoint_path: str | Path, dataset: AugmentedDataset, d
     from pipeline.training.checkpoint import load_model_for_inference
 
     model = load_model_for_inference(checkpoint_path, use_ema=use_ema,
-                                     num_puzzle_identifiers=dataset.num_puzzle_identifiers)
+                                     num_puzzle_identifiers=dataset.num_puzzle_identifiers,
+                                     rows_named="identifiers" in dataset.manifest)
     if model.config.seq_len != dataset.canvas**2:
         raise CheckpointError(
             f"checkpoint {checkpoint_path}: was trained on a {math.isqrt(model.config.seq_len)}-wide canvas, "

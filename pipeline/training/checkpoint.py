@@ -410,18 +410,27 @@ def _fitting_weights(path: str | Path, own: dict[str, Tensor]) -> dict[str, Tens
     return weights
 
 
-def load_model_for_inference(path: str | Path, use_ema: bool = True, num_puzzle_identifiers: int | None = None) -> TRM:
+def load_model_for_inference(path: str | Path, use_ema: bool = True, num_puzzle_identifiers: int | None = None,
+                             rows_named: bool = False) -> TRM:
     """The model any weights source holds (EMA weights unless use_ema is False). When its puzzle rows are not
     a dataset's (an export with mean rows, the reference's checkpoint) and `num_puzzle_identifiers` is given, the
-    table gets that many rows at the mean of the trained ones, as fine-tuning on new puzzles starts."""
+    table gets that many rows at the mean of the trained ones, as fine-tuning on new puzzles starts. With
+    `rows_named` (the dataset was built from a reference dataset's identifiers.json, augment.identifiers) the
+    reference's table is the dataset's, row for row, and is kept as it is."""
     weights = load_weights(path, use_ema)
     if weights.model_config is None:
         raise CheckpointError(f"checkpoint {path}: a reference state dict without its model config; give its "
                               f"checkpoint folder (the one with {REFERENCE_CONFIG})")
     config, tensors = weights.model_config, weights.tensors
-    if not weights.rows_are_a_datasets and num_puzzle_identifiers and PUZZLE_TABLE in tensors:
+    named = rows_named and weights.source.kind == "reference" and PUZZLE_TABLE in tensors
+    if named and num_puzzle_identifiers and tensors[PUZZLE_TABLE].shape[0] != num_puzzle_identifiers:
+        raise CheckpointError(f"checkpoint {path}: its puzzle table has {tensors[PUZZLE_TABLE].shape[0]} rows, the "
+                              f"dataset's identifiers name {num_puzzle_identifiers}: it was trained on another "
+                              "dataset (build this one from that dataset's identifiers.json)")
+    if not weights.rows_are_a_datasets and not named and num_puzzle_identifiers and PUZZLE_TABLE in tensors:
         warnings.warn(f"{path}: its puzzle rows are not this dataset's; every row starts at the mean of its trained "
-                      "rows (as fine-tuning on new puzzles does)", stacklevel=2)
+                      "rows (as fine-tuning on new puzzles does; a reference checkpoint keeps its rows on a dataset "
+                      "built from its identifiers.json: augment --identifiers)", stacklevel=2)
         config = dataclasses.replace(config, num_puzzle_identifiers=num_puzzle_identifiers)
         tensors = {**tensors, PUZZLE_TABLE: mean_rows(tensors[PUZZLE_TABLE], num_puzzle_identifiers)}
     try:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pipeline.core.job import collective, guarded, leave
 from pipeline.model.trm import Carry
 
 
@@ -25,24 +26,20 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def job_barrier() -> None:
-    """Every process of a launched job waits here until all have arrived (no-op alone). Sets up the process group
-    the way training will (accelerate's shared state), so that it can be used before training starts."""
-    if world_size() > 1:
-        from accelerate import PartialState
-
-        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+@collective("every process to arrive (a barrier)")
+def barrier() -> None:
+    """Every process waits here until all have arrived (no-op alone, or without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def close_process_group() -> None:
-    """Leave a launched job together: wait for every process, then take the process group down. A process that
-    exits with the group still up can abort in gloo's teardown (SIGABRT, "terminate called without an active
-    exception") once its peer has gone, turning a finished job into a failed one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave a launched job together (pipeline.core.job.leave): a process that exits with the process group still up
+    can abort in gloo's teardown once its peer has gone."""
+    leave(ok=True)
 
 
+@collective("a row gather (every process's rows)")
 def all_gather_rows(local: Tensor, world_size: int, group: dist.ProcessGroup | None = None) -> Tensor:
     """Concatenate every process's tensor along dim 0, in rank order (same shape required everywhere)."""
     if world_size == 1:
@@ -52,6 +49,7 @@ def all_gather_rows(local: Tensor, world_size: int, group: dist.ProcessGroup | N
     return torch.cat(parts, dim=0)
 
 
+@collective("a row gather to rank 0 (a checkpoint's carry)")
 def gather_rows_to_main(local: Tensor, world_size: int) -> Tensor:
     """Every process's tensor concatenated along dim 0 in rank order, on rank 0; an empty (0, ...) tensor on the
     other ranks, which so never hold (nor copy to the host) what only rank 0 writes."""
@@ -66,6 +64,7 @@ def gather_rows_to_main(local: Tensor, world_size: int) -> Tensor:
     return local[:0]
 
 
+@collective("a sum over the processes (metrics, flags)")
 def all_reduce_sum(t: Tensor, world_size: int) -> Tensor:
     """Sum over processes, in place; returns `t`."""
     if world_size > 1:
@@ -73,6 +72,7 @@ def all_reduce_sum(t: Tensor, world_size: int) -> Tensor:
     return t
 
 
+@collective("the start of a sum over the processes (the training loop's flags)")
 def all_reduce_sum_async(t: Tensor, world_size: int) -> Callable[[], Tensor]:
     """Start a sum over processes, in place; returns the wait for it, which returns `t` (the sum runs meanwhile,
     e.g. while the next step computes)."""
@@ -81,12 +81,14 @@ def all_reduce_sum_async(t: Tensor, world_size: int) -> Callable[[], Tensor]:
     work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
 
     def wait() -> Tensor:
-        work.wait()
+        with guarded("a sum over the processes (the training loop's flags)"):
+            work.wait()
         return t
 
     return wait
 
 
+@collective("the gradient all-reduce")
 def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Sum gradients over processes with one collective on a flat buffer (a missing gradient counts as zeros)."""
     if world_size == 1:
@@ -101,6 +103,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> N
         offset += n
 
 
+@collective("an object gather (every process's share of an evaluation)")
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
     """Every process's picklable object, in rank order (e.g. each rank's share of evaluation predictions)."""
     if world_size == 1:

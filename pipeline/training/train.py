@@ -31,15 +31,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from augment.dataset import AugmentedDataset
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler, examples_per_epoch
 from pipeline.data.canvas import parse_buckets
-from pipeline.training.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, all_reduce_sum_async,
-                                  gather_carries, gather_rows_to_main)
+from pipeline.training.collectives import (all_gather_rows, all_reduce_gradients, all_reduce_sum, all_reduce_sum_async, barrier,
+                                           gather_carries, gather_rows_to_main)
 from pipeline.model.flops import depth_at, flops_at_depth
 from pipeline.training.compute import canvas_share, steps_for_flops
 from pipeline.config import RunConfig, dumps, to_dict
@@ -368,7 +367,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
             keep=cfg.keep_checkpoints,
         )
     if rt.world > 1:
-        dist.barrier()
+        barrier()
     return path
 
 
@@ -510,7 +509,7 @@ def run_evaluation(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augm
         atomic_write_with(out_dir / "checkpoints" / EVALUATED_DIR / f"step_{state.step:08d}.pt",
                           lambda f: torch.save(weights, f))
     if rt.world > 1:
-        dist.barrier()
+        barrier()
     return row
 
 
