@@ -134,6 +134,16 @@ def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
     return submission
 
 
+def _check_answers(submit: dict) -> None:
+    """kaggle_status.json counts every test input of the raw challenges by what it got (3 usable tasks with 4
+    test inputs, the malformed task's 2 and the too-big task's 1), and the two tasks the model never saw are
+    fallback only."""
+    assert sum(submit["test_inputs"].values()) == 7 and submit["test_inputs"]["fallback only"] >= 3
+    assert sum(submit["tasks"].values()) == 5
+    assert {"bad00000", "big00000"} <= set(submit["fallback_only_tasks"])
+    assert {"bad00000 test 0", "bad00000 test 1", "big00000 test 0"} <= set(submit["fallback_only_inputs"])
+
+
 def _raw_challenges(kaggle_input: Path) -> dict:
     return json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
 
@@ -149,8 +159,7 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     for name in ("fallback", "augment", "finetune", "predict", "submit"):
         assert stages[name]["state"] == "ok", (name, stages[name])
     _check_complete(working / "submission.json", kaggle_input)
-    assert stages["submit"]["model_tasks"] == 3
-    assert stages["submit"]["fallback_tasks"] == ["bad00000", "big00000"]
+    _check_answers(stages["submit"])
     assert stages["augment"]["skipped"] == 1 and stages["augment"]["too_big"] == 1
     assert "WARNING: 1 task(s) do not fit the checkpoint's 6x6 canvas" in printed
     assert stages["plan"]["mode"] == "finetune+predict" and not status["scored"]
@@ -202,7 +211,7 @@ def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fi
     assert stages["plan"]["mode"] == "predict-only" and "TIME PLAN: predict only" in printed
     assert stages["finetune"]["state"] == "skipped" and not (working / "trm_run" / "checkpoints").exists()
     assert stages["predict"]["state"] == "ok" and stages["predict"]["checkpoint"].startswith("pretrained")
-    assert stages["submit"]["model_tasks"] == 3
+    _check_answers(stages["submit"])
     _check_complete(working / "submission.json", kaggle_input)
     assert "PATH: no fine-tuning (time plan: predict only) -> predicted with the pretrained" in printed
     assert stages["summary"]["elapsed_s"] <= 60 + 2
@@ -219,11 +228,11 @@ def test_notebook_300_and_600_s_budgets_fine_tune_then_predict_every_view(tmp_pa
     assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (budget - 1), abs=15)
     assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
     assert stages["finetune"]["step"] == 3 and stages["predict"]["checkpoint"] == "fine-tuned"
-    assert stages["submit"]["model_tasks"] == 3
+    _check_answers(stages["submit"])
     predictions = Predictions.load(working / "trm_run" / "predictions.npz")
     assert len(predictions) == 4 * 4  # 4 test inputs x predict.max_variants 4: every view
     _check_complete(working / "submission.json", kaggle_input)
-    assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 3 tasks from the model" in printed
+    assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 7 test inputs: " in printed
 
 
 def test_notebook_fine_tunes_and_predicts_on_canvas_buckets(tmp_path, monkeypatch, kaggle_input):
@@ -291,7 +300,8 @@ def test_notebook_scored_rerun_retries_fine_tuning_at_half_batch_and_submits_par
     assert pr["state"] == "partial" and pr["checkpoint"] == "fine-tuned"
     assert [a["batch_size"] for a in pr["attempts"]] == [4, 2] and all(a["out_of_memory"] for a in pr["attempts"])
     assert [a["partial_candidates"] for a in pr["attempts"]] == [8, 4] and pr["partial_candidates"] == 8
-    assert stages["submit"]["state"] == "ok" and stages["submit"]["model_tasks"] >= 1
+    assert stages["submit"]["state"] == "ok"
+    _check_answers(stages["submit"])
     _check_complete(working / "submission.json", kaggle_input)
     assert "PHASE predict: planned" in printed and "outcome partial" in printed
     assert "PARTIAL (8 candidates)" in stages["summary"]["path"]
@@ -310,7 +320,7 @@ def test_notebook_fine_tuning_killed_for_good_predicts_with_the_pretrained_check
     assert ft["state"] == "failed" and "fine-tuning failed for good (2 attempts" in ft["detail"]
     assert [a["returncode"] for a in ft["attempts"]] == [-9, -9] and [a["micro_batch"] for a in ft["attempts"]] == [8, 4]
     assert stages["predict"]["state"] == "ok" and stages["predict"]["checkpoint"] == "pretrained (fine-tune failed)"
-    assert stages["submit"]["model_tasks"] == 3
+    _check_answers(stages["submit"])
     _check_complete(working / "submission.json", kaggle_input)
     assert "PATH: fine-tuning failed -> predicted with the pretrained (fine-tune failed) checkpoint" in printed
 

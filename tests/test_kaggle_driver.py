@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import re
 import sys
 import threading
 import time
@@ -19,7 +20,9 @@ from pipeline.kaggle_driver import finetune as finetune_stage
 from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
 from pipeline.kaggle_driver.processes import is_running
+from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
 from pipeline.kaggle_driver.state import Outcome, RunState
+from pipeline.config import preset
 from pipeline.inference.predictions import Predictions
 from pipeline.training.train import train
 from tiny import CANVAS, build_tiny_dataset, tiny_config
@@ -201,6 +204,74 @@ def test_a_rehearsal_with_relative_paths(tmp_path, monkeypatch, pretrained):
     assert run.status["finetune"]["step"] == 1 and run.status["predict"]["checkpoint"] == "fine-tuned"
     assert len(Predictions.load(tmp_path / "working" / "run" / "predictions.npz")) > 0
     assert run.summary()["problems"] == []
+
+
+# ------------------------------------------------------------------------------------------ what each input got
+def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path, capsys, pretrained):
+    """A run where some test inputs get no valid candidate: one input with two candidates, one with a single
+    candidate (attempt_2 is then its fallback grid), one whose every candidate is invalid, and a task the model
+    never saw (too big). The PHASE line, the phase table, the PATH line and kaggle_status.json all count test
+    inputs in the same words, and none of them calls a task whose inputs fell back "from the model". With known
+    answers the score stage also reports ce_true of the weights prediction used."""
+    import numpy as np
+
+    from augment.dataset import build_dataset
+    from pipeline.data.tasks import Task
+    from pipeline.inference.predictions import PredictionsWriter
+
+    def grid(*rows):
+        return np.array(rows, np.uint8)
+
+    pair = (grid([1, 2]), grid([2, 1]))
+    tasks = [Task("aaaa0000", [pair], [grid([3, 4]), grid([5, 6])], None, "test"),
+             Task("bbbb0000", [pair], [grid([7, 8])], None, "test")]
+    run_dir = tmp_path / "working" / "trm_run"
+    challenges = {t.id: {"train": [{"input": pair[0].tolist(), "output": pair[1].tolist()}],
+                         "test": [{"input": g.tolist()} for g in t.test_inputs]} for t in tasks}
+    challenges["big00000"] = {"train": [{"input": [[1] * 9] * 9, "output": [[2] * 9] * 9}],
+                              "test": [{"input": [[7] * 9] * 9}]}
+    (tmp_path / "c.json").write_text(json.dumps(challenges))
+    (tmp_path / "test_solutions.json").write_text(json.dumps({"aaaa0000": [[[4, 3]], [[6, 5]]], "bbbb0000": [[[8, 7]]],
+                                                 "big00000": [[[1] * 9] * 9]}))
+    run = kd.KaggleRun(kd.KaggleSettings(challenges=tmp_path / "c.json", working=tmp_path / "working",
+                                         run_dir=run_dir, devices=kd.Devices(0, False), time_budget_s=HOUR,
+                                         solutions=tmp_path / "test_solutions.json"))
+    assert run.write_fallback()
+    build_dataset(tasks, {t.id for t in tasks}, num_aug=1, seed=0, canvas=CANVAS, progress=False).save(run_dir / "dataset")
+    writer = PredictionsWriter()
+    writer.add("aaaa0000", 0, [0, 1, 0], 0.5, [grid([4, 3]), grid([9]), grid([4, 3])])  # two distinct candidates
+    writer.add("aaaa0000", 1, [0, 1], 0.5, [None, None])  # nothing valid
+    writer.add("bbbb0000", 0, [0, 1], 0.5, [grid([8, 7]), None])  # one candidate
+    writer.finish().save(run_dir / "predictions.npz")
+    run.state.cfg = preset("kaggle")
+    run.state.cfg.model = kd.checkpoint_model_config(pretrained)[0]
+    weights = pretrained_for_dataset(run_dir, run.state.cfg, pretrained)
+    run.status["predict"] = {"state": "ok", "checkpoint": "fine-tuned", "checkpoint_path": str(weights)}
+    assert run.submit() and run.score()
+    summary = run.summary()
+
+    words = {"two model candidates": 1, "one model candidate + fallback": 1, "fallback only": 2}
+    record = json.loads((run_dir / "kaggle_status.json").read_text())["stages"]["submit"]
+    assert record["test_inputs"] == words
+    assert record["tasks"] == {"model candidates for every test input": 1, "some test inputs fallback only": 1,
+                               "fallback only": 1}
+    assert record["fallback_only_tasks"] == ["big00000"]
+    assert record["fallback_only_inputs"] == ["aaaa0000 test 1", "big00000 test 0"]
+    said = "4 test inputs in 3 tasks: 1 two model candidates, 1 one model candidate + fallback, 2 fallback only"
+    printed = capsys.readouterr().out
+    assert re.search(rf"PHASE submit: .*outcome ok: {re.escape(said)}", printed)
+    assert re.search(rf"\]\s+submit\s+ok\s.*{re.escape(said)}", printed)  # the phase table
+    assert "-> 4 test inputs: 1 two model candidates, 1 one model candidate + fallback, 2 fallback only" in summary["path"]
+    assert "tasks from the model" not in printed
+    submission = json.loads((tmp_path / "working" / "submission.json").read_text())
+    assert submission["aaaa0000"][0] == {"attempt_1": [[4, 3]], "attempt_2": [[9]]}
+    assert submission["aaaa0000"][1] == {"attempt_1": [[5, 6]], "attempt_2": [[5, 6]]}  # fallback only
+    assert submission["bbbb0000"][0] == {"attempt_1": [[8, 7]], "attempt_2": [[7, 8]]}  # candidate + fallback
+    scored = json.loads((run_dir / "kaggle_status.json").read_text())["stages"]["score"]
+    assert (scored["pass2"], scored["tasks_solved"], scored["test_outputs"]) == (0.5, 1, 4)  # 4,3 and 8,7 right
+    assert 0 < scored["ce_true"] < 10 and 0 <= scored["cell_acc_true"] <= 1
+    assert re.search(r"PHASE score: .*outcome ok: pass@2 50.0% of 4 test outputs \(1 of 3 tasks solved\), ce_true "
+                     r"\d+\.\d{4}", printed)
 
 
 # ------------------------------------------------------------------------------------------ in-process windows

@@ -6,7 +6,7 @@ import pytest
 from pipeline.data.tasks import Task
 from pipeline.inference.vote import Ranked
 from submissions.validate import validate_submission, validate_submission_file
-from submissions.write import build_submission, fallback_submission, write_submission
+from submissions.write import Answer, build_submission, fallback_submission, write_submission
 
 
 def _task(task_id, *shapes):
@@ -26,13 +26,16 @@ def test_build_submission_top_two_single_and_fallback():
     submission, report = build_submission(TASKS, ranked)
     assert list(submission) == ["aa", "bb", "cc"]
     assert submission["aa"] == [{"attempt_1": [[5, 5], [5, 5]], "attempt_2": [[6, 6], [6, 6]]}]
-    assert submission["bb"][1] == {"attempt_1": [[8, 8], [8, 8]], "attempt_2": [[8, 8], [8, 8]]}
+    assert submission["bb"][1] == {"attempt_1": [[8, 8], [8, 8]], "attempt_2": [[2], [2], [2]]}  # + the fallback
     assert submission["bb"][0] == {"attempt_1": [[1, 1, 1]], "attempt_2": [[1, 1, 1]]}  # fallback: the test input
     assert submission["cc"][0]["attempt_1"] == np.ones((30, 30), int).tolist()
     assert [(f.task_id, f.test_index) for f in report.fallbacks] == [("bb", 0), ("cc", 0)]
     assert all(f.reason for f in report.fallbacks)
     assert (report.num_tasks, report.num_test_inputs, report.num_two_attempts, report.num_one_candidate) == (3, 4, 1, 1)
     assert sorted(report.ignored) == ["bb test 4", "zz test 0"]
+    assert report.answers == {"aa": [Answer.TWO], "bb": [Answer.FALLBACK, Answer.ONE], "cc": [Answer.FALLBACK]}
+    assert report.summary().startswith("4 test inputs in 3 tasks: 1 two model candidates, 1 one model candidate + "
+                                       "fallback, 2 fallback only")
     assert validate_submission(submission, TASKS) == []
     assert type(submission["aa"][0]["attempt_1"][0][0]) is int
 

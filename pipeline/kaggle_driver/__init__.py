@@ -16,13 +16,17 @@ the bundle is looked up or installed), then drives `KaggleRun`, whose stages run
   predict    `pipeline.run --stage predict` in a child process with the fine-tuned checkpoint, else the pretrained
              one; out of memory -> again with half the batch; a child that dies part-way leaves its candidates;
   submit     vote, then merge: the tasks the model answered + the fallback entry of every other task, validated
-             against the raw challenge ids and test counts before the atomic replace of submission.json.
+             against the raw challenge ids and test counts before the atomic replace of submission.json; every
+             test input counted by what it got (two model candidates / one model candidate + fallback /
+             fallback only);
+  score      drafts with known answers only: pass@2, and ce_true of the weights prediction used.
 
 The rooms: settings (what this run is: absolute paths, devices checked) · budget (the time plan, the only time
 arithmetic) · fallback (the always-valid submission) · processes + child (a stage in a child process, the whole
 process tree stopped at its timeout or on an interrupt) · retry (the out-of-memory retry loop) · faults (the
 testing hook TRM_FAULTS) · pretrained (the checkpoint to start from) · stages, finetune, prediction (the stage
-bodies, returning StageResult values) · state (what the stages share) · driver (KaggleRun).
+bodies, returning StageResult values) · truth (ce_true of a draft with known answers) · state (what the stages
+share) · driver (KaggleRun).
 """
 from pipeline.kaggle_driver.budget import (READER_JOIN_S, PlanMode, StagePlan, TimePlan, deadline, plan_finetune,
                                            plan_predict, plan_retry, plan_time, plan_window, remaining_s, stage_cost,

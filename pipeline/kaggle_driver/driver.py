@@ -16,6 +16,7 @@ from pipeline.kaggle_driver.fallback import submission_problems
 from pipeline.kaggle_driver.log import log, plural, start_log_file
 from pipeline.kaggle_driver.settings import KaggleSettings, probe_devices, resolve_devices
 from pipeline.kaggle_driver.state import Outcome, RunState, StageResult
+from submissions.write import describe_answers
 
 
 class KaggleRun:
@@ -140,8 +141,8 @@ class KaggleRun:
             f", PARTIAL ({pr.get('partial_candidates', 0)} candidates)" if state["predict"] == "partial" else "") + (
             f" after {plural(pr.get('retries', 0), 'out-of-memory retry')}" if pr.get("retries") else "")
         sub = st.get("submit", {})
-        return (f"{tune} -> {pred} -> {sub.get('model_tasks', 0)} tasks from the model, "
-                f"{len(sub.get('fallback_tasks', []))} fallback")
+        inputs = sub.get("test_inputs", {})
+        return f"{tune} -> {pred} -> {sum(inputs.values())} test inputs: {describe_answers(inputs)}"
 
     def summary(self) -> dict[str, Any]:
         """The phase table, the path taken, and a last check of the submission file on disk."""

@@ -54,7 +54,7 @@ def predict(st: RunState) -> StageResult:
     if not plan.run:
         return StageResult.skipped(plan.reason)
     source, checkpoint = _checkpoint(st)
-    record["checkpoint"] = source
+    record["checkpoint"], record["checkpoint_path"] = source, str(checkpoint)
     out = st.run_dir / "predictions.npz"
     out.unlink(missing_ok=True)
     collect_partial(st.run_dir)  # nothing stale

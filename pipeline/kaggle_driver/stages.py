@@ -21,6 +21,7 @@ from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pret
 from pipeline.kaggle_driver.retry import Attempt
 from pipeline.kaggle_driver.state import RunState, StageResult
 from pipeline.kaggle_driver.window import time_window
+from submissions.write import Answer, count_answers, describe_answers
 
 RUN_MARKER = ".trm_kaggle_run"  # marks a run folder as ours, so a re-run may clear it
 
@@ -171,7 +172,9 @@ def derive_kill_grace(st: RunState, puzzle_rows: int) -> None:
 
 
 def submit(st: RunState) -> StageResult:
-    """Vote over the candidates, merge with the fallback, validate against the raw challenges, replace."""
+    """Vote over the candidates, merge with the fallback, validate against the raw challenges, replace; then say
+    what every test input got (submissions.write.Answer), counted over the raw challenges: a task the model did
+    not answer (malformed, too big for the canvas) is fallback only."""
     from augment.dataset import AugmentedDataset
     from pipeline.inference.predictions import Predictions
     from pipeline.cli.submit import submit as vote_and_write
@@ -192,14 +195,54 @@ def submit(st: RunState) -> StageResult:
         model = json.loads((st.run_dir / "submission.json").read_text())
         merged, fell_back = merge_submission(st.fallback, model)
         write_validated(s.submission, merged, st.fallback)
-    st.status["submit"].update(model_tasks=len(merged) - len(fell_back), fallback_tasks=fell_back)
-    return StageResult.ok(f"{len(merged) - len(fell_back)} tasks from the model ({report.summary()}), "
-                          f"{len(fell_back)} fallback -> {s.submission}")
+    answers = merged_answers(st.fallback, report.answers, fell_back)
+    st.status["submit"].update(answer_record(answers))
+    return StageResult.ok(f"{describe_merged(answers)} -> {s.submission}")
+
+
+def merged_answers(fallback: Mapping[str, list], model_answers: Mapping[str, list[Answer]],
+                   fell_back: list[str]) -> dict[str, list[Answer]]:
+    """What each test input of the raw challenges got: the model's Answer for the tasks merged from its
+    submission, fallback only for every input of the tasks that fell back."""
+    gone = set(fell_back)
+    return {task_id: ([Answer.FALLBACK] * len(entries) if task_id in gone or task_id not in model_answers
+                      else list(model_answers[task_id]))
+            for task_id, entries in fallback.items()}
+
+
+def task_counts(answers: Mapping[str, list[Answer]]) -> dict[str, int]:
+    """Tasks by what their test inputs got, in the same words: every input a model candidate, some inputs
+    fallback only, fallback only."""
+    kinds = [sum(a == Answer.FALLBACK for a in per_task) for per_task in answers.values()]
+    lengths = [len(per_task) for per_task in answers.values()]
+    return {"model candidates for every test input": sum(k == 0 for k in kinds),
+            "some test inputs fallback only": sum(0 < k < n for k, n in zip(kinds, lengths)),
+            "fallback only": sum(k == n for k, n in zip(kinds, lengths))}
+
+
+def answer_record(answers: Mapping[str, list[Answer]]) -> dict[str, Any]:
+    """The submit stage's kaggle_status.json entry: test inputs and tasks counted by what they got, and which."""
+    return {"test_inputs": count_answers(a for per_task in answers.values() for a in per_task),
+            "tasks": task_counts(answers),
+            "fallback_only_tasks": [t for t, per_task in answers.items() if all(a == Answer.FALLBACK for a in per_task)],
+            "fallback_only_inputs": [f"{t} test {i}" for t, per_task in answers.items()
+                                     for i, a in enumerate(per_task) if a == Answer.FALLBACK]}
+
+
+def describe_merged(answers: Mapping[str, list[Answer]]) -> str:
+    """'167 test inputs in 120 tasks: 90 two model candidates, 26 one model candidate + fallback, 51 fallback
+    only (tasks: 95 model candidates for every test input, 7 some test inputs fallback only, 18 fallback only)'."""
+    record = answer_record(answers)
+    inputs = sum(record["test_inputs"].values())
+    tasks = ", ".join(f"{n} {words}" for words, n in record["tasks"].items())
+    return f"{inputs} test inputs in {len(answers)} tasks: {describe_answers(record['test_inputs'])} (tasks: {tasks})"
 
 
 def score(st: RunState) -> StageResult:
-    """Editing runs only: score submission.json against known solutions (settings.solutions)."""
+    """Editing runs only: score submission.json against known solutions (settings.solutions): pass@2, and ce_true
+    of the weights prediction used (pipeline.kaggle_driver.truth), which moves where pass@2 cannot."""
     from pipeline.data.tasks import load_solutions
+    from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
     from submissions.score import format_score, score_submission
 
     s = st.settings
@@ -207,4 +250,13 @@ def score(st: RunState) -> StageResult:
     solutions = {k: v for k, v in load_solutions(str(s.solutions)).items() if k in submission}
     report = score_submission(submission, solutions)
     print(format_score(report))
-    return StageResult.ok(f"scored {len(solutions)} tasks against {s.solutions}")
+    record = st.status["score"] = {"pass2": report.kaggle_score, "task_pass2": report.task_score,
+                                   "tasks_solved": report.tasks_solved, "test_outputs": report.num_test_outputs}
+    detail = (f"pass@2 {100 * report.kaggle_score:.1f}% of {report.num_test_outputs} test outputs "
+              f"({report.tasks_solved} of {len(solutions)} tasks solved)")
+    weights = st.status.get("predict", {}).get("checkpoint_path")
+    if weights and (st.run_dir / "dataset").exists():
+        record.update(truth_figures(Path(weights), answered_dataset(st.run_dir / "dataset", solutions)))
+        if "ce_true" in record:
+            detail += f", ce_true {record['ce_true']:.4f} (cell accuracy {record['cell_acc_true']:.3f})"
+    return StageResult.ok(f"{detail} against {s.solutions}")
