@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset, build_dataset  # noqa: E402
-from pipeline.data.canvas import parse_buckets, side_for, translation_room  # noqa: E402
+from pipeline.data.canvas import side_for, translation_room  # noqa: E402
+from pipeline.model.rows import parse_buckets  # noqa: E402
 from pipeline.config import preset  # noqa: E402
 from pipeline.data.tasks import load_solutions, load_tasks  # noqa: E402
 from pipeline.model.flops import model_flops_per_row_step  # noqa: E402

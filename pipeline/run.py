@@ -38,6 +38,7 @@ from pipeline.cli import export, inputs, runfolder
 from pipeline.core import settings
 from pipeline.model import hub
 from pipeline.training.collectives import is_main_process, world_size
+from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
                              run_defining)
 from pipeline.core.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
@@ -130,6 +131,9 @@ def _check_arguments(args: argparse.Namespace, forced: frozenset[str]) -> None:
     """Arguments that contradict each other, or that no stage can use."""
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out: an empty path; give the run folder")
+    for flag, value in (("--puzzle-rows", args.puzzle_rows), ("--export-dir", args.export_dir)):
+        if value is not None and args.stage != "export":
+            raise ConfigError(f"{flag} applies to --stage export, not --stage {args.stage}")
     if args.resume:
         if args.stage not in ("train", "all"):
             raise ConfigError(f"--resume applies to --stage train (or all), not --stage {args.stage}")
@@ -159,7 +163,7 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
                    preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
-                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
+                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows or "all")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -214,8 +218,8 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
     flags and --set. Every setting is checked; one that contradicts the folder or the run is an error naming it."""
     preset_name = _choose_preset(args, marker, req.out, req.forced)
     saved = req.out / "config.json"
-    continuing = _continues_run(req) and saved.is_file()
-    cfg = from_dict(read_json(saved, "run config"), where=str(saved)) if continuing else preset(preset_name)
+    continuing = _continues_run(req) and saved.exists()
+    cfg = _run_config(saved) if continuing else preset(preset_name)
     # what the folder was augmented with (kept by --force augment too, unless it changes the preset)
     folder_data = marker["data"] if marker and preset_name == marker["preset"] else {}
     for key, value in folder_data.items():
@@ -239,15 +243,27 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
             key, theirs, ours = conflicts[0]
             raise ConfigError(f"run folder {req.out} was augmented with data.{key}={theirs!r}, this command asks for "
                               f"data.{key}={ours!r}: use another --out, or --force augment to rebuild this folder")
-    return cfg, _changes_to_the_run(before, cfg, saved) if continuing else []
+    return cfg, _changes_to_the_run(before, cfg, saved, resuming=req.stage == "train") if continuing else []
 
 
-def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path) -> list[str]:
+def _run_config(path: Path) -> RunConfig:
+    """The training run's own config.json; one that is not a file, or holds no settings, is named (a stage after
+    training would otherwise run on the preset's settings without a word)."""
+    if not path.is_file():
+        raise InputFileError(path, "is a folder (or another non-file), not the run's settings", "run config")
+    content = read_json(path, "run config")
+    if isinstance(content, dict) and not isinstance(content.get("model"), dict):
+        raise InputFileError(path, "holds no run settings (no model section); --force train rebuilds the run",
+                             "run config")
+    return from_dict(content, where=str(path))
+
+
+def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path, resuming: bool = False) -> list[str]:
     """A command that continues a training run takes the run's settings; one given that differs is named, and
     refused if the run could not continue with it."""
     changed = changed_settings(saved, cfg)
     for key, (old, new) in changed.items():
-        if run_defining(key):
+        if run_defining(key, resuming):
             raise ConfigError(f"{key}={new!r} on the command line: this run was trained with {key}={old!r} ({path}); "
                               "it cannot continue with another value: --force train starts the run over, or use "
                               "another --out")
@@ -267,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" while writing {e.filename}" if e.filename else ""
         if is_disk_full(e):
             raise DiskFullError(e.errno, f"no space left on device{where}") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
             raise InputFileError(e.filename or "?", e.strerror or str(e), "file") from e
         raise
 
@@ -306,8 +322,8 @@ def _take_folder(args: argparse.Namespace, forced: frozenset[str],
     out = Path(args.out or f"runs/{args.preset}")
     marker = runfolder.check_writable_folder(out)  # refuses a file or a foreign folder; touches nothing
     if marker is None and args.stage not in ("augment", "all") and not (args.stage == "train" and args.data):
-        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
-                             "(or --stage all) first")
+        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); {args.stage} needs its "
+                             f"dataset: first run {_augment_command(args, out)}")
     req = _request(args, out, marker, forced)
     cfg, notes = resolve_config(args, req, marker)
     if not is_main_process():
@@ -325,6 +341,23 @@ def _take_folder(args: argparse.Namespace, forced: frozenset[str],
     if marker is None:
         held.push(lambda kind, error, tb: runfolder.undo_new_folder(out, created) if kind else None)
     return cfg, req, _claim(args, req, cfg, marker)
+
+
+def _augment_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that makes `out` a run folder with the settings this command gave (what `--stage plan` on a
+    new folder, say, needs first)."""
+    import shlex
+
+    preset_name = args.preset or "PRESET"
+    words = ["python", "-m", "pipeline.run", "--stage", "augment", "--preset", preset_name, "--out", str(out)]
+    for flag in ("data", "eval_set", "num_aug", "canvas", "seed"):
+        value = getattr(args, flag)
+        for item in (value if isinstance(value, list) else [value] if value is not None else []):
+            words += [f"--{flag.replace('_', '-')}", str(item)]
+    for item in args.set:
+        if item.startswith("data."):
+            words += ["--set", item]
+    return shlex.join(words)
 
 
 def _claim(args: argparse.Namespace, req: Request, cfg: RunConfig, marker: dict | None) -> dict[str, Any]:
@@ -376,7 +409,7 @@ def _run_stages(cfg: RunConfig, req: Request, marker: dict | None) -> None:
         if stage == "train":
             if redo:  # redoing training replaces the old checkpoints
                 stage_req = dataclasses.replace(req, forced=req.forced | {"train"})
-            elif (req.out / "checkpoints").exists():  # an unfinished training run continues where it stopped
+            elif latest_checkpoint(req.out / "checkpoints") is not None:  # an unfinished run goes on where it stopped
                 stage_req = dataclasses.replace(req, resume=True)
         STAGE_FUNCS[stage](cfg, stage_req)
 
