@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from augment.dataset import AugmentedDataset, build_dataset  # noqa: E402
-from pipeline.model.rows import parse_buckets  # noqa: E402
+from pipeline.model.rows import RowEngine  # noqa: E402
 from pipeline.config import apply_overrides, from_dict, preset  # noqa: E402
 from pipeline.data.tasks import load_tasks, select_tasks  # noqa: E402
 from pipeline.model.flops import model_flops_per_row_step  # noqa: E402
@@ -144,11 +144,11 @@ def learn(args: argparse.Namespace) -> dict:
             if (folder / "score.json").exists():
                 results["runs"].append({"arm": arm, "seed": seed, **learn_figures(folder, buckets)})
     if results["runs"]:  # the translation range of this data, whole canvas against buckets
-        from pipeline.data.canvas import side_for, translation_room
+        from pipeline.data.canvas import translation_room
 
         dataset = AugmentedDataset.load(root / f"full_s{args.seeds.split(',')[0]}" / "dataset")
         extent = dataset.train_extent(np.arange(dataset.num_train_examples))
-        sides = side_for(extent.max(axis=1), parse_buckets(LEARN_ARMS["buckets"], dataset.canvas), dataset.canvas)
+        sides = RowEngine.build(LEARN_ARMS["buckets"], dataset.canvas).side_for(extent.max(axis=1))
         results["offsets_per_example"] = {
             arm: float(np.prod(translation_room(extent, side, dataset.canvas) + 1, axis=1).mean())
             for arm, side in (("full", dataset.canvas), ("buckets", sides[:, None]))}
@@ -174,7 +174,7 @@ def learn_figures(folder: Path, buckets: str) -> dict:
         "lm_loss": float(np.mean([r["lm_loss"] for r in train[-3:]])),
         "grid_tokens_per_row": float(np.mean([r["grid_tokens_per_row"] for r in train])),
         "pass2_task": score.task_score, "pass2": score.kaggle_score, "oracle": score.oracle_score,
-        "ce_true": true_answer_cross_entropy(model, dataset, parse_buckets(buckets, dataset.canvas)),
+        "ce_true": true_answer_cross_entropy(model, dataset, RowEngine.build(buckets, dataset.canvas, model.config)),
         "eval_pass2": [r["pass2"] for r in rows if r["kind"] == "eval"],
         # training time from the logged throughput (the chain's wall time includes waiting for a CPU slot)
         "train_minutes": sum(batch * (r["step"] - p["step"]) / r["examples_per_s"]
@@ -206,7 +206,7 @@ def learn_table(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- prediction
-def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[int, ...], views: int = 8) -> float:
+def true_answer_cross_entropy(model, dataset: AugmentedDataset, engine: RowEngine, views: int = 8) -> float:
     """Mean over held-out test outputs of the per-cell cross-entropy (nats) of the true answer, averaged over
     the first `views` views (cells: the answer's colours and its EOS edge)."""
     from pipeline.inference.predictions import PredictionsWriter
@@ -217,7 +217,7 @@ def true_answer_cross_entropy(model, dataset: AugmentedDataset, buckets: tuple[i
         for i, out in enumerate(task.test_outputs):
             writer.add(task.id, i, 0, 1.0, [out])
     truth = writer.finish()
-    logp, cells = rescore(model, dataset, truth, top_k=1, views=views, progress=False, buckets=buckets)
+    logp, cells = rescore(model, dataset, truth, top_k=1, views=views, progress=False, engine=engine)
     return float(np.mean(-logp / cells))
 
 
@@ -238,15 +238,16 @@ def predict_arms(args: argparse.Namespace) -> dict:
     solutions = {t.id: t.test_outputs for t in tasks}
     pcfg = PredictConfig(**{**cfg.predict.__dict__, "time_budget_s": 0.0})
     result = {"run": str(run), "trained_on": cfg.data.canvas_buckets or "full canvas"}
-    arms = {"full canvas": (), "buckets": parse_buckets(args.buckets, dataset.canvas)}
+    arms = {"full canvas": RowEngine.build("", dataset.canvas, model.config),
+            "buckets": RowEngine.build(args.buckets, dataset.canvas, model.config)}
     for repeat in range(args.repeats):
-        for name, buckets in arms.items():
+        for name, engine in arms.items():
             started = time.perf_counter()
-            predictions = predict(model, dataset, pcfg, progress=False, buckets=buckets)
+            predictions = predict(model, dataset, pcfg, progress=False, engine=engine)
             seconds = time.perf_counter() - started
             predictions.logp, predictions.logp_cells = rescore(
                 model, dataset, predictions, top_k=pcfg.rescore_top_k, views=pcfg.rescore_views,
-                batch_size=pcfg.batch_size, progress=False, buckets=buckets)
+                batch_size=pcfg.batch_size, progress=False, engine=engine)
             arm = result.setdefault(name, {"seconds": []})
             arm["seconds"].append(seconds)
             arm["views_per_s"] = len(predictions) / min(arm["seconds"])
@@ -256,7 +257,7 @@ def predict_arms(args: argparse.Namespace) -> dict:
                     report = score_submission(submission, solutions, predictions, selector=SELECTORS[selector])
                     arm[selector] = {"pass2_task": report.task_score, "pass2": report.kaggle_score,
                                      "oracle": report.oracle_score}
-                arm["ce_true"] = true_answer_cross_entropy(model, dataset, buckets)
+                arm["ce_true"] = true_answer_cross_entropy(model, dataset, engine)
     return result
 
 

@@ -26,7 +26,7 @@ from pipeline.config import preset
 from pipeline.data.tasks import load_tasks
 from pipeline.training.refill import Refill
 from pipeline.training.runtime import make_runtime
-from pipeline.training.train import check_loop
+from pipeline.training.train import LoopChecks
 
 
 def main() -> None:
@@ -52,6 +52,7 @@ def main() -> None:
     if rt.world > 1:
         torch.distributed.barrier()  # time the steps, not the processes' different start-up times
     t_begin = time.perf_counter()
+    checks = LoopChecks(cfg, rt)
     times: list[tuple[float, float, float]] = []
     for step in range(args.steps):
         halted = np.ones(args.global_batch, bool) if step == 0 else rng.random(args.global_batch) < args.halt_rate
@@ -61,7 +62,7 @@ def main() -> None:
         t1 = time.perf_counter()
         refill(0, halted_local)  # in the trainer: at the start of the next step (draw, encode, copy)
         t2 = time.perf_counter()
-        check_loop(cfg, rt, step + 1, time.perf_counter() - t_begin, 0.0)
+        checks(time.perf_counter() - t_begin, 0.0)
         t3 = time.perf_counter()
         times.append((t1 - t0, t2 - t1, t3 - t2))
     steady = np.array(times[1:]) * 1e3

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from pipeline.model.trm import trm as this_model
+from pipeline.model import trm as this_model
+from pipeline.training.loss import act_loss
 
 CONFIGS = {
     # name: (overrides of the paper preset, batch size, default repeats)
@@ -76,14 +77,14 @@ def bench_one(name: str, repeats: int, compile_model: bool, threads: int, compar
         model.train()
         model.zero_grad()
         carry, outputs = step(model.initial_carry(batch), batch)
-        loss, _ = module.act_loss(outputs, carry)
+        loss, _ = getattr(module, "act_loss", act_loss)(outputs, carry)  # older model files carried the loss
         loss.backward()
 
     def eval_step(module, model, step):
         model.eval()
         with torch.inference_mode():
             carry, outputs = step(model.initial_carry(batch), batch)
-            module.act_loss(outputs, carry)
+            getattr(module, "act_loss", act_loss)(outputs, carry)
 
     times: dict[tuple[str, str], list[float]] = {}
     for warm_or_timed in ["warm"] * (2 if compile_model else 1) + ["timed"] * repeats:

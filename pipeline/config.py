@@ -256,6 +256,8 @@ class Range:
 
 
 MAX_AUGMENTATIONS = 8 * 362_880 - 1  # distinct dihedral × colour-permutation views of a puzzle, the identity aside
+MAX_FLOPS = 1e30  # a budget past every run (the paper's is about 1e20); more overflows the step count
+MAX_ACT_STEPS = 1024  # ACT steps at prediction (the paper's model halts within 16): more only runs for ever
 AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, above=True), Range(0, 1)
 # Every numeric setting's bounds; a value outside would only fail deep inside a stage (or silently misbehave).
 LIMITS: dict[str, Range] = {
@@ -264,14 +266,14 @@ LIMITS: dict[str, Range] = {
     "beta2": Range(0, 0.9999), "weight_decay": AT_LEAST_0, "puzzle_emb_lr": AT_LEAST_0,
     "puzzle_emb_weight_decay": AT_LEAST_0, "ema_rate": FRACTION, "grad_accum_steps": AT_LEAST_1,
     "freeze_weights_steps": AT_LEAST_0, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
-    "checkpoint_every_s": AT_LEAST_0, "flops_budget": AT_LEAST_0, "depth_curriculum": FRACTION,
+    "checkpoint_every_s": AT_LEAST_0, "flops_budget": Range(0, MAX_FLOPS), "depth_curriculum": FRACTION,
     "keep_checkpoints": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_every_epochs": AT_LEAST_0,
     "eval_views": AT_LEAST_1, "log_every": AT_LEAST_1, "time_budget_s": AT_LEAST_0,
     "data.num_aug": Range(0, MAX_AUGMENTATIONS), "data.canvas": Range(1, 30), "data.max_side": Range(0, 30),
     "data.max_tasks": AT_LEAST_0, "data.seed": AT_LEAST_0,
     "predict.max_variants": AT_LEAST_0, "predict.batch_size": AT_LEAST_1, "predict.time_budget_s": AT_LEAST_0,
     "predict.save_partial_every_s": AT_LEAST_0, "predict.rescore_views": AT_LEAST_0,
-    "predict.rescore_top_k": AT_LEAST_1, "predict.act_steps": AT_LEAST_0,
+    "predict.rescore_top_k": AT_LEAST_1, "predict.act_steps": Range(0, MAX_ACT_STEPS),
     "model.vocab_size": AT_LEAST_1, "model.seq_len": AT_LEAST_1, "model.hidden_size": AT_LEAST_1,
     "model.num_heads": AT_LEAST_1, "model.expansion": POSITIVE, "model.num_layers": AT_LEAST_1,
     "model.H_cycles": AT_LEAST_1, "model.L_cycles": AT_LEAST_1, "model.halt_max_steps": AT_LEAST_1,
@@ -291,18 +293,28 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
             problem = LIMITS[key].problem(value)
         if problem:
             raise ConfigError(f"{name(key)}: {problem}")
+    def blame(*keys: str) -> str:
+        """Where the first of `keys` that the command line gave came from (a relation between settings is the
+        fault of the one the user changed, not of the preset's value beside it); else the first key's origin."""
+        given = [k for k in keys if name(k).startswith("--set ")]
+        return name((given or list(keys))[0])
+
     m = cfg.model
     if m.hidden_size % m.num_heads:
-        raise ConfigError(f"{name('model.hidden_size')}: {m.hidden_size} is not divisible by model.num_heads="
-                          f"{m.num_heads}")
+        raise ConfigError(f"{blame('model.hidden_size', 'model.num_heads')}: model.hidden_size={m.hidden_size} is "
+                          f"not divisible by model.num_heads={m.num_heads}")
     if m.pos_encodings == "rope" and (m.hidden_size // m.num_heads) % 2:
-        raise ConfigError(f"{name('model.hidden_size')}: rotary positions need an even width per head; "
-                          f"{m.hidden_size} / model.num_heads={m.num_heads} = {m.hidden_size // m.num_heads}")
+        raise ConfigError(f"{blame('model.hidden_size', 'model.num_heads', 'model.pos_encodings')}: rotary "
+                          f"positions need an even width per head; model.hidden_size={m.hidden_size} / "
+                          f"model.num_heads={m.num_heads} = {m.hidden_size // m.num_heads}")
+    if m.mlp_conv % 2 == 0 and m.mlp_conv:
+        raise ConfigError(f"{name('model.mlp_conv')}: must be 0 (off) or an odd kernel size, got {m.mlp_conv}")
     m.validate()  # the model's own rules (puzzle-embedding sizes)
     unit = world * cfg.grad_accum_steps
     if cfg.global_batch_size % unit:
-        raise ConfigError(f"{name('global_batch_size')}: {cfg.global_batch_size} does not divide into {world} "
-                          f"process(es) × grad_accum_steps={cfg.grad_accum_steps}")
+        raise ConfigError(f"{blame('global_batch_size', 'grad_accum_steps')}: global_batch_size="
+                          f"{cfg.global_batch_size} does not divide into {world} process(es) × grad_accum_steps="
+                          f"{cfg.grad_accum_steps}")
     from pipeline.core.tracking import tracker_problem
 
     problem = tracker_problem(cfg.log_with, installed=False)  # whether installed: checked where training starts
@@ -323,12 +335,17 @@ def check_config(cfg: RunConfig, world: int = 1, name: Callable[[str], str] = la
 # The settings a training run is made of: a resumed run, or a stage after training, cannot change them (the weights'
 # shapes, the optimizer's state, the carry of every row, the sampler's stream would no longer fit the run).
 RUN_DEFINING = ("model.", "optimizer", "global_batch_size", "seed", "ema", "data.sampling", "data.translation")
+# Also fixed for a resumed run (the rows' carry and the sampler's stream are laid out by them), though prediction
+# may use other values.
+RESUME_DEFINING = ("data.canvas_buckets",)
 # Never compared between commands: set from the dataset by training, or how blocks run rather than what they compute.
 NOT_COMPARED = ("model.seq_len", "model.num_puzzle_identifiers", "model.compile_backend")
 
 
-def run_defining(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RUN_DEFINING)
+def run_defining(key: str, resuming: bool = False) -> bool:
+    """Whether `key` is one a run is made of (RUN_DEFINING), or, when `resuming`, one a resumed run keeps."""
+    prefixes = RUN_DEFINING + (RESUME_DEFINING if resuming else ())
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
 
 def changed_settings(before: RunConfig | dict[str, Any], after: RunConfig | dict[str, Any]) -> dict[str, tuple]:

@@ -37,6 +37,7 @@ from pipeline.cli import export, inputs, runfolder
 from pipeline.cli.resolve import choose_preset, resolve_config
 from pipeline.model import hub
 from pipeline.training.collectives import is_main_process, world_size
+from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.config import PRESETS, RunConfig, Selector
 from pipeline.core.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
 from pipeline.core.io import is_disk_full
@@ -126,6 +127,9 @@ def _check_arguments(args: argparse.Namespace, forced: frozenset[str]) -> None:
     """Arguments that contradict each other, or that no stage can use."""
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out: an empty path; give the run folder")
+    for flag, value in (("--puzzle-rows", args.puzzle_rows), ("--export-dir", args.export_dir)):
+        if value is not None and args.stage != "export":
+            raise ConfigError(f"{flag} applies to --stage export, not --stage {args.stage}")
     if args.resume:
         if args.stage not in ("train", "all"):
             raise ConfigError(f"--resume applies to --stage train (or all), not --stage {args.stage}")
@@ -155,7 +159,7 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
                    preset=args.preset or (marker or {}).get("preset"),
                    submission=optional(args.submission), solutions=args.solutions,
                    predictions=optional(args.predictions), plan_time_steps=args.plan_time_steps, quiet=args.quiet,
-                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows)
+                   export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows or "all")
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" while writing {e.filename}" if e.filename else ""
         if is_disk_full(e):
             raise DiskFullError(e.errno, f"no space left on device{where}") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
             raise InputFileError(e.filename or "?", e.strerror or str(e), "file") from e
         raise
 
@@ -207,8 +211,8 @@ def _take_folder(args: argparse.Namespace, forced: frozenset[str],
     out = Path(args.out or f"runs/{args.preset}")
     marker = runfolder.check_writable_folder(out)  # refuses a file or a foreign folder; touches nothing
     if marker is None and args.stage not in ("augment", "all") and not (args.stage == "train" and args.data):
-        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); run --stage augment "
-                             "(or --stage all) first")
+        raise RunFolderError(f"--out {out}: not a run folder (no {runfolder.MARKER}); {args.stage} needs its "
+                             f"dataset: first run {_augment_command(args, out)}")
     req = _request(args, out, marker, forced)
     cfg, notes = resolve_config(args, req, marker)
     if not is_main_process():
@@ -226,6 +230,23 @@ def _take_folder(args: argparse.Namespace, forced: frozenset[str],
     if marker is None:
         held.push(lambda kind, error, tb: runfolder.undo_new_folder(out, created) if kind else None)
     return cfg, req, _claim(args, req, cfg, marker)
+
+
+def _augment_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that makes `out` a run folder with the settings this command gave (what `--stage plan` on a
+    new folder, say, needs first)."""
+    import shlex
+
+    preset_name = args.preset or "PRESET"
+    words = ["python", "-m", "pipeline.run", "--stage", "augment", "--preset", preset_name, "--out", str(out)]
+    for flag in ("data", "eval_set", "num_aug", "canvas", "seed"):
+        value = getattr(args, flag)
+        for item in (value if isinstance(value, list) else [value] if value is not None else []):
+            words += [f"--{flag.replace('_', '-')}", str(item)]
+    for item in args.set:
+        if item.startswith("data."):
+            words += ["--set", item]
+    return shlex.join(words)
 
 
 def _claim(args: argparse.Namespace, req: Request, cfg: RunConfig, marker: dict | None) -> dict[str, Any]:
@@ -277,7 +298,7 @@ def _run_stages(cfg: RunConfig, req: Request, marker: dict | None) -> None:
         if stage == "train":
             if redo:  # redoing training replaces the old checkpoints
                 stage_req = dataclasses.replace(req, forced=req.forced | {"train"})
-            elif (req.out / "checkpoints").exists():  # an unfinished training run continues where it stopped
+            elif latest_checkpoint(req.out / "checkpoints") is not None:  # an unfinished run goes on where it stopped
                 stage_req = dataclasses.replace(req, resume=True)
         STAGE_FUNCS[stage](cfg, stage_req)
 

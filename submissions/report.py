@@ -142,6 +142,7 @@ def render_report(
     score: ScoreReport | None = None,
     metrics_path: str | os.PathLike | None = None,
     title: str = "TRM ARC run report",
+    notes: Sequence[str] = (),
 ) -> str:
     """The whole page as a string. Truth comes from `solutions`, else from each task's own test outputs."""
     if solutions is None:
@@ -150,7 +151,7 @@ def render_report(
     scored = {t.id: solutions[t.id] for t in tasks if t.id in solutions} if solutions is not None else {}
     if score is None and scored:
         score = score_submission(submission, scored)
-    sections = [f"<h1>{html.escape(title)}</h1>"]
+    sections = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="note">{html.escape(n)}</p>' for n in notes)]
     if score is not None:
         sections.append(_scores_html(score))
     if metrics_path is not None:
@@ -184,6 +185,8 @@ def write_report(
     score: ScoreReport | None = None,
     metrics_path: str | os.PathLike | None = None,
     title: str = "TRM ARC run report",
+    notes: Sequence[str] = (),
 ) -> None:
-    """Write the page atomically (see render_report)."""
-    atomic_write_text(Path(path), render_report(tasks, submission, solutions, score, metrics_path, title))
+    """Write the page atomically (see render_report); `notes`: lines shown under the title (e.g. how the
+    checkpoint was chosen)."""
+    atomic_write_text(Path(path), render_report(tasks, submission, solutions, score, metrics_path, title, notes))

@@ -228,10 +228,11 @@ def per_task_csv(report: ScoreReport) -> str:
     return buffer.getvalue()
 
 
-def write_score(report: ScoreReport, out_dir: str | os.PathLike) -> None:
-    """score.json (everything) and score_per_task.csv (one row per task, truth ranks joined by ';')."""
+def write_score(report: ScoreReport, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """score.json (everything, plus `extra`'s entries: e.g. how the checkpoint was chosen) and score_per_task.csv
+    (one row per task, truth ranks joined by ';')."""
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / SCORE_FILES[0], report.to_json())
+    atomic_write_json(out_dir / SCORE_FILES[0], {**report.to_json(), **(extra or {})})
     atomic_write_text(out_dir / SCORE_FILES[1], per_task_csv(report))
 
 

@@ -216,7 +216,7 @@ def test_malformed_or_foreign_weights_are_one_error_line(run, new_puzzles, tmp_p
     foreign_target.mkdir()
     (foreign_target / "notes.txt").write_text("mine")
     assert cli(["--stage", "export", "--out", str(run), "--export-dir", str(foreign_target)]) == 2
-    assert "not empty and not an exported folder" in capsys.readouterr().err
+    assert "not an export of this pipeline" in capsys.readouterr().err
 
 
 def _build_bundle_module():

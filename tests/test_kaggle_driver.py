@@ -272,3 +272,35 @@ def test_the_report_counts_what_every_test_input_got_in_one_vocabulary(tmp_path,
     assert 0 < scored["ce_true"] < 10 and 0 <= scored["cell_acc_true"] <= 1
     assert re.search(r"PHASE score: .*outcome ok: pass@2 50.0% of 4 test outputs \(1 of 3 tasks solved\), ce_true "
                      r"\d+\.\d{4}", printed)
+
+
+# ------------------------------------------------------------------------------------------ in-process windows
+def test_augment_and_submit_in_the_drivers_process_end_within_their_windows(tmp_path, monkeypatch):
+    """Augment and submit run in the driver's process; a pathological input (here: a body that never ends) is
+    stopped at the end of its window, and the stage fails with the fallback submission in place."""
+    from augment.dataset import AugmentedDataset
+    from pipeline.kaggle_driver import budget
+    from pipeline.kaggle_driver.window import WindowExceeded, time_window
+
+    s = _settings(time_budget_s=1000.0, submit_reserve_s=100.0)
+    assert budget.augment_window_s(s, now=1000.0) == pytest.approx(budget.AUGMENT_SHARE * 900)
+    assert budget.submit_window_s(s, now=1000.0 + 800) == pytest.approx(200.0)  # the rest of the budget
+    assert budget.submit_window_s(s, now=1000.0 + 990) == 100.0  # never less than its reserve
+    start = time.monotonic()
+    with pytest.raises(WindowExceeded, match="augment: no end within"):
+        with time_window(0.5, "augment"):
+            time.sleep(30)
+    assert time.monotonic() - start < 2
+
+    settings = kd.settings_from_env(env={"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_KAGGLE_WORKING": str(tmp_path),
+                                         "TRM_SUBMIT_RESERVE_S": "1"}, probe=lambda: (0, False))
+    settings.started_at = time.time() - settings.time_budget_s  # at the deadline: submit gets its reserve, 1 s
+    run = RunState(settings, settings.devices, fallback={"t": [{"attempt_1": [[0]], "attempt_2": [[0]]}]})
+    run.status["predict"] = {"state": Outcome.OK.value}
+    settings.run_dir.mkdir(parents=True)
+    (settings.run_dir / "predictions.npz").write_bytes(b"")
+    monkeypatch.setattr(AugmentedDataset, "load", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    with pytest.raises(WindowExceeded, match="submit: no end within its window of 1 s"):
+        stages.submit(run)
+    assert time.monotonic() - start < 3

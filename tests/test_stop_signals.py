@@ -1,5 +1,6 @@
-"""Nothing done is lost to a timeout: SIGTERM during fine-tuning leaves a resumable checkpoint that prediction
-uses (one process, and two under torchrun stopped by the driver); SIGTERM during prediction or during re-scoring
+"""Nothing done is lost to a timeout: SIGTERM during fine-tuning leaves a checkpoint to resume from that prediction
+uses (one process, and two under torchrun with the paper model's shapes, within the driver's kill grace); SIGTERM
+during an evaluation ends it and saves; SIGTERM during prediction or during re-scoring
 keeps the candidates made so far; the periodic time-based checkpoint survives a crash; re-scoring sharded over 2
 processes scores what one process scores."""
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.model.trm import TRM
 from pipeline.inference.predict import predict_to_file
 from pipeline.inference.predictions import Predictions
 from pipeline.core.signals import Stopped
-from pipeline.training.train import BUDGET_CHECK_EVERY, train
+from pipeline.training.train import train
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,9 @@ def test_sigterm_during_fine_tuning_leaves_a_resumable_checkpoint_that_predictio
     assert child.returncode == 128 + signal.SIGTERM, output
     assert "train: stopped by a signal at step" in output
     last = ckpt.latest_checkpoint(run / "checkpoints")
-    state = ckpt.load_training_state(last)
-    assert not state["final"] and state["carry"] is not None and state["step"] >= 3  # resumable exactly
+    state = ckpt.check_training_state(ckpt.load_training_state(last), last)
+    assert not state["final"] and state["stopped"] and state["step"] >= 3
+    assert state["carry"] is None  # saved without the carry (to fit the kill grace): the rows in flight restart
     predictions = Predictions.load(predict_to_file(data, last, tmp_path / "p.npz", PREDICT, progress=False))
     assert len(predictions) == _rows(data)
     again = train(tiny_config(max_steps=state["step"] + 2), data, run, resume=True, progress=False)
@@ -84,6 +86,27 @@ def _sigterm_at_call(monkeypatch, target, name: str, call: int) -> list[int]:
 
     monkeypatch.setattr(target, name, wrapped)
     return calls
+
+
+def test_sigterm_during_an_evaluation_ends_it_at_the_next_batch_and_saves(data, tmp_path, monkeypatch):
+    """A stop request during evaluation (minutes at the paper's size) ends it after the batch in progress: no
+    evaluation row or evaluated weights from a partial evaluation, a checkpoint to resume from, then Stopped."""
+    import pipeline.inference.predict as predict_module
+    from augment.dataset import AugmentedDataset
+    from pipeline.cli.evaluate import HeldOutEvaluator
+
+    real = HeldOutEvaluator.for_dataset(AugmentedDataset.load(data), views=4, batch_size=2)
+    batches = _sigterm_at_call(monkeypatch, predict_module, "_predict_batch", 1)
+    truth = _sigterm_at_call(monkeypatch, rescore_module, "view_logprobs", 10**9)  # counts only
+    run = tmp_path / "run"
+    with pytest.raises(Stopped) as stopped:
+        train(tiny_config(max_steps=4, eval_every=2, checkpoint_every=100), data, run, progress=False, evaluator=real)
+    assert "during the evaluation at step 2" in str(stopped.value)
+    assert batches[0] == 1 and truth[0] == 0  # of the rows' batches and the truth's views, one batch ran
+    state = ckpt.load_training_state(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert state["step"] == 2 and state["stopped"] and not state["final"]
+    assert not list((run / "checkpoints" / "evaluated").glob("*.pt"))
+    assert all('"eval"' not in line for line in (run / "metrics.jsonl").read_text().splitlines())
 
 
 def test_sigterm_during_prediction_writes_the_candidates_so_far(data, trained, tmp_path, monkeypatch):
@@ -160,31 +183,71 @@ def test_rescoring_sharded_over_two_processes_scores_as_one_process(data, traine
     assert np.isfinite(two.logp).any()
 
 
+@pytest.fixture(scope="module")
+def paper_canvas_data(tmp_path_factory) -> Path:
+    """Two ARC-AGI-1 tasks on the paper's 30x30 canvas (one held out), one augmentation each."""
+    from augment.dataset import build_dataset
+    from pipeline.data.tasks import load_tasks
+
+    tasks = load_tasks("arc-agi-1/training").tasks[:1] + load_tasks("arc-agi-1/evaluation").tasks[:1]
+    out = tmp_path_factory.mktemp("paper") / "data"
+    build_dataset(tasks, {tasks[1].id}, num_aug=1, seed=0, canvas=30, progress=False).save(out)
+    return out
+
+
+# The paper model's shapes (pipeline.model.trm.ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle-embedding
+# positions of 512, the 30x30 canvas) at its recursion's least depth (the same tensors, 1 cycle each, so that a
+# step is seconds on a CPU) and the smallest global batch over 2 processes.
+PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "global_batch_size=2",
+                "--set", "max_steps=1000000", "--set", "checkpoint_every=1000000", "--set", "log_every=1",
+                "--set", "eval_every=0", "--set", "eval_every_epochs=0"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from /proc")
-def test_an_interrupted_two_process_fine_tune_saves_a_checkpoint_and_leaves_nothing_running(data, tmp_path):
-    """The driver's stop under torchrun: both workers get SIGTERM, agree on a step (a collective every
-    BUDGET_CHECK_EVERY steps), save one resumable checkpoint of the whole global batch, and exit; nothing is left."""
+def test_a_stopped_two_process_paper_shape_fine_tune_saves_within_the_drivers_grace(paper_canvas_data, tmp_path):
+    """The driver's stop under torchrun, with the paper model's shapes: both workers get SIGTERM, agree on the
+    next step (the stop flag is summed every step), save one checkpoint without the carry and exit, all before the
+    kill grace the driver derives from that checkpoint's size and this disk (SIGKILL would lose it); nothing is
+    left running."""
+    from pipeline.config import preset
+    from pipeline.kaggle_driver.budget import stop_grace_s
+    from pipeline.kaggle_driver.settings import KaggleSettings
+    from pipeline.kaggle_driver.stages import write_rate
+
     run = tmp_path / "run"
-    args = ["--stage", "train", "--preset", "demo", "--data", str(data), "--out", str(run), "--quiet",
-            *tiny_overrides(max_steps=10**6, checkpoint_every=10**6, log_every=1)]
+    args = ["--stage", "train", "--preset", "arc1", "--data", str(paper_canvas_data), "--out", str(run), "--quiet",
+            *PAPER_SHAPES]
+    from augment.dataset import AugmentedDataset
+
+    model = preset("arc1").model
+    model.num_puzzle_identifiers = AugmentedDataset.load(paper_canvas_data).num_puzzle_identifiers
+    grace = stop_grace_s(KaggleSettings(tmp_path, tmp_path, tmp_path), ckpt.stop_checkpoint_bytes(model),
+                         write_rate(tmp_path))
     workers: list[int] = []
+    interrupted: list[float] = []
 
     def interrupt_once_training():
         metrics = run / "metrics.jsonl"
-        end = time.monotonic() + 120
+        end = time.monotonic() + 300
         while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < end:
             time.sleep(0.1)
         workers.extend(int(p) for p in subprocess.run(["pgrep", "-f", str(run)], capture_output=True,
                                                        text=True).stdout.split())
+        interrupted.append(time.monotonic())
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_training, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        run_child(launch_command(2, args), 300.0, cwd=tmp_path, grace_s=60.0, join_s=2.0, launcher=True,
+        run_child(launch_command(2, args), 600.0, cwd=tmp_path, grace_s=grace, join_s=2.0, launcher=True,
                   env={**os.environ, "OMP_NUM_THREADS": "1"}, log_path=tmp_path / "child.log")
+    stopped_s = time.monotonic() - interrupted[0]
     log = (tmp_path / "child.log").read_text()
     assert "train: stopped by a signal at step" in log, log[-3000:]
-    state = ckpt.load_training_state(ckpt.latest_checkpoint(run / "checkpoints"))
-    assert not state["final"] and state["step"] % BUDGET_CHECK_EVERY == 0 and state["world"] == 2
-    assert state["carry"]["halted"].shape[0] == 8  # the whole global batch, gathered from both processes
+    last = ckpt.latest_checkpoint(run / "checkpoints")
+    state = ckpt.check_training_state(ckpt.load_training_state(last), last)
+    assert state["stopped"] and not state["final"] and state["world"] == 2 and state["carry"] is None
+    assert state["config"]["model"]["hidden_size"] == 512 and state["model"]["puzzle_emb.weights"].shape == (model.num_puzzle_identifiers, 512)
+    assert last.stat().st_size <= ckpt.stop_checkpoint_bytes(model)  # the estimate the grace is derived from holds
+    print(f"SIGTERM to the end of the job: {stopped_s:.1f} s; the derived kill grace: {grace:.1f} s")
+    assert stopped_s < grace, (stopped_s, grace)
     assert len(workers) >= 3 and not any(is_running(pid) for pid in workers)  # torchrun and its 2 workers

@@ -21,7 +21,7 @@ from pipeline.training.refill import Refill
 from pipeline.training.runtime import Runtime, make_runtime
 from pipeline.training.state import blank_carries, build_state
 from pipeline.training.step import train_step
-from pipeline.training.train import BUDGET_CHECK_EVERY, check_loop, train
+from pipeline.training.train import LoopChecks, train
 from tiny import build_tiny_dataset, tiny_config
 
 
@@ -56,21 +56,31 @@ def test_each_process_encodes_only_its_rows_and_gets_what_one_process_would(tiny
                                                     batch_size=8).state_dict() | {"position": 5}
 
 
-def test_loop_checks_are_a_collective_only_every_few_steps_with_several_processes(monkeypatch):
-    calls = []
-    monkeypatch.setattr(train_module, "all_reduce_sum", lambda t, world: calls.append(t.tolist()) or t)
-    cfg = tiny_config(time_budget_s=5.0)
+def test_loop_checks_reach_every_process_within_one_step_without_waiting_each_step(monkeypatch):
+    """With several processes each step starts a sum of the flags and acts on the one started a step before."""
+    started, waited = [], []
+
+    def start(t, world):
+        started.append(t.tolist())
+        return lambda: waited.append(len(started)) or t * world
+
+    monkeypatch.setattr(train_module, "all_reduce_sum_async", start)
     several = Runtime(accelerator=None, rank=0, world=2, device=torch.device("cpu"))
-    stops = [step for step in range(1, 26) if check_loop(cfg, several, step, elapsed_s=9.0, since_save_s=0.0).out_of_time]
-    assert stops == [BUDGET_CHECK_EVERY, 2 * BUDGET_CHECK_EVERY] and len(calls) == 2
+    checks = LoopChecks(tiny_config(time_budget_s=5.0), several)
+    seen = [checks(elapsed_s=9.0 if step >= 3 else 1.0, since_save_s=0.0).out_of_time for step in range(1, 6)]
+    assert seen == [False, False, False, True, True]  # out of time after step 3: every process acts at step 4
+    assert len(started) == 5 and waited == [2, 3, 4, 5]  # one sum per step, each waited for a step later
+    checks.settle()
+    assert waited[-1] == 5
+    periodic = LoopChecks(tiny_config(checkpoint_every_s=60.0), several)
+    assert not periodic(9.0, since_save_s=61.0).save_due and periodic(9.0, since_save_s=61.0).save_due
+    periodic.saved()  # a checkpoint written now: the sum in flight predates it
+    assert not periodic(9.0, since_save_s=0.0).save_due
     one = Runtime(accelerator=None, rank=0, world=1, device=torch.device("cpu"))
-    assert check_loop(cfg, one, 1, elapsed_s=9.0, since_save_s=0.0).out_of_time
-    assert not check_loop(cfg, one, 1, elapsed_s=1.0, since_save_s=0.0).out_of_time
-    unlimited = check_loop(tiny_config(time_budget_s=0.0), several, BUDGET_CHECK_EVERY, elapsed_s=9.0, since_save_s=0.0)
-    assert unlimited == train_module.LoopCheck() and calls[-1] == [0.0, 0.0, 0.0]
-    periodic = tiny_config(checkpoint_every_s=60.0)
-    assert check_loop(periodic, one, 1, elapsed_s=9.0, since_save_s=61.0).save_due
-    assert not check_loop(periodic, one, 1, elapsed_s=9.0, since_save_s=59.0).save_due
+    assert LoopChecks(tiny_config(time_budget_s=5.0), one)(9.0, 0.0).out_of_time
+    assert not LoopChecks(tiny_config(time_budget_s=5.0), one)(1.0, 0.0).out_of_time
+    assert LoopChecks(tiny_config(checkpoint_every_s=60.0), one)(9.0, since_save_s=61.0).save_due
+    assert len(started) == 8  # none with one process
 
 
 def test_time_budget_stops_with_a_final_checkpoint(tiny_data: Path, tmp_path: Path):

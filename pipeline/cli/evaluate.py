@@ -22,6 +22,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.inference.predict import predict
 from pipeline.inference.predictions import Predictions
 from pipeline.inference.rescore import merge_truth_scores, truth_scores
+from pipeline.core.signals import stop_requested
 from pipeline.inference.vote import SELECTORS
 from pipeline.model.rows import RowEngine
 from submissions.score import score_submission
@@ -43,24 +44,27 @@ class HeldOutEvaluator:
 
     @classmethod
     def for_dataset(cls, dataset: AugmentedDataset, views: int, batch_size: int = 256,
-                    selector: str = "vote", buckets: tuple[int, ...] = ()) -> "HeldOutEvaluator | None":
+                    selector: str = "vote", engine: RowEngine | None = None) -> "HeldOutEvaluator | None":
         """An evaluator, or None when no held-out task has known answers (e.g. Kaggle's hidden tasks)."""
-        evaluator = cls(dataset, views, batch_size, selector, buckets)
+        evaluator = cls(dataset, views, batch_size, selector, engine)
         return evaluator if evaluator.tasks else None
 
     def __call__(self, model: Any, rt: Any) -> dict[str, Any] | None:
+        """The figures (on rank 0; None elsewhere). A stop request (pipeline.core.signals) ends the evaluation at the
+        next batch of any process: then None everywhere, and the trainer saves and stops."""
         stats: dict[str, int] = {}
         part = predict(model, self.dataset, self.cfg, device=rt.device, autocast=rt.accelerator.autocast,
-                       rank=rt.rank, world=rt.world, progress=False, engine=self.engine, stats=stats)
-        truth = truth_scores(model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size,
-                             device=rt.device, autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world,
-                             engine=self.engine)
-        parts = gather_objects((part, truth, stats.get("rerun_inputs", 0)), rt.world)
-        if not rt.is_main:
+                       rank=rt.rank, world=rt.world, progress=False, engine=self.engine, stats=stats,
+                       stop=stop_requested)
+        truth = {} if stop_requested() is not None else truth_scores(
+            model, self.dataset, self.cfg.max_variants, batch_size=self.cfg.batch_size, device=rt.device,
+            autocast=rt.accelerator.autocast, rank=rt.rank, world=rt.world, engine=self.engine, stop=stop_requested)
+        parts = gather_objects((part, truth, stats.get("rerun_inputs", 0), stop_requested() is not None), rt.world)
+        if not rt.is_main or any(stopped for *_, stopped in parts):
             return None
-        predictions = Predictions.concatenate([p for p, _, _ in parts]) if len(parts) > 1 else parts[0][0]
-        return {**self.score(predictions), **(merge_truth_scores([t for _, t, _ in parts]) or {}),
-                "rerun_inputs": sum(r for _, _, r in parts)}
+        predictions = Predictions.concatenate([p for p, *_ in parts]) if len(parts) > 1 else parts[0][0]
+        return {**self.score(predictions), **(merge_truth_scores([t for _, t, _, _ in parts]) or {}),
+                "rerun_inputs": sum(r for _, _, r, _ in parts)}
 
     def score(self, predictions: Predictions) -> dict[str, Any]:
         selector = SELECTORS[self.cfg.selector]

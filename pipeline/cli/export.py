@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ import torch
 
 from pipeline.training.checkpoint import PUZZLE_TABLE, Weights, dataset_fingerprint, load_weights, mean_rows
 from pipeline.core.errors import CheckpointError, RunFolderError
-from pipeline.core.io import read_json
-from pipeline.model.weights import CONFIG_FILE, WEIGHTS_FILE, is_weights_folder, write_weights_folder
+from pipeline.core.io import TMP_SUFFIX, read_json
+from pipeline.model.weights import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_weights_config, write_weights_folder
 
 PUZZLE_ROWS = ("all", "mean")
 EXPORT_DIR = "export"
@@ -29,7 +30,7 @@ EXPORT_DIR = "export"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-dir", help=f"export: the folder to write (default RUN/{EXPORT_DIR})")
-    parser.add_argument("--puzzle-rows", choices=PUZZLE_ROWS, default="all",
+    parser.add_argument("--puzzle-rows", choices=PUZZLE_ROWS,
                         help="export: every puzzle row (to predict this run's held-out tasks), or only their mean "
                         "(to fine-tune on new puzzles; the model without its table)")
 
@@ -57,12 +58,32 @@ def _describe_rows(weights: Weights, mean: bool, trained: int) -> str:
 
 
 def _target_folder(folder: Path) -> None:
-    """Write only into a new or empty folder, or over an earlier export."""
+    """Write only into a new or empty folder, or over an earlier export of this pipeline: one whose config.json is
+    ours and that holds nothing but its two files (and the temp files of a killed export, which do not count)."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--export-dir {folder}: is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not is_weights_folder(folder):
-        raise RunFolderError(f"--export-dir {folder}: not empty and not an exported folder ({WEIGHTS_FILE} + "
-                             f"{CONFIG_FILE}); give a new or empty folder")
+    if not folder.is_dir():
+        return
+    names = sorted(p.name for p in folder.iterdir() if not _is_temp_file(p))
+    if not names:
+        return
+    others = [n for n in names if n not in (WEIGHTS_FILE, CONFIG_FILE)]
+    ours = not others and CONFIG_FILE in names
+    if ours:
+        try:
+            read_weights_config(folder)
+        except CheckpointError:
+            ours = False
+    if not ours:
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise RunFolderError(f"--export-dir {folder}: not empty ({shown}) and not an export of this pipeline (one "
+                             f"holds only {WEIGHTS_FILE} and a {CONFIG_FILE} of format {FORMAT}); give a new or empty "
+                             "folder")
+
+
+def _is_temp_file(path: Path) -> bool:
+    """A temp file of pipeline.core.io's atomic writes (`.NAME.XXXX.tmp`): a killed export's leftovers."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX) and path.is_file()
 
 
 def export_weights(source: str | Path, folder: str | Path, puzzle_rows: str = "all", use_ema: bool = True,
@@ -94,5 +115,14 @@ def export_weights(source: str | Path, folder: str | Path, puzzle_rows: str = "a
         "run_config": weights.run_config,
         "source": str(source),
     }
-    write_weights_folder(folder, tensors, config)
+    created = not folder.exists()
+    for stale in folder.glob(f".*{TMP_SUFFIX}") if not created else ():  # what a killed export left
+        if _is_temp_file(stale):
+            stale.unlink(missing_ok=True)
+    try:
+        write_weights_folder(folder, tensors, config)
+    except BaseException:
+        if created:  # a failed first export leaves no folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return config

@@ -12,7 +12,7 @@ from pipeline.cli import runfolder
 from pipeline.cli.stages import Request
 from pipeline.config import (PRESETS, RunConfig, changed_settings, check_config, from_dict, preset, run_defining)
 from pipeline.core import settings
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, InputFileError
 from pipeline.core.io import read_json
 from pipeline.core.tracking import tracker_problem
 from pipeline.training.collectives import world_size
@@ -71,8 +71,8 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
     flags and --set. Every setting is checked; one that contradicts the folder or the run is an error naming it."""
     preset_name = choose_preset(args, marker, req.out, req.forced)
     saved = req.out / "config.json"
-    continuing = continues_run(req) and saved.is_file()
-    cfg = from_dict(read_json(saved, "run config"), where=str(saved)) if continuing else preset(preset_name)
+    continuing = continues_run(req) and saved.exists()
+    cfg = _run_config(saved) if continuing else preset(preset_name)
     # what the folder was augmented with (kept by --force augment too, unless it changes the preset)
     folder_data = marker["data"] if marker and preset_name == marker["preset"] else {}
     for key, value in folder_data.items():
@@ -96,15 +96,27 @@ def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) 
             key, theirs, ours = conflicts[0]
             raise ConfigError(f"run folder {req.out} was augmented with data.{key}={theirs!r}, this command asks for "
                               f"data.{key}={ours!r}: use another --out, or --force augment to rebuild this folder")
-    return cfg, _changes_to_the_run(before, cfg, saved) if continuing else []
+    return cfg, _changes_to_the_run(before, cfg, saved, resuming=req.stage == "train") if continuing else []
 
 
-def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path) -> list[str]:
+def _run_config(path: Path) -> RunConfig:
+    """The training run's own config.json; one that is not a file, or holds no settings, is named (a stage after
+    training would otherwise run on the preset's settings without a word)."""
+    if not path.is_file():
+        raise InputFileError(path, "is a folder (or another non-file), not the run's settings", "run config")
+    content = read_json(path, "run config")
+    if isinstance(content, dict) and not isinstance(content.get("model"), dict):
+        raise InputFileError(path, "holds no run settings (no model section); --force train rebuilds the run",
+                             "run config")
+    return from_dict(content, where=str(path))
+
+
+def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path, resuming: bool = False) -> list[str]:
     """A command that continues a training run takes the run's settings; one given that differs is named, and
     refused if the run could not continue with it."""
     changed = changed_settings(saved, cfg)
     for key, (old, new) in changed.items():
-        if run_defining(key):
+        if run_defining(key, resuming):
             raise ConfigError(f"{key}={new!r} on the command line: this run was trained with {key}={old!r} ({path}); "
                               "it cannot continue with another value: --force train starts the run over, or use "
                               "another --out")

@@ -114,6 +114,7 @@ def check_writable_folder(folder: Path) -> dict[str, Any] | None:
     """A folder a stage may write into: new, empty, or a run folder (its marker is returned). Anything else is
     a RunFolderError that names the folder and what is wrong; nothing is created or changed."""
     folder = Path(folder)
+    _check_path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder}: is a file, not a folder")
     if not folder.exists():
@@ -127,6 +128,19 @@ def check_writable_folder(folder: Path) -> dict[str, Any] | None:
         raise RunFolderError(f"--out {folder}: not a run folder of this pipeline (no {MARKER}) and not empty "
                              f"({shown}); give a new or empty folder")
     return None
+
+
+def _check_path(folder: Path) -> None:
+    """A path a folder can be made at: no part of it too long a name, and none of its existing parents a file."""
+    for part in folder.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of every common file system
+            raise RunFolderError(f"--out {folder}: name too long ({len(os.fsencode(part))} bytes in one part of the "
+                                 "path; at most 255)")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunFolderError(f"--out {folder}: {parent} is a file, not a folder")
+            break
 
 
 class RunLock:

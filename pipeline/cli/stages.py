@@ -139,15 +139,16 @@ def stage_train(cfg: RunConfig, req: Request) -> None:
         _check_same_run(state.get("config"), cfg, latest)
     else:
         previous = runfolder.previous_training(req.out, force="train" in req.forced)
-    if is_main_process():
+    def on_start() -> None:  # once the run is accepted (its weights loaded, its trackers started): rank 0
         runfolder.clear_training(req.out, previous)
         _end_torn_line(req.out / "metrics.jsonl")
+
     evaluator = None
     if cfg.eval_every > 0 or cfg.eval_every_epochs > 0:
         evaluator = HeldOutEvaluator.for_dataset(dataset, cfg.eval_views, cfg.predict.batch_size, cfg.predict.selector,
                                                  RowEngine.build(cfg.data.canvas_buckets, dataset.canvas, cfg.model))
     path = train(cfg, req.data_dir, req.out, resume=req.resume, init_checkpoint=req.init, progress=not req.quiet,
-                 evaluator=evaluator)
+                 evaluator=evaluator, on_start=on_start)
     if is_main_process():  # under torchrun every process gets here; one line is enough
         print(f"train: last checkpoint {path}")
 
@@ -172,7 +173,7 @@ def _check_same_run(saved: Any, cfg: RunConfig, path: Path) -> None:
     optimizer's state, the rows' carry and the sampler's stream depend on them)."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path}: holds no config to resume with")
-    fixed = [(k, old, new) for k, (old, new) in changed_settings(saved, cfg).items() if run_defining(k)]
+    fixed = [(k, old, new) for k, (old, new) in changed_settings(saved, cfg).items() if run_defining(k, resuming=True)]
     if fixed:
         key, old, new = fixed[0]
         raise ConfigError(f"{key}: checkpoint {path} was trained with {key}={old!r}, this command has {new!r} "
@@ -191,37 +192,35 @@ def _end_torn_line(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- predict, submit
 def stage_predict(cfg: RunConfig, req: Request) -> None:
+    """Predict with the chosen weights; a `best` choice is stored inside the predictions file it made (one unit:
+    a refused command changes neither)."""
+    from pipeline.cli.choose import to_text
     from pipeline.inference.predict import predict_to_file
 
-    checkpoint = _predict_checkpoint(cfg, req)
+    checkpoint, choice = chosen_weights(cfg, req, "predict")
     runfolder.check_checkpoint(checkpoint, req.data_dir)
     path = predict_to_file(req.data_dir, checkpoint, req.out / "predictions.npz", cfg.predict, progress=not req.quiet,
-                           canvas_buckets=cfg.data.canvas_buckets)
+                           canvas_buckets=cfg.data.canvas_buckets,
+                           checkpoint_choice=None if choice is None else to_text(choice))
     if is_main_process():
         print(f"predict: candidates -> {path}")
-
-
-def _predict_checkpoint(cfg: RunConfig, req: Request) -> Path:
-    """The weights prediction uses; a `best` choice is recorded in the run folder for the score to say."""
-    from pipeline.cli import choose
-
-    path, choice = chosen_weights(cfg, req, "predict")
-    if choice is not None:
-        choose.record_choice(req.out, choice)
-    else:
-        choose.forget_choice(req.out)
-    return path
 
 
 def chosen_weights(cfg: RunConfig, req: Request, stage: str) -> tuple[Path, Any]:
     """--checkpoint PATH, `best[:FIGURE]` (pipeline.cli.choose: the evaluated checkpoint with the best held-out figure)
     or the latest checkpoint; with the choice when `best` made it."""
+    from augment.dataset import AugmentedDataset
     from pipeline.cli import choose
 
     if req.best is not None:
-        choice = choose.choose_checkpoint(req.out, req.best, cfg.data.eval_set)
-        print(f"{stage}: {choice.describe()}")
+        known = {t.id: t.test_outputs for t in AugmentedDataset.load(req.data_dir).eval_tasks()
+                 if t.test_outputs is not None}
+        choice = choose.choose_checkpoint(req.out, req.best, cfg.data.eval_set, choose.output_keys(known))
+        if is_main_process():
+            print(f"{stage}: {choice.describe()}")
         return Path(choice.path), choice
+    if req.checkpoint is not None and not req.checkpoint.exists():
+        raise CheckpointError(f"--checkpoint {req.checkpoint}: no such file or folder")
     return req.checkpoint or latest_or_fail(req.out), None
 
 
@@ -291,12 +290,16 @@ def stage_score(cfg: RunConfig, req: Request) -> None:
                              "nothing to score (give --solutions)", "solutions")
     submission = read_submission_file(req.out / "submission.json")
     predictions = run_predictions(req, req.predictions)
-    _write_score(req, submission, solutions, predictions, compare=True)
-    from pipeline.cli.choose import choice_note
+    _write_score(req, submission, solutions, predictions, compare=True, choice=run_choice(req, solutions))
 
-    note = choice_note(req.out, req.solutions or cfg.data.eval_set)
-    if note:
-        print(f"score: {note}")
+
+def run_choice(req: Request, scored: dict[str, list]) -> tuple[str | None, dict[str, Any] | None]:
+    """What the run's predictions say about how their checkpoint was chosen, against the test outputs `scored`
+    (pipeline.cli.choose.scored_choice): a line for the terminal and the entry for score.json and the report."""
+    from pipeline.cli.choose import scored_choice
+
+    own = run_predictions(req)
+    return scored_choice(own.checkpoint_choice if own is not None else None, scored)
 
 
 def score_file(req: Request, eval_set: str = "") -> None:
@@ -327,12 +330,16 @@ def score_file(req: Request, eval_set: str = "") -> None:
     _write_score(req, submission, solutions, predictions, compare=False)
 
 
-def _write_score(req: Request, submission: dict, solutions: dict, predictions: Any, compare: bool) -> None:
+def _write_score(req: Request, submission: dict, solutions: dict, predictions: Any, compare: bool,
+                 choice: tuple[str | None, dict[str, Any] | None] = (None, None)) -> None:
     from submissions.score import compare_selectors, format_score, score_submission, write_score
 
     report = score_submission(submission, solutions, predictions)
-    write_score(report, req.out)
+    note, entry = choice
+    write_score(report, req.out, extra={"checkpoint_choice": entry} if compare else None)
     print(format_score(report))
+    if note:
+        print(f"score: {note}")
     if compare and predictions is not None:
         from augment.dataset import AugmentedDataset
 
@@ -354,8 +361,11 @@ def stage_report(cfg: RunConfig, req: Request) -> None:
     predictions = run_predictions(req)
     score = score_submission(submission, solutions, predictions) if solutions else None
     metrics = req.out / "metrics.jsonl"
+    if metrics.exists() and not metrics.is_file():
+        raise InputFileError(metrics, "is a folder, not the training log", "metrics")
+    note, _ = run_choice(req, solutions) if solutions else (None, None)
     write_report(req.out / "report.html", tasks, submission, solutions or None, score,
-                 metrics if metrics.exists() else None)
+                 metrics if metrics.exists() else None, notes=[note] if note else [])
     print(f"report: {req.out / 'report.html'}")
 
 

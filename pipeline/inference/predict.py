@@ -200,10 +200,12 @@ def predict_to_file(
     cfg: PredictConfig,
     progress: bool = True,
     canvas_buckets: str = "",
+    checkpoint_choice: str | None = None,
 ) -> Path:
     """Load the checkpoint (EMA weights unless told otherwise), predict, write one predictions file (stamped with
     the dataset's fingerprint: which dataset's inputs it answers), then re-score and write it again with the
     scores; on the canvas buckets `canvas_buckets` (the setting data.canvas_buckets; "" = the whole canvas).
+    `checkpoint_choice` (how the weights were chosen, pipeline.cli.choose's text) is stored in the same file.
     Every process of a job calls it; rank 0 writes."""
     from accelerate import Accelerator
 
@@ -230,7 +232,7 @@ def predict_to_file(
     if engine.on_buckets:  # each process its share
         print(f"predict: {stats['rerun_inputs']} test input(s) run again on a bigger bucket (a decoded answer "
               f"reached its bucket's edge){f' on process {rank}' if world > 1 else ''}", flush=True)
-    part.dataset_fingerprint = fingerprint
+    part.dataset_fingerprint, part.checkpoint_choice = fingerprint, checkpoint_choice
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
         partial.unlink(missing_ok=True)  # the whole share is in the file: no partial file left behind

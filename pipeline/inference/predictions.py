@@ -67,6 +67,10 @@ class Predictions:
     # the fingerprint (pipeline.training.checkpoint.dataset_fingerprint) of the dataset whose held-out inputs these answer;
     # None in files written before it was recorded
     dataset_fingerprint: str | None = None
+    # how `--checkpoint best` chose the weights that made these (pipeline.cli.choose, as JSON text), stored here so
+    # that the choice and its predictions are one unit; None when no choice made them. Read as is, judged by its
+    # reader (a broken one costs the score its note, never the predictions).
+    checkpoint_choice: str | None = None
 
     def __len__(self) -> int:
         return len(self.task)
@@ -124,6 +128,8 @@ class Predictions:
         arrays["format_version"] = np.array(FORMAT_VERSION)
         if self.dataset_fingerprint is not None:
             arrays["dataset_fingerprint"] = np.array(self.dataset_fingerprint, dtype=np.str_)
+        if self.checkpoint_choice is not None:
+            arrays["checkpoint_choice"] = np.array(self.checkpoint_choice, dtype=np.str_)
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
@@ -152,8 +158,12 @@ class Predictions:
         for name, column in [*columns.items(), ("cells", arrays["cells"]), *optional.items()]:
             if column is not None and column.ndim != 1:
                 raise PredictionsError(f"{path}: column {name!r} has shape {column.shape}, expected one row per entry")
+        choice = arrays.get("checkpoint_choice")
+        if choice is not None:  # anything but one text is passed on as "" (its reader says it is unreadable)
+            choice = str(choice) if choice.shape == () and choice.dtype.kind == "U" else ""
         predictions = cls(task_ids=[str(t) for t in task_ids.tolist()], cells=arrays["cells"], **optional,
-                          dataset_fingerprint=None if fingerprint is None else str(fingerprint), **columns)
+                          dataset_fingerprint=None if fingerprint is None else str(fingerprint),
+                          checkpoint_choice=choice, **columns)
         predictions.check(where=str(path))
         return predictions
 
@@ -195,11 +205,13 @@ class Predictions:
                     getattr(part, name) if getattr(part, name) is not None else np.full(len(part), missing, dtype)
                     for part in parts])
         fingerprints = {part.dataset_fingerprint for part in parts}
+        choices = {part.checkpoint_choice for part in parts}
         return cls(
             task_ids=task_ids,
             cells=np.concatenate(cells),
             **optional,
             dataset_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,  # kept only when shared
+            checkpoint_choice=choices.pop() if len(choices) == 1 else None,
             **{name: np.concatenate(chunks).astype(COLUMNS[name], copy=False) for name, chunks in columns.items()},
         )
 

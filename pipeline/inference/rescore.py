@@ -258,6 +258,7 @@ def truth_scores(
     rank: int = 0,
     world: int = 1,
     engine: RowEngine | None = None,
+    stop: Callable[[], object] | None = None,
 ) -> dict[tuple[str, int], tuple[float, float, int]]:
     """(task id, test index) -> (summed per-cell cross-entropy, summed per-cell accuracy, views) of the true answer
     of every held-out test output with a known answer, over its first `views` views (0 = all), after all ACT steps;
@@ -266,7 +267,8 @@ def truth_scores(
     Per view, the cells are the answer's label cells (its colours and its EOS edge, as `candidate_logp` scores
     them): cross-entropy is their mean −log-probability, accuracy the fraction the argmax gets right. On
     the `engine`'s buckets the model runs where prediction runs: the test input's bucket, or, when the answer does not fit
-    there, the smallest bucket that holds it (where prediction's re-run on a bigger bucket ends up)."""
+    there, the smallest bucket that holds it (where prediction's re-run on a bigger bucket ends up). `stop()` true
+    ends it after the batch it is in (what is scored so far is returned)."""
     rows = dataset.test_rows(views if views > 0 else None)
     answer = np.array([_answer_grid(dataset, int(p), int(t)) for p, t in zip(rows["puzzle_index"], rows["test_index"])],
                       np.int64)
@@ -279,6 +281,8 @@ def truth_scores(
                        engine.side_for(np.maximum(h, w)[share]))
     out: dict[tuple[str, int], tuple[float, float, int]] = {}
     for start in range(0, len(share), batch_size):
+        if stop is not None and stop():
+            break
         for side, part in engine.groups(sides[start:start + batch_size]):
             picked_rows = share[start:start + batch_size] if part is None else share[start + part]
             _add_truth_scores(out, model, dataset, engine, rows, picked_rows, answer, side, device, autocast)

@@ -21,6 +21,7 @@ from enum import Enum
 
 from pipeline.kaggle_driver.settings import KaggleSettings
 
+SAVE_SAFETY = 3.0  # a stop checkpoint may write this many times slower than the disk was measured to (a busy disk)
 READER_JOIN_S = 5.0  # after a child ended, the most the driver waits for the rest of its output
 ROUNDING_S = 1e-6  # a window planned as exactly a stage's minimum stays enough for it after float arithmetic
 
@@ -73,6 +74,14 @@ def stage_cost(s: KaggleSettings) -> float:
     return s.stage_overhead_s + s.kill_grace_s + READER_JOIN_S
 
 
+def stop_grace_s(s: KaggleSettings, save_bytes: float, write_bytes_per_s: float) -> float:
+    """The kill grace a child stage needs: SIGTERM reaches every process within one step (pipeline.training.train), which
+    then saves a checkpoint without the carry and exits; SIGKILL must come later than that. `kill_grace_s` is
+    the allowance for the step in progress and the exit, the save's time comes from its size (`save_bytes`,
+    pipeline.training.checkpoint.stop_checkpoint_bytes) at the disk's measured rate, with a margin (SAVE_SAFETY)."""
+    return s.kill_grace_s + SAVE_SAFETY * save_bytes / max(write_bytes_per_s, 1.0)
+
+
 def plan_time(s: KaggleSettings, now: float | None = None) -> TimePlan:
     """The split of what is left after the submit reserve, degrading step by step as the budget shrinks:
     enough for both stages' minimums -> fine-tuning gets train_fraction (never cutting prediction below its
@@ -118,6 +127,22 @@ def plan_finetune(s: KaggleSettings, now: float | None = None) -> StagePlan:
 def plan_predict(s: KaggleSettings, now: float | None = None) -> StagePlan:
     """Prediction's window: everything left but the submit reserve."""
     return plan_window(s, remaining_s(s, now) - s.submit_reserve_s, s.min_predict_s)
+
+
+AUGMENT_SHARE = 0.25  # of the time left after the submit reserve: the most augment (in the driver's process) may use
+
+
+def augment_window_s(s: KaggleSettings, now: float | None = None) -> float:
+    """Augment's window (it runs in the driver's process, under pipeline.kaggle_driver.window): a share of what
+    is left after the submit reserve, never cutting into prediction's minimum."""
+    left = remaining_s(s, now) - s.submit_reserve_s
+    return max(min(AUGMENT_SHARE * left, left - stage_cost(s) - s.min_predict_s), 1.0)
+
+
+def submit_window_s(s: KaggleSettings, now: float | None = None) -> float:
+    """Submit's window: what is left until the deadline, and never less than the submit reserve (the fallback
+    submission is already written, so a submit cut short leaves it)."""
+    return max(remaining_s(s, now), s.submit_reserve_s, 1.0)
 
 
 def window_end(plan: StagePlan, now: float | None = None) -> float:

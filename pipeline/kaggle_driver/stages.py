@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.kaggle_driver.budget import PlanMode, StagePlan, plan_time
+from pipeline.kaggle_driver.budget import (SAVE_SAFETY, PlanMode, StagePlan, augment_window_s, plan_time, stop_grace_s,
+                                           submit_window_s)
 from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
 from pipeline.kaggle_driver.faults import CHILD_MODULE
@@ -17,6 +20,7 @@ from pipeline.kaggle_driver.log import log
 from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained
 from pipeline.kaggle_driver.retry import Attempt
 from pipeline.kaggle_driver.state import RunState, StageResult
+from pipeline.kaggle_driver.window import time_window
 from submissions.write import Answer, count_answers, describe_answers
 
 RUN_MARKER = ".trm_kaggle_run"  # marks a run folder as ours, so a re-run may clear it
@@ -114,14 +118,17 @@ def augment(st: RunState) -> StageResult:
     plan = plan_time(st.settings)
     if plan.mode == PlanMode.FALLBACK_ONLY:  # the dataset would serve nothing
         return StageResult.skipped(f"no time to predict ({plan.reason})")
+    window = augment_window_s(st.settings)
+    st.status["augment"] = {"planned_s": round(window, 1)}
     claim_run_dir(st)
     shutil.rmtree(st.run_dir)
     claim_run_dir(st)
     detail = configure(st)
-    run_main(["--stage", "augment", "--preset", "kaggle", *st.common_args(), *set_args(asdict(st.cfg))])
+    with time_window(window, "augment"):
+        run_main(["--stage", "augment", "--preset", "kaggle", *st.common_args(), *set_args(asdict(st.cfg))])
     manifest = json.loads((st.run_dir / "dataset" / "manifest.json").read_text())
     skipped, too_big = len(manifest["skipped"]), len(manifest["too_big"])
-    st.status["augment"] = {"num_eval_puzzles": manifest["num_eval_puzzles"], "skipped": skipped, "too_big": too_big}
+    st.status["augment"].update(num_eval_puzzles=manifest["num_eval_puzzles"], skipped=skipped, too_big=too_big)
     canvas = st.cfg.data.canvas
     if too_big and canvas < 30:
         log(f"WARNING: {too_big} task(s) do not fit the checkpoint's {canvas}x{canvas} canvas and keep the identity "
@@ -129,8 +136,39 @@ def augment(st: RunState) -> StageResult:
     if manifest["num_eval_puzzles"] == 0:
         raise RuntimeError(f"no test task could be used ({skipped} malformed, {too_big} too big for the "
                            f"{canvas}x{canvas} canvas)")
+    derive_kill_grace(st, int(manifest["num_variants"]) + 1)
     return StageResult.ok(f"{detail}; {manifest['num_eval_puzzles']} puzzles, {manifest['num_variants']} variants, "
                           f"{skipped} malformed, {too_big} too big (fallback entries)")
+
+
+def write_rate(folder: Path, size: int = 32 << 20) -> float:
+    """Bytes per second this disk writes (and syncs) in `folder`: a temp file of `size` bytes, then removed."""
+    path = folder / ".write_rate.tmp"
+    data = os.urandom(1 << 20)
+    start = time.perf_counter()
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        path.unlink(missing_ok=True)
+    return size / max(time.perf_counter() - start, 1e-6)
+
+
+def derive_kill_grace(st: RunState, puzzle_rows: int) -> None:
+    """The children's kill grace from what their stop checkpoint costs here: its size (the model with this many
+    puzzle rows) at this disk's measured rate (budget.stop_grace_s); never below the kill_grace_s setting."""
+    from pipeline.training.checkpoint import stop_checkpoint_bytes
+
+    model = replace(st.cfg.model, num_puzzle_identifiers=puzzle_rows)
+    size, rate = stop_checkpoint_bytes(model, st.cfg.ema), write_rate(st.run_dir)
+    grace = stop_grace_s(st.settings, size, rate)
+    st.status["kill_grace"] = {"save_bytes": size, "write_bytes_per_s": round(rate), "kill_grace_s": round(grace, 1)}
+    log(f"kill grace {grace:.0f} s: kill_grace_s {st.settings.kill_grace_s:.0f} s for a step and the exit, and a "
+        f"{size / 1e6:.0f} MB stop checkpoint at {rate / 1e6:.0f} MB/s measured here (x{SAVE_SAFETY:g})")
+    st.settings = replace(st.settings, kill_grace_s=grace)
 
 
 def submit(st: RunState) -> StageResult:
@@ -142,19 +180,21 @@ def submit(st: RunState) -> StageResult:
     from pipeline.cli.submit import submit as vote_and_write
 
     s = st.settings
-    st.status["submit"] = {"planned_s": s.submit_reserve_s}
+    window = submit_window_s(s)
+    st.status["submit"] = {"planned_s": round(window, 1)}
     if st.fallback is None:
         raise RuntimeError("no fallback submission (the challenges could not be read)")
     predictions_path = st.run_dir / "predictions.npz"
     predicted = st.outcome("predict")
     if predicted is None or not predicted.usable or not predictions_path.exists():
         return StageResult.skipped("no predictions; the fallback submission stays")
-    tasks = AugmentedDataset.load(st.run_dir / "dataset").eval_tasks()
-    selector = st.cfg.predict.selector if st.cfg is not None else "vote"
-    report = vote_and_write(tasks, Predictions.load(predictions_path), st.run_dir / "submission.json", selector)
-    model = json.loads((st.run_dir / "submission.json").read_text())
-    merged, fell_back = merge_submission(st.fallback, model)
-    write_validated(s.submission, merged, st.fallback)
+    with time_window(window, "submit"):  # the fallback submission stays if this is cut short
+        tasks = AugmentedDataset.load(st.run_dir / "dataset").eval_tasks()
+        selector = st.cfg.predict.selector if st.cfg is not None else "vote"
+        report = vote_and_write(tasks, Predictions.load(predictions_path), st.run_dir / "submission.json", selector)
+        model = json.loads((st.run_dir / "submission.json").read_text())
+        merged, fell_back = merge_submission(st.fallback, model)
+        write_validated(s.submission, merged, st.fallback)
     answers = merged_answers(st.fallback, report.answers, fell_back)
     st.status["submit"].update(answer_record(answers))
     return StageResult.ok(f"{describe_merged(answers)} -> {s.submission}")

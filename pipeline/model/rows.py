@@ -36,6 +36,9 @@ def parse_buckets(text: str, canvas: int) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"data.canvas_buckets: expected comma-separated square sides such as '12,20,30', "
                          f"got {text!r}") from None
+    if not sides:
+        raise ValueError(f"data.canvas_buckets: expected comma-separated square sides such as '12,20,30', "
+                         f"got {text!r}")
     if any(b < 2 or b > canvas for b in sides):
         raise ValueError(f"data.canvas_buckets: every side must be 2..data.canvas ({canvas}), got {text!r}")
     if sides != sorted(set(sides)):

@@ -187,6 +187,17 @@ def check_checkpoint_dataset(path: str | Path, fingerprint: str, num_puzzle_iden
     return state
 
 
+def stop_checkpoint_bytes(config: ModelConfig, ema: bool = True) -> int:
+    """An upper bound of the bytes of the checkpoint saved on a stop request (no carry): the dense weights, their
+    EMA copy and the optimizer's two moments, the puzzle table once (its sign-SGD keeps no state), in float32;
+    a tenth more for the rest (sampler, RNG, config, zip records). From the config alone (meta device)."""
+    with torch.device("meta"):
+        model = TRM(config)
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    table = model.puzzle_emb.weights.numel()
+    return int(1.1 * 4 * (dense * (3 + int(ema)) + table))
+
+
 def get_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -312,7 +323,9 @@ def load_weights(path: str | Path, use_ema: bool = True) -> Weights:
     if source.kind == "export":
         tensors, config = read_weights_folder(path)
         origin = (path.parent if path.name == WEIGHTS_FILE else path) / WEIGHTS_FILE
-        return Weights(tensors, _model_config(config["model"], origin.parent / CONFIG_FILE), source, origin,
+        model_config = _model_config(config["model"], origin.parent / CONFIG_FILE)
+        _check_own_config(tensors, model_config, origin)
+        return Weights(tensors, model_config, source, origin,
                        mean_rows=config["puzzle_rows"] == "mean", copy=config.get("weights", "ema"),
                        dataset_fingerprint=(config.get("dataset") or {}).get("fingerprint"),
                        trained_rows=config.get("trained_puzzle_rows"), step=config.get("step"),
@@ -328,6 +341,20 @@ def load_weights(path: str | Path, use_ema: bool = True) -> Weights:
                        step=state.get("step"), run_config=state["config"])
     arch = read_reference_arch(path.parent) if is_reference_folder(path.parent) else None
     return _reference_weights(state, arch, path)
+
+
+def _check_own_config(tensors: dict[str, Tensor], config: ModelConfig, origin: Path) -> None:
+    """An export's tensors are those of the model its config.json describes (else --init would start from, and a
+    new export would republish, a config that is not the weights'); checked on the meta device: no memory."""
+    try:
+        with torch.device("meta"):
+            expected = TRM(config).state_dict()
+        problem = _misfit(expected, tensors, unexpected=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        problem = " ".join(str(e).split())[:200]
+    if problem:
+        raise CheckpointError(f"checkpoint {origin}: its weights do not fit its own model config "
+                              f"({origin.parent / CONFIG_FILE}: {problem})")
 
 
 def _dense_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.core.job import collective, leave
+from pipeline.core.job import collective, guarded, leave
 from pipeline.model.trm import Carry
 
 
@@ -70,6 +70,22 @@ def all_reduce_sum(t: Tensor, world_size: int) -> Tensor:
     if world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+@collective("the start of a sum over the processes (the training loop's flags)")
+def all_reduce_sum_async(t: Tensor, world_size: int) -> Callable[[], Tensor]:
+    """Start a sum over processes, in place; returns the wait for it, which returns `t` (the sum runs meanwhile,
+    e.g. while the next step computes)."""
+    if world_size == 1:
+        return lambda: t
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait() -> Tensor:
+        with guarded("a sum over the processes (the training loop's flags)"):
+            work.wait()
+        return t
+
+    return wait
 
 
 @collective("the gradient all-reduce")

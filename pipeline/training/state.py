@@ -96,10 +96,15 @@ def restore_state(state: TrainState, path: Path, cfg: RunConfig, rt: Runtime) ->
     ckpt.set_rng_state(saved["rng"])
 
 
-def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, final: bool) -> Path:
-    """A checkpoint of everything (rank 0 writes; every rank must call: the carry gather is a collective)."""
+def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, final: bool,
+               carry: bool | None = None) -> Path:
+    """A checkpoint of everything (rank 0 writes; every rank must call: the carry gather is a collective).
+
+    The carry (2.9 GB at the paper's batch) is what makes a resume exact; the final checkpoint leaves it out, and
+    so does the one saved on a stop request (`carry=False`): that must be written within the sender's kill grace,
+    and a resume from it is correct if not bit-exact (rows in flight start afresh; docs/RELIABILITY.md)."""
     global_carry = None
-    if not final:  # gathered to rank 0 alone (the only writer); other ranks get empty tensors
+    if (not final) if carry is None else carry:  # gathered to rank 0 alone (the only writer); the others get empties
         global_carry = gather_carries(state.carries, lambda t: gather_rows_to_main(t, rt.world))
         global_carry["sides"] = torch.from_numpy(state.sides.copy())  # every process holds all of them
     path = ckpt_dir / f"step_{state.step:08d}.pt"
@@ -118,6 +123,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "rng": ckpt.get_rng_state(),
                 "world": rt.world,
                 "final": final,
+                "stopped": carry is False and not final,  # saved on a stop request, without the carry
                 "dataset_fingerprint": state.dataset_fingerprint,
                 "flops": state.flops,
                 "wall_s": state.wall_s,

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.signals import Stopped, stop_requested, stoppable
 from pipeline.core.tracking import finish_trackers, log_row, start_trackers
 from pipeline.training import checkpoint as ckpt
-from pipeline.training.collectives import all_reduce_sum
+from pipeline.training.collectives import all_reduce_sum, all_reduce_sum_async
 from pipeline.training.compute import checkpoint_interval, eval_interval, nominal_epoch, total_steps
 from pipeline.training.loss import METRIC_KEYS
 from pipeline.training.refill import Refill
@@ -34,11 +34,7 @@ from pipeline.training.state import (EVALUATED_DIR, Evaluator, TrainState, blank
                                      run_evaluation, save_state)
 from pipeline.training.step import NonFiniteLossError, metrics_to_floats, step_flops, train_step
 
-__all__ = ["BUDGET_CHECK_EVERY", "EVALUATED_DIR", "Evaluator", "LoopCheck", "NonFiniteLossError", "check_loop",
-           "train"]
-
-
-BUDGET_CHECK_EVERY = 10  # steps between stop checks with several processes (each check is a collective)
+__all__ = ["EVALUATED_DIR", "Evaluator", "LoopCheck", "LoopChecks", "NonFiniteLossError", "anyone_signalled", "train"]
 
 
 @dataclass(frozen=True)
@@ -50,22 +46,54 @@ class LoopCheck:
     save_due: bool = False  # checkpoint_every_s has passed since the last checkpoint
 
 
-def check_loop(cfg: RunConfig, rt: Runtime, step: int, elapsed_s: float, since_save_s: float) -> LoopCheck:
-    """Whether to stop or save after `step`. With one process the clock and the signal flag are read every step.
-    With several, every process must stop or save at the same step, which takes a collective and a wait for the
-    device: that is done every BUDGET_CHECK_EVERY steps only (a run may overshoot by that many steps)."""
-    local = LoopCheck(
-        out_of_time=cfg.time_budget_s > 0 and elapsed_s > cfg.time_budget_s,
-        signalled=stop_requested() is not None,
-        save_due=cfg.checkpoint_every_s > 0 and since_save_s > cfg.checkpoint_every_s,
-    )
+class LoopChecks:
+    """Whether to stop or save after each step, the same on every process.
+
+    With one process the clock and the signal flag are read every step. With several, every process must stop or
+    save at the same step: each step starts a sum of the three flags over the processes (a few bytes, which runs
+    while the next step computes) and acts on the sum the step before started, so a stop request or the end of the
+    time budget reaches every process within one step, and no step waits for the device to agree."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self._pending: Callable[[], torch.Tensor] | None = None  # the sum in flight (started one step ago)
+        self._saved_since = False  # a checkpoint was written after the sum in flight was started
+
+    def __call__(self, elapsed_s: float, since_save_s: float) -> LoopCheck:
+        cfg = self.cfg
+        local = LoopCheck(
+            out_of_time=cfg.time_budget_s > 0 and elapsed_s > cfg.time_budget_s,
+            signalled=stop_requested() is not None,
+            save_due=cfg.checkpoint_every_s > 0 and since_save_s > cfg.checkpoint_every_s,
+        )
+        if self.rt.world == 1:
+            return local
+        flags = torch.tensor([float(local.out_of_time), float(local.signalled), float(local.save_due)],
+                             device=self.rt.device)
+        previous, self._pending = self._pending, all_reduce_sum_async(flags, self.rt.world)
+        stale_save, self._saved_since = self._saved_since, False
+        if previous is None:
+            return LoopCheck()
+        out_of_time, signalled, save_due = (previous() > 0).tolist()
+        return LoopCheck(out_of_time, signalled, save_due and not stale_save)
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the sum in flight's `save_due` predates it."""
+        self._saved_since = True
+
+    def settle(self) -> None:
+        """Wait for the sum in flight (every process, before they leave the loop)."""
+        if self._pending is not None:
+            self._pending()
+            self._pending = None
+
+
+def anyone_signalled(rt: Runtime) -> bool:
+    """Whether any process has a stop request (a collective with several: every process calls it)."""
+    flag = stop_requested() is not None
     if rt.world == 1:
-        return local
-    if step % BUDGET_CHECK_EVERY:
-        return LoopCheck()
-    flags = torch.tensor([float(local.out_of_time), float(local.signalled), float(local.save_due)], device=rt.device)
-    out_of_time, signalled, save_due = (all_reduce_sum(flags, rt.world) > 0).tolist()
-    return LoopCheck(out_of_time, signalled, save_due)
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=rt.device), rt.world).item() > 0)
 
 
 @dataclass
@@ -102,14 +130,15 @@ def log_interval(state: TrainState, cfg: RunConfig, rt: Runtime, dataset: Augmen
 
 
 def save_checked(state: TrainState, cfg: RunConfig, rt: Runtime, interval: Interval, last_path: Path | None,
-                 out_dir: Path, final: bool) -> Path:
+                 out_dir: Path, final: bool, stopping: bool = False) -> Path:
     """A checkpoint, unless a NaN was seen on any process (then every process stops: none may go on to save)."""
     bad = interval.bad
     if rt.world > 1:
         bad = all_reduce_sum(bad.to(torch.float32), rt.world) > 0
     if bool(bad.item()):
         raise NonFiniteLossError(f"non-finite loss before step {state.step}; the last good checkpoint is {last_path}")
-    return save_state(state, cfg, rt, out_dir / "checkpoints", final=final)
+    # on a stop request without the carry: the save must fit the sender's kill grace
+    return save_state(state, cfg, rt, out_dir / "checkpoints", final=final, carry=False if stopping else None)
 
 
 def prepare(cfg: RunConfig, data_dir: str | Path, out_dir: Path, rt: Runtime, resume: bool,
@@ -138,9 +167,13 @@ def prepare(cfg: RunConfig, data_dir: str | Path, out_dir: Path, rt: Runtime, re
 
 
 def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Path, steps_total: int, every: int,
-             eval_every: int) -> None:
+             eval_every: int, on_start: Callable[[], None] | None) -> None:
+    """Rank 0, once everything that can refuse the run has passed: `on_start()` (e.g. --force train removing the
+    previous run), then config.json and the run's summary."""
     if not rt.is_main:
         return
+    if on_start is not None:
+        on_start()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "config.json", to_dict(cfg))
     print(f"resolved config:\n{dumps(cfg)}")
@@ -150,8 +183,9 @@ def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Pa
           f"steps{seconds}, evaluation every {eval_every or 'no'} steps")
 
 
-def stop_on_signal(rt: Runtime, step: int, last_path: Path | None, bar: tqdm) -> None:
-    message = f"train: stopped by a signal at step {step}; resumable checkpoint {last_path}"
+def stop_on_signal(rt: Runtime, checks: LoopChecks, message: str, bar: tqdm) -> None:
+    """After the stop request's checkpoint: say so, close the trackers, raise Stopped (every process)."""
+    checks.settle()
     if rt.is_main:
         print(message, flush=True)
     bar.close()
@@ -169,22 +203,25 @@ def report_evaluation(row: dict[str, Any] | None, bar: tqdm) -> None:
 # ---------------------------------------------------------------------------------------------- the loop
 @stoppable
 def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
-          init_checkpoint: str | Path | None = None, progress: bool = True, evaluator: Evaluator | None = None) -> Path:
+          init_checkpoint: str | Path | None = None, progress: bool = True, evaluator: Evaluator | None = None,
+          on_start: Callable[[], None] | None = None) -> Path:
     """Train; return the path of the last checkpoint. Resuming continues from the latest checkpoint in out_dir.
     The time budget counts from here: loading the dataset, building the model and restoring are part of it.
-    SIGTERM: a resumable checkpoint, then pipeline.core.signals.Stopped."""
+    Nothing is written to out_dir until everything that can refuse the run has passed (the weights, the checkpoint
+    resumed, the trackers started); then `on_start()`. SIGTERM: a checkpoint to resume from, then Stopped."""
     t_begin, out_dir = time.perf_counter(), Path(out_dir)
     rt = make_runtime(cfg, out_dir)
     dataset, state = prepare(cfg, data_dir, out_dir, rt, resume, init_checkpoint)
     steps_total, every = total_steps(cfg, dataset), checkpoint_interval(cfg, dataset)
     eval_every = eval_interval(cfg, dataset) if evaluator is not None else 0
-    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every)
     start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
+    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every, on_start)
     refill = Refill(state.sampler, rt, cfg.global_batch_size // rt.world // cfg.grad_accum_steps,
                     cfg.model.seq_len, state.sides)
     interval = Interval(torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device),
                         torch.zeros((), dtype=torch.bool, device=rt.device))
     last_path, last_save = ckpt.latest_checkpoint(out_dir / "checkpoints"), time.perf_counter()
+    checks = LoopChecks(cfg, rt)
     bar = tqdm(total=steps_total, initial=state.step, disable=not (progress and rt.is_main), desc="train",
                dynamic_ncols=True)
     while state.step < steps_total:
@@ -198,18 +235,27 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
         bar.update(1)
         if step % cfg.log_every == 0 or step == steps_total:
             log_interval(state, cfg, rt, dataset, interval, lr_scale, last_path, out_dir, bar)
-        check = check_loop(cfg, rt, step, time.perf_counter() - t_begin, time.perf_counter() - last_save)
+        check = checks(time.perf_counter() - t_begin, time.perf_counter() - last_save)
         final = step == steps_total or check.out_of_time
         if step % every == 0 or final or check.signalled or check.save_due:
-            last_path, last_save = save_checked(state, cfg, rt, interval, last_path, out_dir, final), time.perf_counter()
+            last_path = save_checked(state, cfg, rt, interval, last_path, out_dir, final, stopping=check.signalled)
+            last_save = time.perf_counter()
+            checks.saved()
         if check.signalled and not final:  # no evaluation: the time is the signal sender's
-            stop_on_signal(rt, step, last_path, bar)
+            stop_on_signal(rt, checks, f"train: stopped by a signal at step {step}; checkpoint to resume from "
+                           f"{last_path}", bar)
         if eval_every and (step % eval_every == 0 or final):
             report_evaluation(run_evaluation(state, cfg, rt, dataset, evaluator, out_dir), bar)
+            if anyone_signalled(rt):  # a stop request during the evaluation ended it: save, then stop
+                if not final:
+                    last_path = save_checked(state, cfg, rt, interval, last_path, out_dir, False, stopping=True)
+                stop_on_signal(rt, checks, f"train: stopped by a signal during the evaluation at step {step}; "
+                               f"checkpoint {last_path}", bar)
         if check.out_of_time:
             if rt.is_main:
                 print(f"time budget of {cfg.time_budget_s:.0f} s reached at step {step}")
             break
+    checks.settle()
     bar.close()
     finish_trackers(rt.accelerator)
     return last_path
