@@ -56,7 +56,7 @@ ARMS: dict[str, Arm] = {
     "groups+per_draw": Arm(("data.sampling=groups", "data.translation=per_draw")),
     "examples+per_draw": Arm(("data.sampling=examples", "data.translation=per_draw")),
     "mini": Arm(),  # the preset exactly as it stands: the baseline of the issue-17 arms
-    "mini-fast": Arm(preset="mini-fast"),  # issue 17's fast recipe, at mini's FLOPs
+    "mini-fast": Arm(preset="mini-fast"),  # the fast recipe, at mini's FLOPs
 }
 BASELINE = "mini"  # the arm whose mean final ce_true and FLOPs the others are measured against
 
@@ -84,7 +84,7 @@ def at_flops(fraction: float, *overrides: str, evals: int = 4, preset: str = "mi
     return Arm((budget, *overrides, f"eval_every={-(-steps // evals)}"), preset)
 
 
-# Issue 17's screens: one setting each, a quarter of mini's FLOPs (the first quarter of mini's own run is the
+# The screens: one setting each, a quarter of mini's FLOPs (the first quarter of mini's own run is the
 # baseline they are read against: its step-500 evaluation, every seed).
 SCREEN = 0.25
 ARMS.update({

@@ -1,4 +1,4 @@
-"""Issue 17's tables for benchmarks/quality.py: every arm against `mini` at equal model FLOPs, the `fast` recipe's
+"""The time-to-accuracy tables for benchmarks/quality.py: every arm against `mini` at equal model FLOPs, the `fast` recipe's
 targets, and ACT steps at prediction.
 
 A run's curve is its evaluation rows (metrics.jsonl): held-out `ce_true` (per-cell cross-entropy of the true

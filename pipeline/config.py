@@ -176,7 +176,7 @@ def preset(name: str) -> RunConfig:
 
 # ---------------------------------------------------------------------------------------------- fast recipes
 # The `fast` recipe beside each base recipe (which stays as it is): the settings that beat `mini` beyond the seed
-# spread at equal FLOPs (docs/QUALITY.md, issue 17), applied on top of the base: the depth curriculum, and fewer
+# spread at equal FLOPs (docs/QUALITY.md), applied on top of the base: the depth curriculum, and fewer
 # augmentations per task (mini: 7 instead of 15; the paper's: 256 instead of 1000, as other teams ran it).
 FAST_RECIPES = {"mini": "mini-fast", "arc1": "arc1-fast", "arc2": "arc2-fast"}
 # The paper's fast recipes also take the paper's canvas buckets: on a canvas with the paper's padding they learned as

@@ -9,10 +9,10 @@ contradicts them, writes into a foreign folder, or trains over another run's che
 already there (`--force STAGE` redoes one and everything after it).
 
 A command goes in three steps, and changes nothing before the third:
-  1. read: the command line becomes a Request (pipeline.cli.stages) and a RunConfig: the folder's preset and dataset
-     settings, the run's own config.json when the command continues a training run (a setting given that differs
-     is named, and refused where the run could not continue with it), then the flags and --set; every setting is
-     checked (pipeline.core.settings, pipeline.config.check_config);
+  1. read: the command line becomes a Request (pipeline.cli.stages) and a RunConfig (pipeline.cli.resolve): the
+     folder's preset and dataset settings, the run's own config.json when the command continues a training run (a
+     setting given that differs is named, and refused where the run could not continue with it), then the flags and
+     --set; every setting is checked (pipeline.core.settings, pipeline.config.check_config);
   2. take the folder: created if new, locked, and its run.json read again under the lock (a command that claimed
      the folder meanwhile is checked against, never overwritten);
   3. run the stages; each checks what it reads (the dataset, --init, the checkpoint) before it removes anything.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import errno
 import sys
@@ -35,21 +34,18 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from pipeline.cli import export, inputs, runfolder
-from pipeline.core import settings
+from pipeline.cli.resolve import choose_preset, resolve_config
 from pipeline.model import hub
 from pipeline.training.collectives import is_main_process, world_size
 from pipeline.training.checkpoint import latest_checkpoint
-from pipeline.config import (PRESETS, RunConfig, Selector, changed_settings, check_config, from_dict, preset,
-                             run_defining)
+from pipeline.config import PRESETS, RunConfig, Selector
 from pipeline.core.errors import ConfigError, DiskFullError, InputFileError, PipelineError, RunFolderError
-from pipeline.core.io import is_disk_full, read_json
+from pipeline.core.io import is_disk_full
 from pipeline.core.job import agree, leave, start_job
 from pipeline.cli.stages import (SHARED_STAGES, STAGE_FUNCS, STAGES, Request, run_solutions, score_file, stage_augment,
                              stage_done)
-from pipeline.core.tracking import tracker_problem
 
 FORCE_THIS = "(this stage)"
-RUN_STAGES = ("predict", "submit", "score", "report", "export")  # after training: they use what training used
 
 
 # ---------------------------------------------------------------------------------------------- the command line
@@ -166,113 +162,6 @@ def _request(args: argparse.Namespace, out: Path, marker: dict[str, Any] | None,
                    export_dir=optional(args.export_dir), puzzle_rows=args.puzzle_rows or "all")
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The dedicated flags as key=value settings (dataset flags only where a dataset is built)."""
-    from pipeline.data.tasks import escape_spec
-
-    builds = args.stage in ("augment", "all")
-    sources = None
-    if builds and args.data:  # several --data, or one path holding a comma: one spec string
-        sources = ",".join(escape_spec(d) if "," in d and Path(d).exists() else d for d in args.data)
-    flags = {
-        "data.eval_set": args.eval_set, "data.num_aug": args.num_aug, "data.canvas": args.canvas,
-        "data.identifiers": str(Path(args.identifiers).resolve()) if builds and args.identifiers else None,
-        "data.seed": args.seed if builds else None, "seed": args.seed,
-        "predict.max_variants": args.max_variants, "predict.selector": args.selector, "data.sources": sources,
-    }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.strict:
-        overrides.append("data.skip_invalid=false")
-    return overrides
-
-
-# ---------------------------------------------------------------------------------------------- the config
-def _choose_preset(args: argparse.Namespace, marker: dict | None, out: Path, forced: frozenset[str]) -> str:
-    """The run folder's preset; a new folder takes --preset, which it must be given."""
-    if marker is not None and "augment" not in forced:
-        recorded = marker["preset"]
-        if args.preset is not None and args.preset != recorded:
-            raise ConfigError(f"run folder {out} was made with --preset {recorded}, this command gives --preset "
-                              f"{args.preset}: use another --out, or --force augment to rebuild this folder")
-        return recorded
-    if args.preset is None:
-        if marker is not None:
-            return marker["preset"]
-        raise ConfigError(f"--out {out} is a new run folder: say which configuration it is with --preset "
-                          f"({', '.join(PRESETS)})")
-    return args.preset
-
-
-def _continues_run(req: Request) -> bool:
-    """Whether the command goes on with the training run in the folder (and so with its config.json)."""
-    if req.stage in RUN_STAGES:
-        return True
-    if req.stage == "train":
-        return req.resume
-    return req.stage == "all" and not req.forced & {"augment", "train"}
-
-
-def resolve_config(args: argparse.Namespace, req: Request, marker: dict | None) -> tuple[RunConfig, list[str]]:
-    """(config, notes to print). The base is the preset (the folder's own; --force augment may change it) with the
-    folder's dataset settings, or, for a command that continues the training run, the run's config.json; then the
-    flags and --set. Every setting is checked; one that contradicts the folder or the run is an error naming it."""
-    preset_name = _choose_preset(args, marker, req.out, req.forced)
-    saved = req.out / "config.json"
-    continuing = _continues_run(req) and saved.exists()
-    cfg = _run_config(saved) if continuing else preset(preset_name)
-    # what the folder was augmented with (kept by --force augment too, unless it changes the preset)
-    folder_data = marker["data"] if marker and preset_name == marker["preset"] else {}
-    for key, value in folder_data.items():
-        setattr(cfg.data, key, value)
-    before = copy.deepcopy(cfg)
-    given = settings.apply_settings(cfg, _flag_overrides(args) + args.set)
-
-    def origin(key: str) -> str:
-        if key in given:
-            return f"--set {key}"
-        if key.startswith("data.") and key[5:] in folder_data:
-            return f"{req.out / runfolder.MARKER}: {key}"
-        return f"{saved}: {key}" if continuing else f"preset {preset_name}: {key}"
-
-    check_config(cfg, world_size(), origin)
-    if req.stage in ("train", "all") and (problem := tracker_problem(cfg.log_with)):  # a missing tracker package
-        raise ConfigError(f"{origin('log_with')}: {problem}")
-    if marker is not None and "augment" not in req.forced:
-        conflicts = runfolder.data_conflicts(marker["data"], dataclasses.asdict(cfg.data))
-        if conflicts:
-            key, theirs, ours = conflicts[0]
-            raise ConfigError(f"run folder {req.out} was augmented with data.{key}={theirs!r}, this command asks for "
-                              f"data.{key}={ours!r}: use another --out, or --force augment to rebuild this folder")
-    return cfg, _changes_to_the_run(before, cfg, saved, resuming=req.stage == "train") if continuing else []
-
-
-def _run_config(path: Path) -> RunConfig:
-    """The training run's own config.json; one that is not a file, or holds no settings, is named (a stage after
-    training would otherwise run on the preset's settings without a word)."""
-    if not path.is_file():
-        raise InputFileError(path, "is a folder (or another non-file), not the run's settings", "run config")
-    content = read_json(path, "run config")
-    if isinstance(content, dict) and not isinstance(content.get("model"), dict):
-        raise InputFileError(path, "holds no run settings (no model section); --force train rebuilds the run",
-                             "run config")
-    return from_dict(content, where=str(path))
-
-
-def _changes_to_the_run(saved: RunConfig, cfg: RunConfig, path: Path, resuming: bool = False) -> list[str]:
-    """A command that continues a training run takes the run's settings; one given that differs is named, and
-    refused if the run could not continue with it."""
-    changed = changed_settings(saved, cfg)
-    for key, (old, new) in changed.items():
-        if run_defining(key, resuming):
-            raise ConfigError(f"{key}={new!r} on the command line: this run was trained with {key}={old!r} ({path}); "
-                              "it cannot continue with another value: --force train starts the run over, or use "
-                              "another --out")
-    if not changed:
-        return []
-    shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-    return [f"{path.name}: the run's own settings, changed on the command line: {shown}"]
-
-
 # ---------------------------------------------------------------------------------------------- running
 def main(argv: list[str] | None = None) -> int:
     try:
@@ -364,7 +253,7 @@ def _claim(args: argparse.Namespace, req: Request, cfg: RunConfig, marker: dict 
     """The marker this command works under: a new folder's is written at once (claiming it); a rebuilt folder's
     is written by augment once the new dataset is complete; training on a dataset from elsewhere records it."""
     if marker is None or "augment" in req.forced:
-        pending = runfolder.new_marker(_choose_preset(args, marker, req.out, req.forced),
+        pending = runfolder.new_marker(choose_preset(args, marker, req.out, req.forced),
                                        dataclasses.asdict(cfg.data))
         if args.stage == "train" and args.data:  # its dataset settings are that dataset's
             pending = runfolder.adopt_dataset(req.out, {**pending, "data": {}}, req.data_dir)

@@ -98,6 +98,39 @@ def _truth_ranks(
     return ranks
 
 
+def _task_entries(submission: Mapping[str, Any], task_id: str, num_outputs: int, malformed: list[str]) -> list:
+    """The task's list of entries (empty when missing or not a list); a wrong shape is named in `malformed`."""
+    entries = submission.get(task_id)
+    if task_id not in submission:
+        return []
+    if not isinstance(entries, list):
+        malformed.append(f"task {task_id}: is a {type(entries).__name__}, expected a list with one object per "
+                         "test input")
+        return []
+    if len(entries) != num_outputs:
+        malformed.append(f"task {task_id}: has {len(entries)} entries for {num_outputs} test outputs")
+    return entries
+
+
+def _attempts(entry: Any, where: str, checked: bool, malformed: list[str]) -> list[np.ndarray | None]:
+    """Both attempts of one entry as grids (None where absent or malformed, which is named in `malformed`)."""
+    attempts: list[np.ndarray | None] = [None, None]
+    if checked and not isinstance(entry, dict):
+        what = "no entry" if entry is None else f"a {type(entry).__name__}, not an object"
+        malformed.append(f"{where}: {what}")
+    elif isinstance(entry, dict):
+        for k, key in enumerate(ATTEMPT_KEYS):
+            if key not in entry:
+                malformed.append(f"{where} {key}: missing")
+                continue
+            problems = grid_problems(entry[key])
+            if problems:
+                malformed.append(f"{where} {key}: grid {problems[0]}")
+            else:
+                attempts[k] = _as_grid(entry[key])
+    return attempts
+
+
 def score_submission(
     submission: Mapping[str, Any],
     solutions: Mapping[str, Sequence[np.ndarray]],
@@ -115,51 +148,28 @@ def score_submission(
     malformed: list[str] = []
     for task_id, outputs in solutions.items():
         problems_before = len(malformed)
-        entries = submission.get(task_id)
         is_missing = task_id not in submission
         if is_missing:
             missing.append(task_id)
-            entries = []
-        elif not isinstance(entries, list):
-            malformed.append(f"task {task_id}: is a {type(entries).__name__}, expected a list with one object per "
-                             "test input")
-            entries = []
-        elif len(entries) != len(outputs):
-            malformed.append(f"task {task_id}: has {len(entries)} entries for {len(outputs)} test outputs")
+        entries = _task_entries(submission, task_id, len(outputs), malformed)
         solved = solved_1 = 0
         for i, truth in enumerate(outputs):
             truth = np.asarray(truth)
             entry = entries[i] if i < len(entries) else None
-            attempts: list[np.ndarray | None] = [None, None]
-            if not is_missing and entries and not isinstance(entry, dict):
-                what = "no entry" if entry is None else f"a {type(entry).__name__}, not an object"
-                malformed.append(f"task {task_id} test {i}: {what}")
-            elif isinstance(entry, dict):
-                for k, key in enumerate(ATTEMPT_KEYS):
-                    if key not in entry:
-                        malformed.append(f"task {task_id} test {i} {key}: missing")
-                        continue
-                    problems = grid_problems(entry[key])
-                    if problems:
-                        malformed.append(f"task {task_id} test {i} {key}: grid {problems[0]}")
-                    else:
-                        attempts[k] = _as_grid(entry[key])
+            attempts = _attempts(entry, f"task {task_id} test {i}", bool(entries), malformed)
             right_1 = _same(attempts[0], truth)
             solved_1 += right_1
             solved += right_1 or _same(attempts[1], truth)
         task_ranks = [ranks[(task_id, i)] for i in range(len(outputs))] if ranks is not None else None
-        rows.append(
-            TaskScore(
-                task_id=task_id,
-                n_test=len(outputs),
-                solved=solved,
-                solved_attempt_1=solved_1,
-                oracle=sum(r is not None for r in task_ranks) if task_ranks is not None else None,
-                truth_rank=task_ranks,
-                missing=is_missing,
-                malformed=len(malformed) - problems_before,
-            )
-        )
+        rows.append(TaskScore(task_id=task_id, n_test=len(outputs), solved=solved, solved_attempt_1=solved_1,
+                              oracle=sum(r is not None for r in task_ranks) if task_ranks is not None else None,
+                              truth_rank=task_ranks, missing=is_missing, malformed=len(malformed) - problems_before))
+    return _report(rows, missing, sorted(t for t in submission if t not in solutions), malformed, ranks is not None)
+
+
+def _report(rows: list[TaskScore], missing: list[str], extra: list[str], malformed: list[str],
+            with_oracle: bool) -> ScoreReport:
+    """The figures over all test outputs (Kaggle's) and per task (the paper's)."""
     num_outputs = sum(r.n_test for r in rows)
     report = ScoreReport(
         num_tasks=len(rows),
@@ -170,11 +180,11 @@ def score_submission(
         pass1_task_score=_mean([r.solved_attempt_1 / r.n_test for r in rows]),
         tasks_solved=sum(r.solved == r.n_test for r in rows),
         missing_tasks=missing,
-        extra_tasks=sorted(t for t in submission if t not in solutions),
+        extra_tasks=extra,
         malformed=malformed,
         rows=rows,
     )
-    if ranks is not None:
+    if with_oracle:
         report.oracle_score = sum(r.oracle for r in rows) / num_outputs if num_outputs else 0.0
         report.oracle_task_score = _mean([r.oracle / r.n_test for r in rows])
     return report

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.run import STAGES, build_parser, main
 from submissions.validate import validate_submission
-from tiny import tiny_overrides
+from tiny import base_run_args, tiny_overrides
 
 SMALL = ["--preset", "demo", "--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6", "--set", "data.max_tasks=4",
          "--canvas", "6", "--num-aug", "3", "--quiet"]
@@ -53,66 +53,42 @@ def test_augment_reports_bad_tasks_and_strict_stops(tmp_path: Path):
               "--strict", "--quiet"])
 
 
-def test_whole_chain_then_rerun_skips_and_force_redoes(tmp_path: Path, capsys):
-    args = ["--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=6),
-            "--set", "predict.max_variants=3", "--set", "predict.batch_size=4"]  # several prediction batches
-    assert main(args) == 0
+def test_whole_chain_then_rerun_skips_and_force_redoes(base_run: Path, tmp_path: Path, capsys):
+    """The session's base run is `--stage all` (tiny.base_run_args): on a copy of it every artifact is there, the
+    same command again skips every stage, and `--force submit` redoes submit and what follows."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    args = base_run_args(run)
     for name in ("dataset/manifest.json", "config.json", "metrics.jsonl", "predictions.npz", "submission.json",
                  "score.json", "score_per_task.csv", "report.html"):
-        assert (tmp_path / name).exists(), name
-    out = capsys.readouterr().out
-    assert "kaggle" in out.lower()  # the printed score table
+        assert (run / name).exists(), name
 
     from augment.dataset import AugmentedDataset
 
-    tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
-    submission = json.loads((tmp_path / "submission.json").read_text())
+    tasks = AugmentedDataset.load(run / "dataset").eval_tasks()
+    submission = json.loads((run / "submission.json").read_text())
     assert validate_submission(submission, tasks) == []
-    assert len(submission) == 4
+    assert len(submission) == len(tasks) == 3  # data.max_tasks=3 of ARC-AGI-1 evaluation
 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("skipping") == len(STAGES)
 
-    before = (tmp_path / "score.json").stat().st_mtime_ns
+    before = (run / "score.json").stat().st_mtime_ns
     assert main(args + ["--force", "submit", "--selector", "q_weighted"]) == 0
     out = capsys.readouterr().out
     assert "[train] already done" in out and "[submit]" in out
-    assert (tmp_path / "score.json").stat().st_mtime_ns != before
-    assert json.loads((tmp_path / "submission_report.json").read_text())["selector"] == "q_weighted"
+    assert "kaggle" in out.lower()  # the printed score table
+    assert (run / "score.json").stat().st_mtime_ns != before
+    assert json.loads((run / "submission_report.json").read_text())["selector"] == "q_weighted"
 
     # scoring an outside submission file against a built-in set
-    assert main(["--stage", "score", "--submission", str(tmp_path / "submission.json"),
-                 "--solutions", "arc-agi-1/evaluation", "--out", str(tmp_path)]) == 0
+    assert main(["--stage", "score", "--submission", str(run / "submission.json"),
+                 "--solutions", "arc-agi-1/evaluation", "--out", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "missing" in out.lower()  # 396 evaluation tasks are not in this small submission
-
-
-def test_whole_chain_under_torchrun_two_processes(tmp_path: Path):
-    """`--stage all` launched as 2 processes: rank 0 alone augments, submits and scores; both train and predict."""
-    import os
-    import subprocess
-    import sys
-
-    from tiny import free_port, tiny_overrides
-
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "pipeline.run", "--stage", "all", "--out", str(tmp_path), *SMALL, *tiny_overrides(max_steps=4),
-           "--set", "predict.max_variants=3", "--set", "log_with=tensorboard"]
-    done = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("[augment]") == 1 and done.stdout.count("[score]") == 1
-    assert "on 2 process(es)" in done.stdout
-    from augment.dataset import AugmentedDataset
-
-    tasks = AugmentedDataset.load(tmp_path / "dataset").eval_tasks()
-    assert validate_submission(json.loads((tmp_path / "submission.json").read_text()), tasks) == []
-    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kinds == ["train", "train", "eval"]  # log_every=2, 4 steps, the final evaluation; rank 0 only
-    # one TensorBoard writer (rank 0), closed without ending the process group that prediction still needed
-    assert len(list((tmp_path / "tensorboard" / "trm-arc").glob("events.out.tfevents.*"))) == 1
+    assert "missing" in out.lower()  # 397 evaluation tasks are not in this small submission
 
 
 def test_bad_input_is_one_clear_error_line(tmp_path: Path, capsys):
@@ -174,23 +150,28 @@ def _torchrun(args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
                           timeout=300)
 
 
-def test_force_augment_under_torchrun_trains_every_rank_on_the_new_dataset(base_run: Path, tmp_path: Path):
-    """Rank 0 rebuilds the dataset (canvas 6 -> 5, num_aug 2 -> 3) while rank 1 waits for it: both train, evaluate
-    and predict on the new one (every held-out view predicted once), and the checkpoints carry its fingerprint. (A
+def test_whole_chain_under_torchrun_with_force_augment(base_run: Path, tmp_path: Path):
+    """`--stage all --force augment` launched as 2 processes on a copy of the base run: rank 0 alone rebuilds the
+    dataset (canvas 6 -> 5, num_aug 2 -> 3), submits and scores, while rank 1 waits for the new dataset; both train,
+    evaluate and predict on it (every held-out view predicted once), and the checkpoints carry its fingerprint. (A
     rank that built its evaluator from the old dataset would feed 6x6 canvases to a 5x5 model.)"""
     import shutil
 
     from augment.dataset import AugmentedDataset
-    from pipeline.training.checkpoint import dataset_fingerprint, latest_checkpoint
     from pipeline.inference.predictions import Predictions
+    from pipeline.training.checkpoint import dataset_fingerprint, latest_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     done = _torchrun(["--stage", "all", "--force", "augment", "--out", str(run), "--quiet", "--num-aug", "3",
                       "--canvas", "5", "--set", "data.max_side=5",
-                      *tiny_overrides(max_steps=4, checkpoint_every=2), "--set", "predict.max_variants=0"],
+                      *tiny_overrides(max_steps=4, checkpoint_every=2), "--set", "predict.max_variants=0",
+                      "--set", "log_with=tensorboard"],
                      Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("[augment]") == 1 and done.stdout.count("[score]") == 1
+    assert done.stdout.count("submit: ") == 1  # only rank 0 does the folder's work
+    assert "on 2 process(es)" in done.stdout
     dataset = AugmentedDataset.load(run / "dataset")
     assert dataset.manifest["num_aug"] == 3 and dataset.canvas == 5 and dataset.num_test_inputs > 0
     state = torch.load(latest_checkpoint(run / "checkpoints"), weights_only=True, mmap=True)
@@ -200,16 +181,11 @@ def test_force_augment_under_torchrun_trains_every_rank_on_the_new_dataset(base_
     rows = dataset.test_rows()
     assert len(predictions) == len(rows["variant"])
     assert sorted(predictions.variant.tolist()) == sorted(rows["variant"].tolist())
-
-
-def test_under_torchrun_only_rank_0_does_folder_work(base_run: Path, tmp_path: Path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(base_run, run)
-    done = _torchrun(["--stage", "submit", "--out", str(run), "--quiet"], Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("submit: ") == 1
+    assert validate_submission(json.loads((run / "submission.json").read_text()), dataset.eval_tasks()) == []
+    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["train", "train", "eval"]  # log_every=2, 4 steps, the final evaluation; rank 0 only
+    # one TensorBoard writer (rank 0), closed without ending the process group that prediction still needed
+    assert len(list((run / "tensorboard" / "trm-arc").glob("events.out.tfevents.*"))) == 1
 
 
 def test_a_run_trained_on_a_dataset_from_elsewhere_predicts_with_it(base_run: Path, tmp_path: Path, capsys):

@@ -22,18 +22,14 @@ from tiny import build_tiny_dataset, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"
-SMALL = ["--preset", "demo", "--data", "arc-agi-1/training,arc-agi-1/evaluation", "--set", "data.max_side=6",
-         "--set", "data.max_tasks=4", "--canvas", "6", "--num-aug", "3", "--quiet"]
 PREDICT = ["--quiet", "--max-variants", "3", "--set", "predict.rescore_views=2"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A run folder with a tiny trained checkpoint (4 steps)."""
+def run(base_run, tmp_path_factory) -> Path:
+    """A copy of the session's tiny run folder (trained 4 steps; conftest.py), to predict and export in."""
     out = tmp_path_factory.mktemp("export") / "run"
-    assert main(["--stage", "augment", "--out", str(out), *SMALL]) == 0
-    assert main(["--stage", "train", "--out", str(out), "--quiet", *tiny_overrides(max_steps=4, eval_every=0,
-                                                                                     eval_every_epochs=0)]) == 0
+    shutil.copytree(base_run, out)
     return out
 
 

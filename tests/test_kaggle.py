@@ -93,13 +93,10 @@ def kaggle_input(tmp_path_factory, pretrained) -> Path:
     return root
 
 
-def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: object) -> tuple[Path, dict | None, str]:
-    """Execute the notebook as a draft run (KAGGLE_IS_COMPETITION_RERUN unset unless given; a None in `env` unsets
-    that variable, i.e. the Kaggle default); return the working
-    folder, kaggle_status.json (None when the run never got that far) and the text the cells printed."""
-    working = tmp_path / "working"
-    settings = {
-        "TRM_KAGGLE_INPUT": kaggle_input, "TRM_KAGGLE_WORKING": working,
+def _notebook_env(tmp_path: Path, kaggle_input: Path, **env: object) -> dict[str, object]:
+    """The environment the notebook tests run it with (a None value: the variable unset)."""
+    return {
+        "TRM_KAGGLE_INPUT": kaggle_input, "TRM_KAGGLE_WORKING": tmp_path / "working",
         "TRM_INSTALL_TARGET": tmp_path / "site",  # the wheel really installs, into a folder the kernel then uses
         "TRM_NUM_GPUS": 0, "TRM_PROGRESS": 0, "TRM_OVERRIDES": OVERRIDES, "TRM_SUBMIT_RESERVE_S": 1,
         "TRM_STAGE_OVERHEAD_S": 8, "TRM_KILL_GRACE_S": 2, "TRM_MIN_TRAIN_S": 1, "TRM_MIN_PREDICT_S": 1,
@@ -107,6 +104,14 @@ def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: ob
         "TRM_FAULTS": None, "TRM_MAX_RETRIES": None, "TRM_TIME_BUDGET_S": None, "TRM_DRAFT_TIME_BUDGET_S": None,
         "TRM_DRAFT_OVERRIDES": None, "KAGGLE_IS_COMPETITION_RERUN": None, **env,
     }
+
+
+def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: object) -> tuple[Path, dict | None, str]:
+    """Execute the notebook as a draft run (KAGGLE_IS_COMPETITION_RERUN unset unless given; a None in `env` unsets
+    that variable, i.e. the Kaggle default); return the working
+    folder, kaggle_status.json (None when the run never got that far) and the text the cells printed."""
+    working = tmp_path / "working"
+    settings = _notebook_env(tmp_path, kaggle_input, **env)
     for key, value in settings.items():
         if value is None:
             monkeypatch.delenv(key, raising=False)
@@ -217,36 +222,36 @@ def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fi
     assert stages["summary"]["elapsed_s"] <= 60 + 2
 
 
-@pytest.mark.parametrize("budget", [300, 600])
-def test_notebook_300_and_600_s_budgets_fine_tune_then_predict_every_view(tmp_path, monkeypatch, kaggle_input, budget):
+def test_notebook_300_s_budget_fine_tunes_on_canvas_buckets_then_predicts_every_view(tmp_path, monkeypatch, kaggle_input):
     """Enough time for both stages: fine-tuning gets its share (capped here by max_steps so the test is short),
-    prediction runs every view, and every task that fits gets the model's answer."""
-    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
-                                                 TRM_MIN_TRAIN_S=45, TRM_OVERRIDES=OVERRIDES + " max_steps=3")
+    prediction runs every view, and every task that fits gets the model's answer. TRM_OVERRIDES="data.canvas_buckets=
+    ..." reaches the fine-tune and the prediction children (these 6x6 tasks all need the whole canvas: what buckets
+    compute is tested in test_buckets.py and test_cli.py). A 600 s budget splits the same way (its plan, from the
+    same settings)."""
+    overrides = OVERRIDES + " max_steps=3 data.canvas_buckets=3,4,5"
+    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=300,
+                                                 TRM_MIN_TRAIN_S=45, TRM_OVERRIDES=overrides)
     stages = status["stages"]
     plan = stages["plan"]
-    assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (budget - 1), abs=15)
+    assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (300 - 1), abs=15)
     assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
     assert stages["finetune"]["step"] == 3 and stages["predict"]["checkpoint"] == "fine-tuned"
     _check_answers(stages["submit"])
-    predictions = Predictions.load(working / "trm_run" / "predictions.npz")
+    run = working / "trm_run"
+    predictions = Predictions.load(run / "predictions.npz")
     assert len(predictions) == 4 * 4  # 4 test inputs x predict.max_variants 4: every view
     _check_complete(working / "submission.json", kaggle_input)
     assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 7 test inputs: " in printed
-
-
-def test_notebook_fine_tunes_and_predicts_on_canvas_buckets(tmp_path, monkeypatch, kaggle_input):
-    """TRM_OVERRIDES="data.canvas_buckets=..." reaches the fine-tune and the prediction children (these 6x6 tasks
-    all need the whole canvas: what buckets compute is tested in test_buckets.py and test_cli.py)."""
-    working, status, _ = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=300,
-                                           TRM_MIN_TRAIN_S=45,
-                                           TRM_OVERRIDES=OVERRIDES + " max_steps=3 data.canvas_buckets=3,4,5")
-    stages = status["stages"]
-    assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
-    run = working / "trm_run"
     assert json.loads((run / "config.json").read_text())["data"]["canvas_buckets"] == "3,4,5"  # the fine-tune's
     assert "predict: on canvas buckets, test inputs per side: 3:" in (run / "predict.log").read_text()
-    _check_complete(working / "submission.json", kaggle_input)
+
+    for budget in (300, 600):
+        env = _notebook_env(tmp_path, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget, TRM_MIN_TRAIN_S=45,
+                            TRM_OVERRIDES=overrides)
+        settings = ke.settings_from_env(started_at=1000.0, env={k: str(v) for k, v in env.items() if v is not None})
+        planned = ke.plan_time(settings, now=1001.0)
+        assert planned.mode == ke.PlanMode.FINETUNE_AND_PREDICT
+        assert planned.finetune_s == pytest.approx(0.7 * (budget - 1), abs=15), budget
 
 
 def test_notebook_without_a_bundle_writes_the_fallback_before_anything_else(tmp_path, monkeypatch, kaggle_input):

@@ -43,6 +43,15 @@ def tiny_overrides(**extra: object) -> list[str]:
     return out
 
 
+def base_run_args(run: Path) -> list[str]:
+    """The command that makes the session's `base_run` (conftest.py): `--stage all` on the demo preset's tiny data
+    (badinput.SMALL), 4 steps with checkpoints at steps 2 and 4, 2 views per held-out test input."""
+    from badinput import SMALL
+
+    return ["--stage", "all", "--preset", "demo", "--out", str(run), *SMALL,
+            *tiny_overrides(max_steps=4, checkpoint_every=2), "--set", "predict.max_variants=2"]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a torchrun rendezvous (a fixed one can collide with another job)."""
     with socket.socket() as s:
