@@ -122,8 +122,8 @@ def test_a_node_with_another_dataset_ends_the_job_with_one_error(base_run: Path,
     assert ckpt.latest_checkpoint(run / "checkpoints") is not None  # nothing was removed: refused before any work
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from /proc")
-def test_a_rank_killed_while_training_ends_the_job_with_one_error(base_run: Path, tmp_path: Path):
+def _training_on_two_nodes(base_run: Path, tmp_path: Path) -> tuple[Path, list[subprocess.Popen]]:
+    """A copy of the base run training endlessly on 2 nodes x 1 process, once it has logged its first rows."""
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     (run / "metrics.jsonl").unlink()
@@ -134,6 +134,12 @@ def test_a_rank_killed_while_training_ends_the_job_with_one_error(base_run: Path
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
         assert time.monotonic() < end and all(p.poll() is None for p in procs), "training did not start"
         time.sleep(0.1)
+    return run, procs
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process tree is read from /proc")
+def test_a_rank_killed_while_training_ends_the_job_with_one_error(base_run: Path, tmp_path: Path):
+    run, procs = _training_on_two_nodes(base_run, tmp_path)
     worker = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
     assert len(worker) == 1
     killed = time.monotonic()
@@ -151,16 +157,7 @@ def test_a_rank_killed_while_training_ends_the_job_with_one_error(base_run: Path
 def test_a_stop_signal_to_one_node_stops_every_rank_with_a_checkpoint(base_run: Path, tmp_path: Path):
     """SIGTERM to node 0's launcher alone (a scheduler stopping one node first): rank 0 gets it from its torchrun,
     the ranks agree on the step, rank 0 saves a checkpoint to resume from, and every process of both nodes ends."""
-    run = tmp_path / "run"
-    shutil.copytree(base_run, run)
-    (run / "metrics.jsonl").unlink()
-    args = _train(run, "--force", "train", *tiny_overrides(max_steps=10**6, checkpoint_every=10**6, log_every=1))
-    procs = _launch([args, args])
-    metrics = run / "metrics.jsonl"
-    end = time.monotonic() + 120
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
-        assert time.monotonic() < end and all(p.poll() is None for p in procs), "training did not start"
-        time.sleep(0.1)
+    run, procs = _training_on_two_nodes(base_run, tmp_path)
     stopped = time.monotonic()
     procs[0].send_signal(signal.SIGTERM)
     codes, log = _finish(procs, 120)
