@@ -100,19 +100,20 @@ def download_dependency_wheels(names: Sequence[str], wheels: Path) -> list[Path]
     return sorted(set(wheels.glob("*.whl")) - before)
 
 
-def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_config: Path | None = None) -> dict[str, Any]:
+def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_config: Path | None = None,
+                      keep_rows: bool = False) -> dict[str, Any]:
     """Copy the pretrained checkpoint into `folder`; return its manifest entry.
 
     Ours are slimmed by default to what fine-tuning reads (pipeline.training.checkpoint.init_from_checkpoint): the dense
     weights (EMA folded in) and a 2-row puzzle table [blank row, mean of the trained rows], because every new
-    row starts at that mean. The training state (optimizers, ACT carry, RNG, the full puzzle table) can be
-    gigabytes. An exported folder (`--stage export`) or the reference's checkpoint folder is slimmed the same way.
+    row starts at that mean (`keep_rows`: the whole trained table, which `new_rows=nearest` chooses from). The
+    training state (optimizers, ACT carry, RNG) can be gigabytes. An exported folder (`--stage export`) or the reference's checkpoint folder is slimmed the same way.
     A reference state dict file is copied as it is, with its model config (required for it)."""
     from pipeline.training.checkpoint import load_training_state
 
     folder.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
-        return _bundle_weights_folder(source, folder)
+        return _bundle_weights_folder(source, folder, keep_rows)
     state = load_training_state(source)  # once: a full training checkpoint can be gigabytes
     entry: dict[str, Any] = {"path": f"checkpoint/{CHECKPOINT_NAME}", "source": str(source)}
     if not (isinstance(state, dict) and "model" in state and "config" in state):  # a reference TRM state dict
@@ -131,11 +132,11 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
         weights = dict(state["model"])  # the weights fine-tuning starts from: EMA when saved (as load_weights)
         if state.get("ema") is not None:
             weights.update(state["ema"]["shadow"])
-        config = _write_slim(folder, weights, state["config"], int(state.get("step", 0)), entry)
+        config = _write_slim(folder, weights, state["config"], int(state.get("step", 0)), entry, keep_rows=keep_rows)
     return _finish_entry(folder, config, entry)
 
 
-def _bundle_weights_folder(source: Path, folder: Path) -> dict[str, Any]:
+def _bundle_weights_folder(source: Path, folder: Path, keep_rows: bool = False) -> dict[str, Any]:
     """An exported folder (or the reference's checkpoint folder) as the bundle's slim checkpoint of ours."""
     from dataclasses import asdict
 
@@ -146,13 +147,15 @@ def _bundle_weights_folder(source: Path, folder: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": f"checkpoint/{CHECKPOINT_NAME}", "source": str(source),
                              "format": weights.source.kind, "step": step, "slim": True}
     config = {**(weights.run_config or {}), "model": asdict(weights.model_config)}
-    config = _write_slim(folder, weights.tensors, config, step, entry, weights.trained_rows if weights.mean_rows else None)
+    config = _write_slim(folder, weights.tensors, config, step, entry, weights.trained_rows if weights.mean_rows else None,
+                         keep_rows)
     return _finish_entry(folder, config, entry)
 
 
 def _write_slim(folder: Path, weights: dict[str, Any], config: dict[str, Any], step: int, entry: dict[str, Any],
-                trained_rows: int | None = None) -> dict[str, Any]:
-    """model.pt with the puzzle table cut to [blank row, mean of the trained rows]; returns its config."""
+                trained_rows: int | None = None, keep_rows: bool = False) -> dict[str, Any]:
+    """model.pt with the puzzle table cut to [blank row, mean of the trained rows] (kept whole with `keep_rows`);
+    returns its config."""
     import torch
 
     from pipeline.training.checkpoint import PUZZLE_TABLE, mean_rows
@@ -161,9 +164,11 @@ def _write_slim(folder: Path, weights: dict[str, Any], config: dict[str, Any], s
     if PUZZLE_TABLE in weights:
         table = weights[PUZZLE_TABLE]
         if trained_rows is None:  # a full table (a mean-row export is already cut)
-            weights[PUZZLE_TABLE] = torch.cat([table[:1], mean_rows(table, 1)])
+            if not keep_rows:
+                weights[PUZZLE_TABLE] = torch.cat([table[:1], mean_rows(table, 1)])
             trained_rows = max(table.shape[0] - 1, 1)
-        config["model"]["num_puzzle_identifiers"] = 2
+        config["model"]["num_puzzle_identifiers"] = weights[PUZZLE_TABLE].shape[0]
+        entry["puzzle_rows_kept"] = bool(keep_rows)
         entry["trained_puzzle_rows"] = int(trained_rows)
     slim = {"step": step, "config": config, "model": weights, "ema": None, "final": True, "slim": True}
     tmp = folder / (CHECKPOINT_NAME + ".tmp")
@@ -190,7 +195,7 @@ def _versions() -> dict[str, str]:
 
 
 def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None, wheels_from: Path | None = None,
-                 dependency_wheels: bool = True, full_checkpoint: bool = False) -> Path:
+                 dependency_wheels: bool = True, full_checkpoint: bool = False, keep_puzzle_rows: bool = False) -> Path:
     """Build the bundle folder `out` (replacing an earlier bundle there); return its manifest path."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -215,7 +220,7 @@ def build_bundle(out: Path, checkpoint: Path, *, arch_config: Path | None = None
             deps = download_dependency_wheels(KAGGLE_MISSING, wheels)
     print(f"bundling checkpoint {checkpoint}")
     ckpt_entry = bundle_checkpoint(Path(checkpoint), out / "checkpoint", full_checkpoint,
-                                   Path(arch_config) if arch_config else None)
+                                   Path(arch_config) if arch_config else None, keep_puzzle_rows)
     if NOTEBOOK.exists():
         shutil.copy2(NOTEBOOK, out / NOTEBOOK.name)
     from pipeline.kaggle_driver.pretrained import sha256_of  # the driver checks the checkpoint with the same function
@@ -250,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-dependency-wheels", action="store_true",
                    help="only the project wheel (the target must already have " + ", ".join(KAGGLE_MISSING) + ")")
     p.add_argument("--full-checkpoint", action="store_true", help="copy the training checkpoint as it is (not slimmed)")
+    p.add_argument("--keep-puzzle-rows", action="store_true", help="keep every trained puzzle row (not only their "
+                   "mean): what new_rows=nearest chooses the new tasks' rows from")
     a = p.parse_args(argv)
     build_bundle(Path(a.out), Path(a.checkpoint), arch_config=a.arch_config, wheels_from=a.wheels_from,
-                 dependency_wheels=not a.no_dependency_wheels, full_checkpoint=a.full_checkpoint)
+                 dependency_wheels=not a.no_dependency_wheels, full_checkpoint=a.full_checkpoint,
+                 keep_puzzle_rows=a.keep_puzzle_rows)
     return 0
 
 

@@ -104,6 +104,10 @@ class RunConfig:
     grad_accum_steps: int = 1  # split each process's share of the global batch into this many micro-batches
     depth_curriculum: float = 0.0  # > 0: H/L cycles grow from 1 to the model's over this fraction of the steps
     freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
+    # fine-tuning (--init): where the new puzzle rows start (pipeline.training.new_rows): the mean of the trained rows,
+    # zeros, or per task the trained row (of new_rows_candidates, and the mean) that fits its demonstrations best
+    new_rows: Literal["mean", "zeros", "nearest"] = "mean"
+    new_rows_candidates: int = 32
     checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
     checkpoint_every_epochs: float = 10_000
     checkpoint_every_s: float = 0.0  # also a checkpoint when this many seconds passed since the last (0 = off)
@@ -265,7 +269,7 @@ LIMITS: dict[str, Range] = {
     "lr": AT_LEAST_0, "lr_warmup_steps": AT_LEAST_0, "lr_min_ratio": FRACTION, "beta1": Range(0, 0.9999),
     "beta2": Range(0, 0.9999), "weight_decay": AT_LEAST_0, "puzzle_emb_lr": AT_LEAST_0,
     "puzzle_emb_weight_decay": AT_LEAST_0, "ema_rate": FRACTION, "grad_accum_steps": AT_LEAST_1,
-    "freeze_weights_steps": AT_LEAST_0, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
+    "freeze_weights_steps": AT_LEAST_0, "new_rows_candidates": AT_LEAST_1, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
     "checkpoint_every_s": AT_LEAST_0, "flops_budget": Range(0, MAX_FLOPS), "depth_curriculum": FRACTION,
     "keep_checkpoints": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_every_epochs": AT_LEAST_0,
     "eval_views": AT_LEAST_1, "log_every": AT_LEAST_1, "time_budget_s": AT_LEAST_0,

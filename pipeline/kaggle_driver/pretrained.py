@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.kaggle_driver.log import log
 from pipeline.kaggle_driver.settings import ENV, KaggleSettings
 
 
@@ -85,14 +86,15 @@ def find_pretrained(s: KaggleSettings) -> tuple[Path, Path | None]:
 
 
 def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
-    """The pretrained checkpoint as one of ours for this run's dataset (every puzzle row at the mean of the trained
-    rows, as fine-tuning starts), so prediction can run when fine-tuning failed or did not fit."""
+    """The pretrained checkpoint as one of ours for this run's dataset (the new puzzle rows started as fine-tuning
+    starts them: `new_rows`), so prediction can run when fine-tuning failed or did not fit."""
     from dataclasses import asdict, replace
 
     import torch
 
     from augment.dataset import AugmentedDataset
     from pipeline.training.checkpoint import dataset_fingerprint, init_from_checkpoint
+    from pipeline.training.new_rows import start_new_rows
     from pipeline.config import to_dict
     from pipeline.core.io import atomic_write_with
     from pipeline.model.trm import TRM
@@ -101,7 +103,8 @@ def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     model_cfg = replace(cfg.model, seq_len=dataset.canvas ** 2, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     torch.manual_seed(cfg.seed)
     model = TRM(model_cfg)
-    init_from_checkpoint(model, checkpoint, verbose=False)
+    source = init_from_checkpoint(model, checkpoint, verbose=False)
+    log(f"predict-only start: {start_new_rows(model, source, cfg.new_rows, dataset, cfg.new_rows_candidates)}")
     config = to_dict(cfg)
     config["model"] = asdict(model_cfg)
     state = {"step": 0, "config": config, "model": model.state_dict(), "ema": None, "final": True,

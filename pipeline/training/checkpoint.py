@@ -366,30 +366,30 @@ def _dense_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
 
 
 def mean_rows(table: Tensor, rows: int) -> Tensor:
-    """A (rows, ndim) table whose every row is the mean of `table`'s trained rows (row 0, the blank, left out):
-    where training on new puzzles starts. The reference does the same when shapes differ; random rows were
-    measured to hurt."""
+    """A (rows, ndim) table whose every row is the mean of `table`'s trained rows (row 0, the blank, left out): where
+    training on new puzzles starts by default (the reference does the same; random rows were measured to hurt)."""
     trained = table[1:] if table.shape[0] > 1 else table
     return trained.mean(0, keepdim=True).expand(rows, -1).clone()
 
 
-def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> None:
+def init_from_checkpoint(model: TRM, path: str | Path, verbose: bool = True) -> Tensor | None:
     """Fine-tuning start, from any weights source: the dense weights (EMA when saved), and every row of the
-    model's puzzle table (the new dataset's variants) set to the mean of the source's trained rows. If the
-    tables have the same shape the source's table is taken as it is."""
+    model's puzzle table (the new dataset's variants) set to the mean of the source's trained rows (other starts:
+    pipeline.training.new_rows); returns the source's table then. Same shapes: the source's table as it is."""
     own = model.state_dict()
     weights = _fitting_weights(path, own)
-    how = "none"
+    how, source = "none", None
     if PUZZLE_TABLE in own and PUZZLE_TABLE in weights:
         old = weights[PUZZLE_TABLE]
         if old.shape == own[PUZZLE_TABLE].shape:
             how = "loaded as is (same shape)"
         else:
-            weights = {**weights, PUZZLE_TABLE: mean_rows(old, own[PUZZLE_TABLE].shape[0])}
+            weights, source = {**weights, PUZZLE_TABLE: mean_rows(old, own[PUZZLE_TABLE].shape[0])}, old
             how = f"{own[PUZZLE_TABLE].shape[0]} rows set to the mean of the checkpoint's {max(old.shape[0] - 1, 1)} rows"
     model.load_state_dict({k: weights[k] for k in own}, strict=True)
     if verbose:
         print(f"init from {path}: dense weights loaded; puzzle table {how}")
+    return source
 
 
 def check_init_checkpoint(path: str | Path, config: ModelConfig) -> None:

@@ -26,6 +26,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler
 from pipeline.training.collectives import barrier, gather_carries, gather_rows_to_main
 from pipeline.training.compute import nominal_epoch
+from pipeline.training.new_rows import start_new_rows
 from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer
 from pipeline.training.runtime import Runtime
 
@@ -57,9 +58,11 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
                 init_checkpoint: str | Path | None = None) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = TRM(cfg.model)
-    if init_checkpoint is not None:
-        ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
+    source = ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main) if init_checkpoint is not None else None
     model.to(rt.device)
+    started = start_new_rows(model, source, cfg.new_rows, dataset, cfg.new_rows_candidates)
+    if source is not None and rt.is_main:
+        print(f"init: {started}")
     dense = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = build_dense_optimizer(
         dense, cfg.optimizer, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
