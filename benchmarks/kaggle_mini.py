@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE_OVERRIDES = ("global_batch_size=64", "data.num_aug=7", "predict.batch_size=256", "log_every=10",
                   "keep_checkpoints=20")
 CURVE_POINTS = 3  # checkpoints along each fine-tune (the curve of ce_true against its FLOPs)
+ROWS_BUNDLE = "bundle_rows/trm-arc-bundle"  # the bundle that keeps every trained puzzle row (new_rows=nearest)
 
 
 def _module(path: Path, name: str):
@@ -85,11 +86,14 @@ def prepare(root: Path) -> None:
           "--set keep_checkpoints=30")
 
 
-def bundle(root: Path, checkpoint: Path) -> None:
+def bundle(root: Path, checkpoint: Path, keep_puzzle_rows: bool = False) -> None:
+    """The bundle in the fake input tree; with keep_puzzle_rows, a second one beside it (ROWS_BUNDLE, outside the
+    input tree: an arm uses it with --param bundle=...) that keeps every trained puzzle row (new_rows=nearest)."""
     from pipeline.training.checkpoint import load_training_state
 
     builder = _module(ROOT / "kaggle" / "build_bundle.py", "trm_build_bundle")
-    builder.build_bundle(root / "input" / "trm-arc-bundle", checkpoint, dependency_wheels=False)
+    out = root / ROWS_BUNDLE if keep_puzzle_rows else root / "input" / "trm-arc-bundle"
+    builder.build_bundle(out, checkpoint, dependency_wheels=False, keep_puzzle_rows=keep_puzzle_rows)
     state = load_training_state(checkpoint)
     (root / "pretrained.json").write_text(json.dumps({"checkpoint": str(checkpoint), "step": state["step"],
                                                       "flops": float(state.get("flops") or 0.0)}))
@@ -104,9 +108,12 @@ def pretrained_flops(root: Path) -> float:
 
 # ------------------------------------------------------------------------------------------------- an arm
 def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: float, no_finetune: bool,
-            budget_s: float, params: dict[str, str]) -> dict[str, Any]:
+            budget_s: float, params: dict[str, str], time_bounded: bool = False) -> dict[str, Any]:
     """One Kaggle driver run (as the notebook runs it: settings from the environment, KaggleRun.run_all) on the
-    fake input tree; its fine-tune is bounded by FLOPs (ft_fraction of the pretraining's), not by the clock."""
+    fake input tree; its fine-tune is bounded by FLOPs (ft_fraction of the pretraining's), not by the clock, unless
+    `time_bounded` (the notebook's own mode: the draft budget `budget_s` and train_fraction split the clock)."""
+    import os
+
     from pipeline.training.checkpoint import load_training_state
     from pipeline.kaggle_driver import KaggleRun, settings_from_env
     from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
@@ -116,17 +123,19 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     out = root / "arms" / f"{name}_s{seed}"
     working = out / "working"
     overrides = [*BASE_OVERRIDES, f"seed={seed}", f"data.seed={seed}", *settings]
-    if not no_finetune:
+    if not no_finetune and not time_bounded:
         overrides.append(f"flops_budget={ft_flops:.6g}")
         if not any(s.startswith("checkpoint_every=") for s in settings):
             step_flops = 64 * _row_step_flops(root)
             overrides.append(f"checkpoint_every={max(1, round(ft_flops / step_flops / CURVE_POINTS))}")
+    shown_params = dict(params)
     env = {"TRM_KAGGLE_INPUT": str(root / "input"), "TRM_KAGGLE_WORKING": str(working), "TRM_NUM_GPUS": "0",
            "TRM_PROGRESS": "0", "TRM_DRAFT_TIME_BUDGET_S": str(budget_s), "TRM_STAGE_OVERHEAD_S": "60",
            "TRM_KILL_GRACE_S": "20", "TRM_SUBMIT_RESERVE_S": "60", "TRM_MIN_TRAIN_S": "10",
            "TRM_TRAIN_FRACTION": "0" if no_finetune else params.pop("train_fraction", "0.85"),
            "TRM_SOLUTIONS": str(root / "input" / "arc-prize-2025" / "arc-agi_evaluation_solutions.json"),
            "TRM_OVERRIDES": " ".join(overrides), **{f"TRM_{k.upper()}": v for k, v in params.items()}}
+    load_before = os.getloadavg()[0]
     start = time.time()
     run = KaggleRun(settings_from_env(env=env))
     run.run_all()
@@ -137,12 +146,15 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     result: dict[str, Any] = {
         "name": name, "seed": seed, "settings": settings, "no_finetune": no_finetune, "ft_fraction": ft_fraction,
         "pretrain_flops": pre, "overrides": overrides, "wall_s": round(wall, 1), "path": status["summary"]["path"],
+        "params": shown_params, "time_bounded": time_bounded, "budget_s": budget_s,
+        "load": [round(load_before, 2), round(os.getloadavg()[0], 2)], "new_rows": _new_rows_line(run_dir),
         "answers": status.get("submit", {}).get("test_inputs"),
         **{k: scored.get(k) for k in ("pass2", "task_pass2", "tasks_solved", "ce_true", "cell_acc_true")},
         "command": f"python benchmarks/kaggle_mini.py arm --root {root} --name {name} --seed {seed} "
-                   + (" --no-finetune" if no_finetune else f" --ft-fraction {ft_fraction:g}")
+                   + (" --no-finetune" if no_finetune else f" --time-bounded --budget-s {budget_s:g}" if time_bounded
+                      else f" --ft-fraction {ft_fraction:g}")
                    + "".join(f" --set {shlex.quote(s)}" for s in settings)
-                   + "".join(f" --param {k}={v}" for k, v in params.items()),
+                   + "".join(f" --param {k}={v}" for k, v in shown_params.items()),
     }
     dataset = answered_dataset(run_dir / "dataset", json.loads(run.s.solutions.read_text()))
     curve = [{"step": 0, "flops": 0.0, **truth_figures(run_dir / "pretrained_for_predict.pt", dataset)}] \
@@ -161,6 +173,19 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     print(f"{name} seed {seed}: ce_true {result['ce_true']:.4f}, pass@2 {100 * result['pass2']:.1f}% "
           f"({result['steps']} fine-tune steps, {result['ft_flops'] / 1e12:.2f} TFLOP), {wall:.0f} s")
     return result
+
+
+def _new_rows_line(run_dir: Path) -> str | None:
+    """How the new puzzle rows started, as the fine-tune child (or the predict-only start) logged it."""
+    for log in ("finetune.log", "trm_kaggle.log"):
+        path = run_dir / log if log == "finetune.log" else run_dir.parent / log
+        if path.exists():
+            found = [line.split("start: ", 1)[-1].split("init: ", 1)[-1].strip()
+                     for line in path.read_text(errors="replace").splitlines() if "puzzle rows" in line
+                     and ("init: " in line or "predict-only start: " in line)]
+            if found:
+                return found[-1]
+    return None
 
 
 def _row_step_flops(root: Path) -> float:
@@ -246,6 +271,13 @@ def _phase_seconds(root: Path, r: dict) -> str:
     return " / ".join(f"{stages.get(k, {}).get('seconds', 0):.0f}" for k in ("finetune", "predict"))
 
 
+def _settings(r: dict) -> str:
+    """An arm's run-config overrides, its driver settings (the rows bundle by name) and, time-bounded, its clock."""
+    params = [f"{k}={'(rows bundle)' if k == 'bundle' else v}" for k, v in (r.get("params") or {}).items()]
+    clock = [f"clock {r['budget_s']:.0f} s"] if r.get("time_bounded") else []
+    return " ".join([*r["settings"], *params, *clock]) or "(kaggle preset)"
+
+
 def tables(root: Path) -> str:
     """Every arm and seed that ran (results/*.json), with the two baselines at equal total FLOPs."""
     results = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
@@ -267,7 +299,7 @@ def tables(root: Path) -> str:
         closed = None if r["no_finetune"] else gap_closed(no_ft, joint, r.get("ce_true"))
         a = r.get("answers") or {}
         lines.append(
-            f"| {r['name']} | {r['seed']} | {' '.join(r['settings']) or '(kaggle preset)'} | {r['steps']} | "
+            f"| {r['name']} | {r['seed']} | {_settings(r)} | {r['steps']} | "
             f"{r['ft_flops'] / 1e12:.2f} T ({100 * r['ft_flops'] / pre:.0f}%) | {_f(r.get('ce_true'))} | {_f(joint)} | "
             f"{'–' if closed is None else f'{100 * closed:.0f}%'} | {_f(r.get('cell_acc_true'))} | "
             f"{100 * r['pass2']:.1f} | {100 * r['task_pass2']:.1f} | "
@@ -333,16 +365,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", default=[], help="arm: a driver setting KEY=VALUE (TRM_KEY)")
     p.add_argument("--ft-fraction", type=float, default=0.25, help="arm: fine-tune FLOPs / pretraining FLOPs")
     p.add_argument("--no-finetune", action="store_true", help="arm: the predict-only path (new rows at the mean)")
-    p.add_argument("--budget-s", type=float, default=7200.0, help="arm: the draft time budget (not meant to bind)")
+    p.add_argument("--budget-s", type=float, default=7200.0, help="arm: the draft time budget (binds only with "
+                   "--time-bounded)")
+    p.add_argument("--time-bounded", action="store_true", help="arm: no FLOPs bound; the clock (--budget-s) and "
+                   "train_fraction (--param) split the run, as in the notebook")
+    p.add_argument("--keep-puzzle-rows", action="store_true", help=f"bundle: build ROOT/{ROWS_BUNDLE}, which keeps "
+                   "every trained puzzle row (for new_rows=nearest: --param bundle=ROOT/" + ROWS_BUNDLE + ")")
     a = p.parse_args(argv)
     root = a.root.absolute()
     if a.command == "prepare":
         prepare(root)
     elif a.command == "bundle":
-        bundle(root, a.checkpoint.absolute())
+        bundle(root, a.checkpoint.absolute(), a.keep_puzzle_rows)
     elif a.command == "arm":
         params = dict(item.split("=", 1) for item in a.param)
-        run_arm(root, a.name, a.seed, a.set, a.ft_fraction, a.no_finetune, a.budget_s, params)
+        run_arm(root, a.name, a.seed, a.set, a.ft_fraction, a.no_finetune, a.budget_s, params, a.time_bounded)
     elif a.command == "joint":
         joint(root, a.run.absolute())
     else:

@@ -48,3 +48,12 @@ def test_gap_closed_reads_joint_training_at_equal_total_flops(tmp_path):
     text = km.tables(tmp_path)
     assert "| tuned | 0 | (kaggle preset) | 1 | 0.00 T (20%) | 1.300 | 1.200 | 75% |" in text
     assert "| tuned | 0, 1 | 20% | 1 | 1.400 (1.300–1.500) | 1.200 | 50% (25–75%) |" in text
+
+
+def test_an_arms_settings_name_its_driver_settings_and_its_clock():
+    arm = {**_arm("split", 0, []), "settings": ["data.num_aug=1"], "params": {"train_fraction": "0.5"},
+           "time_bounded": True, "budget_s": 600.0}
+    assert km._settings(arm) == "data.num_aug=1 train_fraction=0.5 clock 600 s"
+    nearest = {**_arm("nearest", 0, []), "settings": ["new_rows=nearest"], "params": {"bundle": "/x/bundle_rows/b"}}
+    assert km._settings(nearest) == "new_rows=nearest bundle=(rows bundle)"
+    assert km._settings(_arm("kaggle", 0, [])) == "(kaggle preset)"
