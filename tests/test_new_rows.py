@@ -114,3 +114,18 @@ def test_bundle_keeps_the_trained_rows_when_asked(runs, tmp_path: Path):
         entry = builder.bundle_checkpoint(base, tmp_path / str(keep), keep_rows=keep)
         saved = torch.load(tmp_path / str(keep) / "model.pt", weights_only=True)
         assert saved["model"][TABLE].shape[0] == expected == entry["model"]["num_puzzle_identifiers"]
+
+
+def test_the_predict_only_start_takes_new_rows(runs, tmp_path: Path):
+    """The Kaggle driver's predict-only path (no fine-tune) starts the new rows as a fine-tune would."""
+    import shutil
+
+    from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
+
+    base, other = runs
+    shutil.copytree(other, tmp_path / "dataset")
+    cfg = tiny_config(new_rows="zeros")
+    cfg.model.seq_len = 36
+    table = torch.load(pretrained_for_dataset(tmp_path, cfg, base), weights_only=True)["model"][TABLE]
+    assert table.shape[0] == AugmentedDataset.load(other).num_puzzle_identifiers
+    assert torch.equal(table, torch.zeros_like(table))
