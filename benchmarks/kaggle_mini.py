@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shlex
 import sys
 import time
@@ -271,6 +272,13 @@ def _phase_seconds(root: Path, r: dict) -> str:
     return " / ".join(f"{stages.get(k, {}).get('seconds', 0):.0f}" for k in ("finetune", "predict"))
 
 
+def start_flops(r: dict) -> float:
+    """FLOPs the arm spent starting its new puzzle rows (new_rows=nearest scores candidate rows; as the run logged
+    them): counted into its total compute, against which joint training is read."""
+    found = re.search(r"([0-9.]+(?:e-?[0-9]+)?) TFLOP", r.get("new_rows") or "")
+    return float(found.group(1)) * 1e12 if found else 0.0
+
+
 def _settings(r: dict) -> str:
     """An arm's run-config overrides, its driver settings (the rows bundle by name) and, time-bounded, its clock."""
     params = [f"{k}={'(rows bundle)' if k == 'bundle' else v}" for k, v in (r.get("params") or {}).items()]
@@ -294,18 +302,20 @@ def tables(root: Path) -> str:
              "fallback / fallback only | fine-tune s / predict s | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in arms:
-        total = pre + r["ft_flops"]
-        joint = _mean([_interp(j["curve"], total) for j in joints])
-        closed = None if r["no_finetune"] else gap_closed(no_ft, joint, r.get("ce_true"))
+        start = start_flops(r)
+        joint = _mean([_interp(j["curve"], pre + r["ft_flops"] + start) for j in joints])
+        closed = None if r["no_finetune"] and not start else gap_closed(no_ft, joint, r.get("ce_true"))
         a = r.get("answers") or {}
         lines.append(
             f"| {r['name']} | {r['seed']} | {_settings(r)} | {r['steps']} | "
-            f"{r['ft_flops'] / 1e12:.2f} T ({100 * r['ft_flops'] / pre:.0f}%) | {_f(r.get('ce_true'))} | {_f(joint)} | "
+            f"{r['ft_flops'] / 1e12:.2f} T ({100 * r['ft_flops'] / pre:.0f}%)"
+            + (f" + {start / 1e12:.2f} T start ({100 * start / pre:.0f}%)" if start else "")
+            + f" | {_f(r.get('ce_true'))} | {_f(joint)} | "
             f"{'–' if closed is None else f'{100 * closed:.0f}%'} | {_f(r.get('cell_acc_true'))} | "
             f"{100 * r['pass2']:.1f} | {100 * r['task_pass2']:.1f} | "
             f"{' / '.join(str(v) for v in a.values())} | {_phase_seconds(root, r)} | {r['wall_s']:.0f} |")
     lines += ["", "Curves (fine-tune FLOPs as % of pretraining: ce_true; gap closed against joint training at the same "
-              "total FLOPs):", ""]
+              "total FLOPs, the new rows' start included):", ""]
     for r in arms:
         if r["no_finetune"]:
             continue
@@ -313,7 +323,8 @@ def tables(root: Path) -> str:
         for c in r["curve"]:
             if c["step"] == 0:
                 continue
-            closed = gap_closed(no_ft, _mean([_interp(j["curve"], pre + c["flops"]) for j in joints]), c["ce_true"])
+            closed = gap_closed(no_ft, _mean([_interp(j["curve"], pre + c["flops"] + start_flops(r)) for j in joints]),
+                                c["ce_true"])
             points.append(f"{100 * c['flops'] / pre:.0f}%: {c['ce_true']:.3f}"
                           + ("" if closed is None else f" ({100 * closed:.0f}%)"))
         lines.append(f"- {r['name']} seed {r['seed']}: " + ", ".join(points))
@@ -342,7 +353,7 @@ def budget_table(arms: list[dict], joints: list[dict], no_ft: float | None) -> s
         for k, point in enumerate(runs[0]["curve"]):
             points = [r["curve"][k] for r in runs if len(r["curve"]) > k]
             ces = [c["ce_true"] for c in points]
-            joint = _mean([_interp(j["curve"], pre + point["flops"]) for j in joints])
+            joint = _mean([_interp(j["curve"], pre + point["flops"] + _mean([start_flops(r) for r in runs])) for j in joints])
             closed = [gap_closed(no_ft, joint, c) for c in ces]
             closed = [c for c in closed if c is not None]
             lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {100 * point['flops'] / pre:.0f}% | "

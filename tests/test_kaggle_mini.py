@@ -57,3 +57,19 @@ def test_an_arms_settings_name_its_driver_settings_and_its_clock():
     nearest = {**_arm("nearest", 0, []), "settings": ["new_rows=nearest"], "params": {"bundle": "/x/bundle_rows/b"}}
     assert km._settings(nearest) == "new_rows=nearest bundle=(rows bundle)"
     assert km._settings(_arm("kaggle", 0, [])) == "(kaggle preset)"
+
+
+def test_the_new_rows_start_counts_into_the_arms_compute(tmp_path):
+    """new_rows=nearest spends FLOPs before fine-tuning: joint training is read at pretraining + fine-tune + start."""
+    assert km.start_flops({"new_rows": "nearest of 33 candidates ...; 2970 rows scored, 20.000 TFLOP, 49 s"}) == 2e13
+    assert km.start_flops({"new_rows": "new puzzle rows at zero"}) == km.start_flops({}) == 0.0
+    results = tmp_path / "results"
+    results.mkdir()
+    joint = {"run": "joint_s0", "curve": [{"flops": 100.0, "ce_true": 1.3, "task_pass2": 0.0},
+                                          {"flops": 140.0, "ce_true": 1.1, "task_pass2": 0.0}]}
+    (results / "joint_joint_s0.json").write_text(json.dumps(joint))
+    (results / "no-finetune_s0.json").write_text(json.dumps(_arm("no-finetune", 0, [], no_finetune=True)))
+    near = {**_arm("near", 0, [{"step": 1, "flops": 10.0, "ce_true": 1.3, "cell_acc_true": 0.5}]),
+            "new_rows": "nearest ..., 1e-11 TFLOP, 1 s"}  # 10 FLOPs of start: joint read at 100 + 10 + 10
+    (results / "near_s0.json").write_text(json.dumps(near))
+    assert "| near | 0 | (kaggle preset) | 1 | 0.00 T (10%) + 0.00 T start (10%) | 1.300 | 1.200 | 75% |" in km.tables(tmp_path)
