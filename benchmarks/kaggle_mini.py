@@ -181,7 +181,8 @@ def joint(root: Path, run: Path) -> dict[str, Any]:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.training.checkpoint import load_model_for_inference, load_training_state
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import load_training_state
     from pipeline.cli.evaluate import HeldOutEvaluator
     from pipeline.kaggle_driver.truth import TRUTH_VIEWS
     from pipeline.inference.rescore import merge_truth_scores, truth_scores

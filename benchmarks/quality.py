@@ -172,7 +172,8 @@ def train_exact_accuracy(metrics_path: Path) -> tuple[float | None, list[dict]]:
 def time_passes(folder: Path) -> dict:
     """Seconds of the prediction pass (every view) and of the likelihood re-scoring pass, re-run on the final
     checkpoint: what the likelihood selectors cost."""
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
     from pipeline.config import from_dict
     from pipeline.inference.predict import predict
     from pipeline.inference.rescore import rescore
@@ -197,7 +198,8 @@ COLLECT_VERSION = 2  # bump when collect() gathers something new: cached figures
 
 def act_steps_of(folder: Path) -> list[dict]:
     from act_steps import act_study
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
 
     model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))
     return act_study(model, AugmentedDataset.load(folder / "dataset"))

@@ -27,7 +27,9 @@ from pipeline import kaggle_driver as ke
 from pipeline.kaggle_driver import faults, retry
 from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_dataset
 from pipeline.kaggle_driver.stages import config_overrides
-from pipeline.training.checkpoint import init_from_checkpoint, load_training_state, to_reference_state_dict
+from pipeline.model.loading import init_from_checkpoint
+from pipeline.model.reference import to_reference_state_dict
+from pipeline.training.checkpoint import load_training_state
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data.tasks import load_tasks, select_tasks
 from pipeline.model.trm import TRM, ModelConfig

@@ -10,7 +10,7 @@ PACKAGES = ("pipeline", "augment", "submissions")
 MAX_LINES = 450
 MAX_MODULES_PER_FOLDER = 15  # the issue asks ~12 (a ratchet, not the aim)
 # Known to be over, at most this big: each is a room to split next (the list may only shrink).
-OVER_LINES = {"pipeline.training.checkpoint": 460}
+OVER_LINES: dict[str, int] = {}
 OVER_MODULES = {"pipeline/kaggle_driver": 16}
 
 # The wings bottom first, as docs/ARCHITECTURE.md draws them: a module imports only from its own wing or one earlier.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.model import loading
 from pipeline.training import checkpoint as ckpt
 from pipeline.model.trm import TRM
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
@@ -140,7 +141,7 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
     cfg = tiny_config(max_steps=2, freeze_weights_steps=2)
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = 36, ds.num_puzzle_identifiers
     model = TRM(cfg.model)
-    ckpt.init_from_checkpoint(model, base, verbose=False)
+    loading.init_from_checkpoint(model, base, verbose=False)
     saved = ckpt.load_training_state(base)
     old_rows = saved["model"]["puzzle_emb.weights"][1:]
     expected = old_rows.mean(0).expand(ds.num_puzzle_identifiers, -1)
@@ -156,7 +157,7 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
 
 
 def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
-    from pipeline.training.checkpoint import config_from_reference
+    from pipeline.model.reference import config_from_reference
 
     cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
     cfg.num_puzzle_identifiers = 25  # a new dataset with other puzzles than the checkpoint's 10 rows
@@ -164,7 +165,7 @@ def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
     path = tmp_path / "ref.pt"
     torch.save({"_orig_mod.model." + k: v for k, v in sd.items()}, path)
     model = TRM(cfg)
-    ckpt.init_from_checkpoint(model, path, verbose=False)
+    loading.init_from_checkpoint(model, path, verbose=False)
     torch.testing.assert_close(model.puzzle_emb.weights, sd["inner.puzzle_emb.weights"][1:].mean(0).expand(25, -1))
     torch.testing.assert_close(model.lm_head.weight, sd["inner.lm_head.weight"])
 
@@ -218,7 +219,7 @@ def test_evaluation_during_training_logs_and_keeps_weights(tiny_data: Path, tmp_
     kept = sorted(p.name for p in (tmp_path / "checkpoints" / "evaluated").iterdir())
     assert kept == ["step_00000004.pt", "step_00000008.pt", "step_00000012.pt"]  # none cleaned up
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 1
-    model = ckpt.load_model_for_inference(tmp_path / "checkpoints" / "evaluated" / "step_00000008.pt")
+    model = loading.load_model_for_inference(tmp_path / "checkpoints" / "evaluated" / "step_00000008.pt")
     assert isinstance(model, TRM)
     # the evaluation uses the EMA weights and gives training back its own: the run equals one without evaluation
     plain = tmp_path / "plain"

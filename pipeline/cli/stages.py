@@ -157,7 +157,7 @@ def _check_init(cfg: RunConfig, req: Request, dataset: Any) -> None:
     """--init is a checkpoint whose weights fit this model, and not one of those --force train would remove."""
     import dataclasses
 
-    from pipeline.training.checkpoint import check_init_checkpoint
+    from pipeline.model.loading import check_init_checkpoint
 
     init = req.init.resolve()
     if "train" in req.forced and init.is_relative_to((req.out / "checkpoints").resolve()):

@@ -275,7 +275,7 @@ def check_rescore_settings(cfg: PredictConfig) -> None:
 def load_checked_model(checkpoint_path: str | Path, dataset: AugmentedDataset, dataset_dir: str | Path,
                        use_ema: bool) -> TRM:
     """The checkpoint's model, refused when it was trained on another canvas or on fewer puzzle variants."""
-    from pipeline.training.checkpoint import load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
 
     model = load_model_for_inference(checkpoint_path, use_ema=use_ema,
                                      num_puzzle_identifiers=dataset.num_puzzle_identifiers,

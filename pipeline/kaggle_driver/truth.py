@@ -45,7 +45,7 @@ def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS, canv
 
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
     from pipeline.model.rows import RowEngine
-    from pipeline.training.checkpoint import load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
 
     model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     model.eval()
