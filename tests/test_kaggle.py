@@ -24,9 +24,9 @@ import torch
 from nbclient import NotebookClient
 
 from pipeline import kaggle_driver as ke
-from pipeline.kaggle_driver import faults, retry
+from pipeline.kaggle_driver import child_stages, faults
 from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_dataset
-from pipeline.kaggle_driver.stages import config_overrides
+from pipeline.kaggle_driver.state import config_overrides
 from pipeline.model.loading import init_from_checkpoint
 from pipeline.model.reference import to_reference_state_dict
 from pipeline.training.checkpoint import load_training_state
@@ -444,13 +444,13 @@ def test_faults_hook_parses_and_out_of_memory_is_recognised():
         with pytest.raises(ValueError, match="TRM_FAULTS"):
             faults.parse_faults(bad)
     result = lambda code, tail="", timed_out=False: ke.ChildResult(code, timed_out, 1.0, tail)  # noqa: E731
-    assert retry.is_out_of_memory(result(-9)) and retry.is_out_of_memory(result(137))
-    assert retry.is_out_of_memory(result(1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))
-    assert retry.is_out_of_memory(result(1, "rank 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)"))  # torchrun's report
-    assert not retry.is_out_of_memory(result(1, "ValueError: bad task"))
-    assert not retry.is_out_of_memory(result(-9, timed_out=True))  # we stopped it for time
-    assert (retry.next_grad_accum(768, 4, 1), retry.next_grad_accum(768, 4, 2), retry.next_grad_accum(20, 1, 4)) == (2, 4, 10)
-    assert retry.next_grad_accum(8, 1, 8) is None  # already one row per micro-batch
+    assert child_stages.is_out_of_memory(result(-9)) and child_stages.is_out_of_memory(result(137))
+    assert child_stages.is_out_of_memory(result(1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"))
+    assert child_stages.is_out_of_memory(result(1, "rank 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)"))  # torchrun's report
+    assert not child_stages.is_out_of_memory(result(1, "ValueError: bad task"))
+    assert not child_stages.is_out_of_memory(result(-9, timed_out=True))  # we stopped it for time
+    assert (child_stages.next_grad_accum(768, 4, 1), child_stages.next_grad_accum(768, 4, 2), child_stages.next_grad_accum(20, 1, 4)) == (2, 4, 10)
+    assert child_stages.next_grad_accum(8, 1, 8) is None  # already one row per micro-batch
 
 
 def test_child_timeout_stops_a_hung_stage(tmp_path):
@@ -477,7 +477,7 @@ def test_prediction_killed_part_way_leaves_its_candidates_so_far(tmp_path, kaggl
     child_env = {**os.environ, "TRM_FAULTS": "predict:kill_after_calls=6"}  # halt_max_steps 3: dies in batch 3
     result = ke.run_child(ke.launch_command(1, args, faults.CHILD_MODULE), 120, cwd=tmp_path, env=child_env,
                           log_path=tmp_path / "predict.log")
-    assert result.returncode == -9 and retry.is_out_of_memory(result) and "TRM_FAULTS: SIGKILL" in result.tail
+    assert result.returncode == -9 and child_stages.is_out_of_memory(result) and "TRM_FAULTS: SIGKILL" in result.tail
     assert not (run / "predictions.npz").exists()
     partial = Predictions.load(run / "predictions.partial.npz")
     assert len(partial) == 4  # two batches of 2 rows

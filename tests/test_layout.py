@@ -8,10 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "augment", "submissions")
 MAX_LINES = 450
-MAX_MODULES_PER_FOLDER = 15  # the issue asks ~12 (a ratchet, not the aim)
+MAX_MODULES_PER_FOLDER = 12
 # Known to be over, at most this big: each is a room to split next (the list may only shrink).
 OVER_LINES: dict[str, int] = {}
-OVER_MODULES = {"pipeline/kaggle_driver": 16}
+OVER_MODULES = {"pipeline/training": 13}
 
 # The wings bottom first, as docs/ARCHITECTURE.md draws them: a module imports only from its own wing or one earlier.
 WINGS = ("pipeline.core", "pipeline.data", "augment", "pipeline.model", "pipeline.config", "pipeline.training",
