@@ -167,13 +167,13 @@ def carries_from_state(
     state: dict[str, Tensor], rank: int, world: int, micro_batches: int, device: torch.device | str
 ) -> list[Carry]:
     """This process's micro-batch carries, cut from a saved global carry (any split of the same global batch)."""
-    rows = state["halted"].shape[0]
-    local = rows // world
+    local = state["halted"].shape[0] // world
+    micro_rows = local // micro_batches
     carries = []
-    for i in range(micro_batches):
-        lo = rank * local + i * (local // micro_batches)
-        sl = slice(lo, lo + local // micro_batches)
-        data = {k[5:]: v[sl].to(device) for k, v in state.items() if k.startswith("data.")}
-        carries.append(Carry(state["z_H"][sl].to(device), state["z_L"][sl].to(device), state["steps"][sl].to(device),
-                             state["halted"][sl].to(device), data))
+    for micro_batch in range(micro_batches):
+        first = rank * local + micro_batch * micro_rows
+        rows = slice(first, first + micro_rows)
+        data = {key[5:]: value[rows].to(device) for key, value in state.items() if key.startswith("data.")}
+        carries.append(Carry(state["z_H"][rows].to(device), state["z_L"][rows].to(device),
+                             state["steps"][rows].to(device), state["halted"][rows].to(device), data))
     return carries
