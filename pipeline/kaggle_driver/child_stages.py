@@ -64,9 +64,8 @@ def run_attempts(name: str, first: int, describe: Callable[[int], str], *, plan:
                  max_retries: int, done: Callable[[Attempt], bool] = lambda a: a.result.ok,
                  after: Callable[[Attempt], None] = lambda a: None) -> list[Attempt]:
     """Attempts until one is `done`; after a failure for memory, again with `smaller(setting)` (`describe` says a
-    setting in the log), while the plan
-    leaves time (plan().run) and retries are left. `after` sees every attempt (to record it, to keep its partial
-    output). Returns the attempts made."""
+    setting in the log), while the plan leaves time (plan().run) and retries are left. `after` sees every attempt
+    (to record it, to keep its partial output). Returns the attempts made."""
     attempts: list[Attempt] = []
     setting = first
     for number in range(1 + max_retries):
