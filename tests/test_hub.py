@@ -15,7 +15,6 @@ from pipeline.inference.predictions import Predictions
 from pipeline.run import cli
 from tiny import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
