@@ -14,8 +14,8 @@ tasks it has never seen, through the code the notebook runs.
             ce_true and pass@2 of each of its checkpoints
   table     every result as markdown (every arm and seed that ran)
 
-ce_true is the driver's own figure for a draft with known answers (pipeline.kaggle_driver.truth: per-cell
-cross-entropy of the true answer, the model's last ACT step, over the first 8 views of each dev test output, as
+ce_true is the driver's own figure for a draft with known answers (pipeline.kaggle_driver.stages.truth_figures:
+per-cell cross-entropy of the true answer, the model's last ACT step, over the first 8 views of each dev test output, as
 `mini`'s evaluations compute it).
 
   python benchmarks/kaggle_mini.py prepare --root runs/kaggle_mini
@@ -115,9 +115,7 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     `time_bounded` (the notebook's own mode: the draft budget `budget_s` and train_fraction split the clock)."""
     import os
 
-    from pipeline.training.checkpoint import load_training_state
     from pipeline.kaggle_driver import KaggleRun, settings_from_env
-    from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
 
     pre = pretrained_flops(root)
     ft_flops = ft_fraction * pre
@@ -157,16 +155,8 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
                    + "".join(f" --set {shlex.quote(s)}" for s in settings)
                    + "".join(f" --param {k}={v}" for k, v in shown_params.items()),
     }
-    dataset = answered_dataset(run_dir / "dataset", json.loads(run.s.solutions.read_text()))
-    curve = [{"step": 0, "flops": 0.0, **truth_figures(run_dir / "pretrained_for_predict.pt", dataset)}] \
-        if (run_dir / "pretrained_for_predict.pt").exists() else []
-    used = status.get("predict", {}).get("checkpoint_path")
-    for path in sorted((run_dir / "checkpoints").glob("step_*.pt")):
-        state = load_training_state(path)
-        figures = ({k: result[k] for k in ("ce_true", "cell_acc_true")} if str(path) == used
-                   else truth_figures(path, dataset))  # the weights prediction used: the score stage has them
-        curve.append({"step": state["step"], "flops": float(state.get("flops") or 0.0), **figures})
-    result["curve"] = curve
+    result["curve"] = curve = _truth_curve(run_dir, json.loads(run.s.solutions.read_text()),
+                                           status.get("predict", {}).get("checkpoint_path"), result)
     result["ft_flops"] = curve[-1]["flops"] if curve and not no_finetune else 0.0
     result["steps"] = status.get("finetune", {}).get("step", 0)
     (root / "results").mkdir(exist_ok=True)
@@ -174,6 +164,22 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     print(f"{name} seed {seed}: ce_true {result['ce_true']:.4f}, pass@2 {100 * result['pass2']:.1f}% "
           f"({result['steps']} fine-tune steps, {result['ft_flops'] / 1e12:.2f} TFLOP), {wall:.0f} s")
     return result
+
+
+def _truth_curve(run_dir: Path, solutions: dict, used: str | None, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """ce_true of the predict-only start (if any) and of every fine-tune checkpoint: the curve against FLOPs."""
+    from pipeline.training.checkpoint import load_training_state
+    from pipeline.kaggle_driver.stages import answered_dataset, truth_figures
+
+    dataset = answered_dataset(run_dir / "dataset", solutions)
+    curve = [{"step": 0, "flops": 0.0, **truth_figures(run_dir / "pretrained_for_predict.pt", dataset)}] \
+        if (run_dir / "pretrained_for_predict.pt").exists() else []
+    for path in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+        state = load_training_state(path)
+        figures = ({k: result[k] for k in ("ce_true", "cell_acc_true")} if str(path) == used
+                   else truth_figures(path, dataset))  # the weights prediction used: the score stage has them
+        curve.append({"step": state["step"], "flops": float(state.get("flops") or 0.0), **figures})
+    return curve
 
 
 def _new_rows_line(run_dir: Path) -> str | None:
@@ -207,9 +213,10 @@ def joint(root: Path, run: Path) -> dict[str, Any]:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.training.checkpoint import load_model_for_inference, load_training_state
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import load_training_state
     from pipeline.cli.evaluate import HeldOutEvaluator
-    from pipeline.kaggle_driver.truth import TRUTH_VIEWS
+    from pipeline.kaggle_driver.stages import TRUTH_VIEWS
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
 
     dataset = AugmentedDataset.load(run / "dataset")

@@ -104,7 +104,7 @@ def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_confi
                       keep_rows: bool = False) -> dict[str, Any]:
     """Copy the pretrained checkpoint into `folder`; return its manifest entry.
 
-    Ours are slimmed by default to what fine-tuning reads (pipeline.training.checkpoint.init_from_checkpoint): the dense
+    Ours are slimmed by default to what fine-tuning reads (pipeline.model.loading.init_from_checkpoint): the dense
     weights (EMA folded in) and a 2-row puzzle table [blank row, mean of the trained rows], because every new
     row starts at that mean (`keep_rows`: the whole trained table, which `new_rows=nearest` chooses from). The
     training state (optimizers, ACT carry, RNG) can be gigabytes. An exported folder (`--stage export`) or the reference's checkpoint folder is slimmed the same way.
@@ -140,7 +140,7 @@ def _bundle_weights_folder(source: Path, folder: Path, keep_rows: bool = False) 
     """An exported folder (or the reference's checkpoint folder) as the bundle's slim checkpoint of ours."""
     from dataclasses import asdict
 
-    from pipeline.training.checkpoint import load_weights
+    from pipeline.model.loading import load_weights
 
     weights = load_weights(source)
     step = int(weights.step or 0)
@@ -158,7 +158,7 @@ def _write_slim(folder: Path, weights: dict[str, Any], config: dict[str, Any], s
     returns its config."""
     import torch
 
-    from pipeline.training.checkpoint import PUZZLE_TABLE, mean_rows
+    from pipeline.model.loading import PUZZLE_TABLE, mean_rows
 
     weights, config = dict(weights), json.loads(json.dumps(config))
     if PUZZLE_TABLE in weights:

@@ -104,7 +104,7 @@ class RunConfig:
     grad_accum_steps: int = 1  # split each process's share of the global batch into this many micro-batches
     depth_curriculum: float = 0.0  # > 0: H/L cycles grow from 1 to the model's over this fraction of the steps
     freeze_weights_steps: int = 0  # fine-tuning: train only the puzzle embeddings for the first K steps
-    # fine-tuning (--init): where the new puzzle rows start (pipeline.training.new_rows): the mean of the trained rows,
+    # fine-tuning (--init): where the new puzzle rows start (pipeline.model.new_rows): the mean of the trained rows,
     # zeros, or per task the trained row (of new_rows_candidates, and the mean) that fits its demonstrations best
     new_rows: Literal["mean", "zeros", "nearest"] = "mean"
     new_rows_candidates: int = 32

@@ -12,10 +12,11 @@ import torch
 from augment.dataset import AugmentedDataset
 from pipeline.core.errors import ConfigError
 from pipeline.data.encoding import IGNORE_LABEL
+from pipeline.model.layers import log_stablemax
+from pipeline.model.loading import init_from_checkpoint, mean_rows
+from pipeline.model.new_rows import NEAREST_DEMOS, candidate_rows, start_new_rows
 from pipeline.model.trm import TRM
 from pipeline.training import checkpoint as ckpt
-from pipeline.training.loss import log_stablemax
-from pipeline.training.new_rows import NEAREST_DEMOS, candidate_rows, start_new_rows
 from tiny import build_tiny_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_nearest_start_picks_the_row_that_fits_each_tasks_demonstrations(runs, t
     cfg = tiny_config()
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = 36, ds.num_puzzle_identifiers
     model = TRM(cfg.model)
-    candidates = candidate_rows(ckpt.init_from_checkpoint(model, base, verbose=False), 4)
+    candidates = candidate_rows(init_from_checkpoint(model, base, verbose=False), 4)
     assert candidates.shape[0] == 5 and torch.equal(table[0], candidates[0])  # the blank row at the mean
     chosen = set()
     for p in range(ds.num_puzzles):
@@ -90,7 +91,7 @@ def test_nearest_start_needs_the_trained_rows(runs, tmp_path: Path):
     base, other = runs
     slim = ckpt.load_training_state(base)
     table = slim["model"][TABLE]
-    slim["model"][TABLE] = torch.cat([table[:1], ckpt.mean_rows(table, 1)])
+    slim["model"][TABLE] = torch.cat([table[:1], mean_rows(table, 1)])
     if slim.get("ema"):
         slim["ema"]["shadow"].pop(TABLE, None)
     slim["config"]["model"]["num_puzzle_identifiers"] = 2
@@ -99,7 +100,7 @@ def test_nearest_start_needs_the_trained_rows(runs, tmp_path: Path):
     cfg = tiny_config()
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = 36, ds.num_puzzle_identifiers
     model = TRM(cfg.model)
-    source = ckpt.init_from_checkpoint(model, tmp_path / "slim.pt", verbose=False)
+    source = init_from_checkpoint(model, tmp_path / "slim.pt", verbose=False)
     with pytest.raises(ConfigError, match="--keep-puzzle-rows"):
         start_new_rows(model, source, "nearest", ds)
 

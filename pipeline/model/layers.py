@@ -220,3 +220,8 @@ class PuzzleEmbedding(nn.Module):
         self.weights = torch.zeros(num_ids, self.weights.shape[1], dtype=self.weights.dtype, device=self.weights.device)
 
 
+def log_stablemax(logits: Tensor) -> Tensor:
+    """log of stablemax over the last axis: s(v) = v + 1 for v >= 0, 1 / (1 - v) for v < 0, normalised.
+    A softmax alternative that grows linearly instead of exponentially (no overflow when logits drift)."""
+    s = torch.where(logits < 0, 1 / (1 - logits + 1e-30), logits + 1)
+    return torch.log(s / s.sum(dim=-1, keepdim=True))

@@ -1,6 +1,6 @@
 """The training loss of one ACT step, the reference's: lm_loss (stablemax cross-entropy in float64, averaged per
 sequence, summed over rows) + 0.5 × q_halt_loss (BCE of q_halt against "the sequence is exactly right"), and the
-step's metrics. Prediction's re-scoring reads the same distribution (`log_stablemax`).
+step's metrics. Prediction's re-scoring reads the same distribution (`log_stablemax`, the model's).
 """
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.data.encoding import IGNORE_LABEL
+from pipeline.model.layers import log_stablemax
 from pipeline.model.trm import Carry
 
 METRIC_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
-
-
-def log_stablemax(logits: Tensor) -> Tensor:
-    """log of stablemax over the last axis: s(v) = v + 1 for v >= 0, 1 / (1 - v) for v < 0, normalised.
-    A softmax alternative that grows linearly instead of exponentially (no overflow when logits drift)."""
-    s = torch.where(logits < 0, 1 / (1 - logits + 1e-30), logits + 1)
-    return torch.log(s / s.sum(dim=-1, keepdim=True))
 
 
 def act_loss(outputs: dict[str, Tensor], carry: Carry) -> tuple[Tensor, dict[str, Tensor]]:

@@ -20,13 +20,14 @@ from augment.dataset import AugmentedDataset
 from pipeline.config import RunConfig, to_dict
 from pipeline.core.io import atomic_write_with
 from pipeline.core.tracking import log_row
+from pipeline.model.loading import init_from_checkpoint
+from pipeline.model.new_rows import start_new_rows
 from pipeline.model.rows import RowEngine
 from pipeline.model.trm import TRM, Carry
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler
 from pipeline.training.collectives import barrier, gather_carries, gather_rows_to_main
 from pipeline.training.compute import nominal_epoch
-from pipeline.training.new_rows import start_new_rows
 from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer
 from pipeline.training.runtime import Runtime
 
@@ -58,7 +59,7 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
                 init_checkpoint: str | Path | None = None) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = TRM(cfg.model)
-    source = ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main) if init_checkpoint is not None else None
+    source = init_from_checkpoint(model, init_checkpoint, rt.is_main) if init_checkpoint is not None else None
     model.to(rt.device)
     started = start_new_rows(model, source, cfg.new_rows, dataset, cfg.new_rows_candidates)
     if source is not None and rt.is_main:

@@ -1,7 +1,7 @@
 """Where a fine-tune's new puzzle rows start (the setting `new_rows`). A task the model has never seen has no row:
 its rows must be learned from its demonstrations, so their start matters most when the fine-tune is short.
 
-  mean     every row at the mean of the source's trained rows (checkpoint.mean_rows: the reference's start)
+  mean     every row at the mean of the source's trained rows (loading.mean_rows: the reference's start)
   zeros    every row zero
   nearest  per new task, the candidate row under which the pretrained model predicts the task's demonstrations
            best, chosen once before fine-tuning: the candidates are `new_rows_candidates` trained rows of the
@@ -24,9 +24,9 @@ from augment.dataset import AugmentedDataset
 from pipeline.core.errors import ConfigError
 from pipeline.data.encoding import IGNORE_LABEL
 from pipeline.model.flops import model_flops_per_row_step
+from pipeline.model.layers import log_stablemax
+from pipeline.model.loading import mean_rows
 from pipeline.model.trm import TRM
-from pipeline.training.checkpoint import mean_rows
-from pipeline.training.loss import log_stablemax
 
 NEAREST_DEMOS = 2  # demonstration pairs per new task that score the candidates
 SCORE_BATCH = 256  # rows per forward while scoring
