@@ -130,6 +130,18 @@ def _draw_variants(
     grids = [g for pair in pairs for g in pair] + list(held_out)
     flat_original = np.concatenate([g.ravel() for g in grids])
     present = np.flatnonzero(np.bincount(flat_original, minlength=10)[1:]) + 1  # non-zero colours used
+    rep, rho = _dihedral_classes(grids, present)
+    tids, colours = _draw_candidates(RETRIES_FACTOR * num_aug, rng)
+    first = _order_distinct_draws(rep, rho, present, tids, colours)
+    if _pairs_can_swap(pairs):
+        first = _set_distinct_draws(pairs, held_out, tids, colours, first, num_aug)
+    first = first[:num_aug]
+    return tids[first].astype(np.uint8), colours[first]
+
+
+def _dihedral_classes(grids: list[np.ndarray], present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rep (8,), rho (8, 10)): for each dihedral transform t, the first transform r with T_t P equal to T_r P up
+    to a colour permutation fixing 0, and that recolouring rho_t (T_t P = rho_t(T_r P)); see _draw_variants."""
     signatures: dict[bytes, int] = {}
     rep = np.zeros(NUM_DIHEDRAL, dtype=np.int64)
     rho = np.tile(np.arange(10, dtype=np.int64), (NUM_DIHEDRAL, 1))
@@ -147,30 +159,35 @@ def _draw_variants(
             inverse_canon = np.zeros(10, dtype=np.int64)
             inverse_canon[canon[present]] = present
             rho[t, present] = inverse_canon[canon_of_rep[r][present]]
+    return rep, rho
 
-    tids, colours = _draw_candidates(RETRIES_FACTOR * num_aug, rng)
-    tries = len(tids)
 
+def _order_distinct_draws(rep: np.ndarray, rho: np.ndarray, present: np.ndarray, tids: np.ndarray,
+                          colours: np.ndarray) -> np.ndarray:
+    """The indices of the draws that differ from the original and from every earlier draw with the pairs in the
+    same order, in draw order: one key per draw, (rep[t], s(rho_t(c)) for each present colour c), then np.unique."""
     k = len(present)
-    where = np.arange(tries)[:, None] * 10 + rho[:, present][tids]
+    where = np.arange(len(tids))[:, None] * 10 + rho[:, present][tids]
     digits = colours.ravel()[where].astype(np.int64)  # (tries, k): s(rho_t(c)) for each present colour c, 1..9
     place = 10 ** np.arange(k, dtype=np.int64)
     keys = rep[tids] * 10**k + digits @ place
     identity_key = int(present @ place)  # rep[0] = 0, rho[0] = identity
     unique_keys, first = np.unique(keys, return_index=True)
-    first = np.sort(first[unique_keys != identity_key])  # order-distinct draws, in draw order
+    return np.sort(first[unique_keys != identity_key])
 
-    if _pairs_can_swap(pairs):
-        content_of = _VariantContent(pairs, held_out)
-        seen = {content_of.key(0, np.arange(10, dtype=np.uint8))}
-        kept = []
-        for m in first:
-            content = content_of.key(int(tids[m]), colours[m])
-            if content not in seen:
-                seen.add(content)
-                kept.append(m)
-                if len(kept) == num_aug:
-                    break
-        first = np.asarray(kept, dtype=np.int64)
-    first = first[:num_aug]
-    return tids[first].astype(np.uint8), colours[first]
+
+def _set_distinct_draws(pairs: list[tuple[np.ndarray, np.ndarray]], held_out: list[np.ndarray], tids: np.ndarray,
+                        colours: np.ndarray, candidates: np.ndarray, num_aug: int) -> np.ndarray:
+    """Of the order-distinct `candidates`, those whose puzzle also differs as a set of pairs from the original and
+    every one kept before (compared one by one), at most num_aug."""
+    content_of = _VariantContent(pairs, held_out)
+    seen = {content_of.key(0, np.arange(10, dtype=np.uint8))}
+    kept = []
+    for m in candidates:
+        content = content_of.key(int(tids[m]), colours[m])
+        if content not in seen:
+            seen.add(content)
+            kept.append(m)
+            if len(kept) == num_aug:
+                break
+    return np.asarray(kept, dtype=np.int64)

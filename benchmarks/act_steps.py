@@ -123,7 +123,8 @@ def act_study(model: TRM, dataset: AugmentedDataset, steps: tuple[int, ...] = ST
 
 
 def main() -> None:
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
 
     folder = Path(sys.argv[1])
     model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))

@@ -36,13 +36,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=768)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print_table(args, measure(args))
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Load the tasks, build and save the dataset, reload it and draw batches from it, timing each."""
     t0 = time.perf_counter()
     loaded = load_tasks("arc-agi-1")
     tasks = loaded.tasks
     eval_ids = {t.id for t in tasks if t.source == "arc-agi-1/evaluation"}
-    load_s = time.perf_counter() - t0
-
+    figures = {"tasks": len(tasks), "held_out": len(eval_ids), "load_s": time.perf_counter() - t0}
     out = Path(tempfile.mkdtemp(prefix="bench_augment_"))
     try:
         t0 = time.perf_counter()
@@ -50,46 +53,55 @@ def main() -> None:
             tasks, eval_ids, num_aug=args.num_aug, seed=args.seed, canvas=30, progress=False,
             skipped=loaded.skipped, sources="arc-agi-1",
         )
-        build_s = time.perf_counter() - t0
+        figures["build_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         dataset.save(out)
-        save_s = time.perf_counter() - t0
-        rss_build = peak_rss_mb()
-        disk = folder_mb(out)
-
+        figures["save_s"] = time.perf_counter() - t0
+        figures["rss_build"] = peak_rss_mb()
+        figures["disk"] = folder_mb(out)
         t0 = time.perf_counter()
         dataset = AugmentedDataset.load(out)
-        reload_s = time.perf_counter() - t0
-        sampler = TrainSampler(dataset, seed=args.seed)
-        t0 = time.perf_counter()
-        sampler.take(args.batch_size)  # the first call also shuffles the epoch
-        first_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.batches):
-            batch = sampler.take(args.batch_size)
-        batches_s = time.perf_counter() - t0
-        assert batch["inputs"].shape == (args.batch_size, 900)
+        figures["reload_s"] = time.perf_counter() - t0
+        figures.update(time_batches(dataset, args))
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    figures["manifest"] = dataset.manifest
+    return figures
 
-    m = dataset.manifest
-    rate = args.batches / batches_s
-    print(f"ARC-AGI-1 training+evaluation: {len(tasks)} tasks ({len(eval_ids)} held out), num_aug={args.num_aug}")
-    print(f"loading tasks {load_s:.2f} s; reload of the saved dataset {reload_s:.2f} s")
+
+def time_batches(dataset: AugmentedDataset, args: argparse.Namespace) -> dict:
+    sampler = TrainSampler(dataset, seed=args.seed)
+    t0 = time.perf_counter()
+    sampler.take(args.batch_size)  # the first call also shuffles the epoch
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        batch = sampler.take(args.batch_size)
+    batches_s = time.perf_counter() - t0
+    assert batch["inputs"].shape == (args.batch_size, 900)
+    return {"first_s": first_s, "batches_s": batches_s}
+
+
+def print_table(args: argparse.Namespace, figures: dict) -> None:
+    m, f = figures["manifest"], figures
+    rate = args.batches / f["batches_s"]
+    print(f"ARC-AGI-1 training+evaluation: {f['tasks']} tasks ({f['held_out']} held out), num_aug={args.num_aug}")
+    print(f"loading tasks {f['load_s']:.2f} s; reload of the saved dataset {f['reload_s']:.2f} s")
     print()
     print(f"| {'measure':<36} | {'ours':>12} | {'ref N=1000':>10} | {'target':>8} |")
     print(f"|{'-' * 38}|{'-' * 14}|{'-' * 12}|{'-' * 10}|")
     rows = [
-        ("build + save wall time (s)", f"{build_s + save_s:.1f}", f"{REFERENCE['wall_s']:.0f}", f"<= {TARGET['wall_s']:.0f}"),
-        ("  of which build / save (s)", f"{build_s:.1f} / {save_s:.1f}", "", ""),
-        ("disk size (MB)", f"{disk:.1f}", f"{REFERENCE['disk_mb']:.0f}", f"<= {TARGET['disk_mb']:.0f}"),
-        ("peak RSS after build (MB)", f"{rss_build:.0f}", f"{REFERENCE['rss_mb']:.0f}", f"<= {TARGET['rss_mb']:.0f}"),
+        ("build + save wall time (s)", f"{f['build_s'] + f['save_s']:.1f}", f"{REFERENCE['wall_s']:.0f}",
+         f"<= {TARGET['wall_s']:.0f}"),
+        ("  of which build / save (s)", f"{f['build_s']:.1f} / {f['save_s']:.1f}", "", ""),
+        ("disk size (MB)", f"{f['disk']:.1f}", f"{REFERENCE['disk_mb']:.0f}", f"<= {TARGET['disk_mb']:.0f}"),
+        ("peak RSS after build (MB)", f"{f['rss_build']:.0f}", f"{REFERENCE['rss_mb']:.0f}", f"<= {TARGET['rss_mb']:.0f}"),
         ("puzzle variants (originals incl.)", f"{m['num_variants']:,}", f"{REFERENCE['variants']:,}", ""),
         (f"puzzles short of {args.num_aug}", f"{len(m['short_puzzles'])}", f"{REFERENCE['short']}", ""),
         ("training examples", f"{m['num_train_examples']:,}", "", ""),
         ("held-out test rows (x variants)", f"{m['num_test_inputs']:,}", "", ""),
         (f"batches/s ({args.batch_size} x 900 int32)", f"{rate:.1f}", "", ""),
-        ("first batch incl. epoch shuffle (s)", f"{first_s:.2f}", "", ""),
+        ("first batch incl. epoch shuffle (s)", f"{f['first_s']:.2f}", "", ""),
         ("peak RSS at the end (MB)", f"{peak_rss_mb():.0f}", "", ""),
     ]
     for name, ours, ref, target in rows:

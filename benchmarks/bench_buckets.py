@@ -156,7 +156,8 @@ def learn(args: argparse.Namespace) -> dict:
 
 
 def learn_figures(folder: Path, buckets: str) -> dict:
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
     from pipeline.inference.predictions import Predictions
     from submissions.score import score_submission
 
@@ -222,7 +223,8 @@ def true_answer_cross_entropy(model, dataset: AugmentedDataset, engine: RowEngin
 
 
 def predict_arms(args: argparse.Namespace) -> dict:
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
     from pipeline.config import PredictConfig
     from pipeline.inference.predict import predict
     from pipeline.inference.rescore import rescore

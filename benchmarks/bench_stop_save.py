@@ -36,7 +36,7 @@ def dataset(folder: Path) -> Path:
 
 
 def stop_once_training(work: Path, depth: str, steps_before: int) -> dict:
-    from pipeline.kaggle_driver.processes import ProcessTree
+    from pipeline.kaggle_driver.child import ProcessTree
 
     data, run = dataset(work / "data"), work / "run"
     cycles = [] if depth == "paper" else ["--set", f"model.H_cycles={depth}", "--set", f"model.L_cycles={depth}"]

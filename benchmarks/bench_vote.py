@@ -10,6 +10,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,6 +79,16 @@ def group_by_vectorised_hash(predictions: Predictions) -> int:
     return len(np.unique(keys))
 
 
+class Timings(list):
+    """(step, seconds, note) rows, in the order the steps ran."""
+
+    def timed(self, name: str, fn: Callable[[], Any], note: Callable[[Any], str] = lambda result: "") -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        self.append((name, time.perf_counter() - t0, note(result)))
+        return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=400)
@@ -89,66 +100,74 @@ def main() -> None:
     rng = np.random.default_rng([args.seed, 1])
     tasks = synthetic_tasks(args.tasks, rng)
     batches = list(synthetic_batches(tasks, args.variants, args.distinct, args.batch, rng))
-    timings: list[tuple[str, float, str]] = []
-
-    def timed(name, fn, note=lambda result: ""):
-        t0 = time.perf_counter()
-        result = fn()
-        timings.append((name, time.perf_counter() - t0, note(result)))
-        return result
-
-    def build():
-        writer = PredictionsWriter([t.id for t in tasks])
-        for batch in batches:
-            writer.add(*batch)
-        return writer.finish()
-
-    predictions = timed("build Predictions (add, list of grids)", build, lambda p: f"{len(p)} rows, {len(p.cells) / 1e6:.0f} MB cells")
-
-    def build_padded():
-        writer = PredictionsWriter([t.id for t in tasks])
-        for ids, test, variant, q, grids in batches:
-            canvas = np.zeros((len(grids), 30, 30), np.uint8)
-            height = np.zeros(len(grids), np.int64)
-            width = np.zeros(len(grids), np.int64)
-            for k, g in enumerate(grids):
-                if g is not None:
-                    canvas[k, : g.shape[0], : g.shape[1]] = g
-                    height[k], width[k] = g.shape
-            t0 = time.perf_counter()
-            writer.add_padded(ids, test, variant, q, canvas, height, width)
-            padded_time[0] += time.perf_counter() - t0
-        return writer.finish()
-
-    padded_time = [0.0]
-    padded = build_padded()
-    timings.append(("build Predictions (add_padded only)", padded_time[0], "same rows" if np.array_equal(padded.cells, predictions.cells) else "MISMATCH"))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "predictions.npz"
-        timed("save .npz", lambda: predictions.save(path), lambda _: f"{path.stat().st_size / 1e6:.0f} MB")
-        loaded = timed("load .npz (+ checks)", lambda: Predictions.load(path))
-        assert np.array_equal(loaded.cells, predictions.cells)
-
-        groups = timed("group: dict on bytes (used)", lambda: group_candidates(loaded), lambda g: f"{len(g.votes)} groups")
-        timed("group: vectorised hash (comparison)", lambda: group_by_vectorised_hash(loaded), lambda n: f"{n} groups")
-        del groups
-        for name, selector in SELECTORS.items():
-            timed(f"select {name} (all ranks)", lambda: selector(loaded))
-        ranked = timed("select vote (top 2)", lambda: SELECTORS["vote"](loaded, top_k=2))
-        submission, report = timed("build_submission", lambda: build_submission(tasks, ranked), lambda r: f"{len(r[1].fallbacks)} fallbacks")
-        out = Path(tmp) / "submission.json"
-        timed("write_submission", lambda: write_submission(out, submission), lambda _: f"{out.stat().st_size / 1e6:.1f} MB")
-        timed("validate_submission_file", lambda: validate_submission_file(out, tasks), lambda p: f"{len(p)} problems")
-        solutions = {t.id: [np.asarray(a["attempt_2"], np.uint8) for a in submission[t.id]] for t in tasks}
-        timed("score_submission (+ oracle)", lambda: score_submission(submission, solutions, loaded))
-
+    timings = Timings()
+    predictions = time_building(tasks, batches, timings)
+    time_voting(tasks, predictions, timings)
     print(f"{args.tasks} tasks x {args.variants} variants, ~{args.distinct} distinct grids per test input")
     print(f"{'step':42}{'seconds':>9}  note")
     for name, seconds, note in timings:
         print(f"{name:42}{seconds:>9.2f}  {note}")
     critical = [s for n, s, _ in timings if n in ("select vote (top 2)", "build_submission", "write_submission")]
     print(f"{'vote (top 2) + build + write submission':42}{sum(critical):>9.2f}  target < 30 s")
+
+
+def time_building(tasks: list, batches: list, timings: Timings) -> Predictions:
+    """Predictions built from the batches both ways: from a list of grids, and from padded canvases (add_padded
+    timed alone, without drawing the canvases)."""
+    def build():
+        writer = PredictionsWriter([t.id for t in tasks])
+        for batch in batches:
+            writer.add(*batch)
+        return writer.finish()
+
+    predictions = timings.timed("build Predictions (add, list of grids)", build,
+                                lambda p: f"{len(p)} rows, {len(p.cells) / 1e6:.0f} MB cells")
+    padded, seconds = build_padded(tasks, batches)
+    timings.append(("build Predictions (add_padded only)", seconds,
+                    "same rows" if np.array_equal(padded.cells, predictions.cells) else "MISMATCH"))
+    return predictions
+
+
+def build_padded(tasks: list, batches: list) -> tuple[Predictions, float]:
+    """The predictions through add_padded, and the seconds add_padded took."""
+    writer = PredictionsWriter([t.id for t in tasks])
+    seconds = 0.0
+    for ids, test, variant, q, grids in batches:
+        canvas = np.zeros((len(grids), 30, 30), np.uint8)
+        height = np.zeros(len(grids), np.int64)
+        width = np.zeros(len(grids), np.int64)
+        for k, g in enumerate(grids):
+            if g is not None:
+                canvas[k, : g.shape[0], : g.shape[1]] = g
+                height[k], width[k] = g.shape
+        t0 = time.perf_counter()
+        writer.add_padded(ids, test, variant, q, canvas, height, width)
+        seconds += time.perf_counter() - t0
+    return writer.finish(), seconds
+
+
+def time_voting(tasks: list, predictions: Predictions, timings: Timings) -> None:
+    """The file round trip, grouping both ways, every selector, then the submission: built, written, validated,
+    scored."""
+    timed = timings.timed
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.npz"
+        timed("save .npz", lambda: predictions.save(path), lambda _: f"{path.stat().st_size / 1e6:.0f} MB")
+        loaded = timed("load .npz (+ checks)", lambda: Predictions.load(path))
+        assert np.array_equal(loaded.cells, predictions.cells)
+
+        timed("group: dict on bytes (used)", lambda: group_candidates(loaded), lambda g: f"{len(g.votes)} groups")
+        timed("group: vectorised hash (comparison)", lambda: group_by_vectorised_hash(loaded), lambda n: f"{n} groups")
+        for name, selector in SELECTORS.items():
+            timed(f"select {name} (all ranks)", lambda: selector(loaded))
+        ranked = timed("select vote (top 2)", lambda: SELECTORS["vote"](loaded, top_k=2))
+        submission, report = timed("build_submission", lambda: build_submission(tasks, ranked),
+                                   lambda r: f"{len(r[1].fallbacks)} fallbacks")
+        out = Path(tmp) / "submission.json"
+        timed("write_submission", lambda: write_submission(out, submission), lambda _: f"{out.stat().st_size / 1e6:.1f} MB")
+        timed("validate_submission_file", lambda: validate_submission_file(out, tasks), lambda p: f"{len(p)} problems")
+        solutions = {t.id: [np.asarray(a["attempt_2"], np.uint8) for a in submission[t.id]] for t in tasks}
+        timed("score_submission (+ oracle)", lambda: score_submission(submission, solutions, loaded))
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny model and dataset: the whole check in seconds")
     p.add_argument("--rows", type=int, default=192, help="rows per device (the paper: 768 over 4 GPUs)")
@@ -296,46 +296,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write the table here (and the raw figures beside it as .json)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     args = p.parse_args()
-    started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if args.tiny:
         args.rows, args.num_aug = min(args.rows, 8), min(args.num_aug, 3)
-    report: dict = {"steps": args.steps, "skipped": []}
+    return args
 
+
+def main() -> int:
+    args = parse_args()
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    report: dict = {"steps": args.steps, "skipped": []}
     report["versions"], peak = versions(device, args.peak_tflops)
     say("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        data = build_data(Path(tmp) / "data", args.tiny, args.num_aug)
-        dataset = AugmentedDataset.load(data)
-        cfg = run_config(args.tiny, dataset)
-        report["config"] = {"name": "tiny" if args.tiny else "paper (arc1)", "hidden": cfg.model.hidden_size,
-                            "seq_len": cfg.model.seq_len, "puzzle_len": cfg.model.puzzle_len,
-                            "T": cfg.model.H_cycles, "n": cfg.model.L_cycles,
-                            "flops_per_row_step": model_flops_per_row_step(cfg.model)}
-
-        report["gate"] = gradient_gate(cfg, device)
-        say(f"gradient gate: {'pass' if not report['gate'] else 'FAIL ' + ', '.join(report['gate'])}")
-
-        report["profile"] = profile_at_a_batch_that_fits(cfg, dataset, args.rows, device)
-        rows = report["profile"]["rows"]
-        say(f"profile: {json.dumps(report['profile'])}")
-
-        arms = [("eager", "")] + ([] if args.compile == "none" else [("compiled", args.compile)])
-        report["compile_backend"] = args.compile
-        for key, backend in arms:
-            if time.perf_counter() - started > args.max_minutes * 60:
-                report["skipped"].append(f"{key} arm (over {args.max_minutes} min)")
-                continue
-            arm = copy.deepcopy(cfg)
-            arm.global_batch_size, arm.model.compile_backend = rows, backend
-            report[key] = bench_loop(key, arm, data, args.steps, device.type, peak)
-            say(f"{key}: {json.dumps(report[key])}")
-
-        if time.perf_counter() - started > args.max_minutes * 60:
-            report["skipped"].append(f"prediction (over {args.max_minutes} min)")
-        else:
-            report["predict"] = prediction_rate(cfg, dataset, args.views, args.predict_batch, device)
-            say(f"predict: {json.dumps(report['predict'])}")
+        measure(report, args, Path(tmp), device, peak, started)
     report["wall_s"] = time.perf_counter() - started
     table = markdown(report)
     say("\n" + table)
@@ -343,6 +317,43 @@ def main() -> int:
         atomic_write_text(args.out, table + "\n")
         atomic_write_json(args.out.with_suffix(".json"), report)
     return 1 if report["gate"] else 0
+
+
+def measure(report: dict, args: argparse.Namespace, tmp: Path, device: torch.device, peak: float,
+            started: float) -> None:
+    """The sections in order, into `report`: the gradient gate, the batch that fits, the training loop per arm
+    (eager, compiled), prediction; the sections left once args.max_minutes have passed are skipped (and said)."""
+    data = build_data(tmp / "data", args.tiny, args.num_aug)
+    dataset = AugmentedDataset.load(data)
+    cfg = run_config(args.tiny, dataset)
+    report["config"] = {"name": "tiny" if args.tiny else "paper (arc1)", "hidden": cfg.model.hidden_size,
+                        "seq_len": cfg.model.seq_len, "puzzle_len": cfg.model.puzzle_len,
+                        "T": cfg.model.H_cycles, "n": cfg.model.L_cycles,
+                        "flops_per_row_step": model_flops_per_row_step(cfg.model)}
+
+    report["gate"] = gradient_gate(cfg, device)
+    say(f"gradient gate: {'pass' if not report['gate'] else 'FAIL ' + ', '.join(report['gate'])}")
+
+    report["profile"] = profile_at_a_batch_that_fits(cfg, dataset, args.rows, device)
+    rows = report["profile"]["rows"]
+    say(f"profile: {json.dumps(report['profile'])}")
+
+    arms = [("eager", "")] + ([] if args.compile == "none" else [("compiled", args.compile)])
+    report["compile_backend"] = args.compile
+    for key, backend in arms:
+        if time.perf_counter() - started > args.max_minutes * 60:
+            report["skipped"].append(f"{key} arm (over {args.max_minutes} min)")
+            continue
+        arm = copy.deepcopy(cfg)
+        arm.global_batch_size, arm.model.compile_backend = rows, backend
+        report[key] = bench_loop(key, arm, data, args.steps, device.type, peak)
+        say(f"{key}: {json.dumps(report[key])}")
+
+    if time.perf_counter() - started > args.max_minutes * 60:
+        report["skipped"].append(f"prediction (over {args.max_minutes} min)")
+    else:
+        report["predict"] = prediction_rate(cfg, dataset, args.views, args.predict_batch, device)
+        say(f"predict: {json.dumps(report['predict'])}")
 
 
 if __name__ == "__main__":

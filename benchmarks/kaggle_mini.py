@@ -14,8 +14,8 @@ tasks it has never seen, through the code the notebook runs.
             ce_true and pass@2 of each of its checkpoints
   table     every result as markdown (every arm and seed that ran)
 
-ce_true is the driver's own figure for a draft with known answers (pipeline.kaggle_driver.truth: per-cell
-cross-entropy of the true answer, the model's last ACT step, over the first 8 views of each dev test output, as
+ce_true is the driver's own figure for a draft with known answers (pipeline.kaggle_driver.stages.truth_figures:
+per-cell cross-entropy of the true answer, the model's last ACT step, over the first 8 views of each dev test output, as
 `mini`'s evaluations compute it).
 
   python benchmarks/kaggle_mini.py prepare --root runs/kaggle_mini
@@ -109,7 +109,7 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
     fake input tree; its fine-tune is bounded by FLOPs (ft_fraction of the pretraining's), not by the clock."""
     from pipeline.training.checkpoint import load_training_state
     from pipeline.kaggle_driver import KaggleRun, settings_from_env
-    from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
+    from pipeline.kaggle_driver.stages import answered_dataset, truth_figures
 
     pre = pretrained_flops(root)
     ft_flops = ft_fraction * pre
@@ -181,9 +181,10 @@ def joint(root: Path, run: Path) -> dict[str, Any]:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.training.checkpoint import load_model_for_inference, load_training_state
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import load_training_state
     from pipeline.cli.evaluate import HeldOutEvaluator
-    from pipeline.kaggle_driver.truth import TRUTH_VIEWS
+    from pipeline.kaggle_driver.stages import TRUTH_VIEWS
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
 
     dataset = AugmentedDataset.load(run / "dataset")

@@ -172,7 +172,8 @@ def train_exact_accuracy(metrics_path: Path) -> tuple[float | None, list[dict]]:
 def time_passes(folder: Path) -> dict:
     """Seconds of the prediction pass (every view) and of the likelihood re-scoring pass, re-run on the final
     checkpoint: what the likelihood selectors cost."""
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
     from pipeline.config import from_dict
     from pipeline.inference.predict import predict
     from pipeline.inference.rescore import rescore
@@ -197,7 +198,8 @@ COLLECT_VERSION = 2  # bump when collect() gathers something new: cached figures
 
 def act_steps_of(folder: Path) -> list[dict]:
     from act_steps import act_study
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.checkpoint import latest_checkpoint
 
     model = load_model_for_inference(latest_checkpoint(folder / "checkpoints"))
     return act_study(model, AugmentedDataset.load(folder / "dataset"))
@@ -247,10 +249,17 @@ def pct(x: float | None) -> str:
 
 
 def markdown(results: list[dict]) -> str:
+    lines = issue17_tables(results, BASELINE)
+    for section in (arms_table, selectors_table, views_table, rescoring_cost_table, curves_and_solved, commands):
+        lines += section(results)
+    return "\n".join(lines)
+
+
+def arms_table(results: list[dict]) -> list[str]:
+    """Every run's figures, then the mean over seeds of each arm run more than once."""
     sizes = sorted({(r["num_tasks"], r["num_outputs"]) for r in results})
     split = "; ".join(f"{t} tasks, {o} test outputs" for t, o in sizes)
-    lines = issue17_tables(results, BASELINE)
-    lines += ["" if lines else "", f"### Arms (dev split: {split}; figures in %)", "",
+    lines = ["", f"### Arms (dev split: {split}; figures in %)", "",
              "| arm | seed | pass@2 per task | pass@2 outputs | pass@1 | oracle | train exact | wall (min) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -267,28 +276,45 @@ def markdown(results: list[dict]) -> str:
             o = [r["oracle"] for r in rs]
             lines.append(f"| {arm} | {len(rs)} | {pct(np.mean(p))} ({pct(min(p))}–{pct(max(p))}) | "
                          f"{pct(np.mean(o))} ({pct(min(o))}–{pct(max(o))}) |")
+    return lines
+
+
+def selectors_table(results: list[dict]) -> list[str]:
     names = list(SELECTORS)
-    lines += ["", "### Selectors on each run's own candidates (pass@2 per task / over outputs, %)", "",
-              "| arm | seed | " + " | ".join(names) + " | oracle |", "|---|---|" + "---|" * (len(names) + 1)]
+    lines = ["", "### Selectors on each run's own candidates (pass@2 per task / over outputs, %)", "",
+             "| arm | seed | " + " | ".join(names) + " | oracle |", "|---|---|" + "---|" * (len(names) + 1)]
     for r in results:
         cells = [f"{pct(r['selectors'][n]['pass2_task'])} / {pct(r['selectors'][n]['pass2'])}" if n in r["selectors"]
                  else "–" for n in names]
         lines.append(f"| {r.get('arm')} | {r.get('seed')} | " + " | ".join(cells) + f" | {pct(r['oracle_task'])} / "
                      f"{pct(r['oracle'])} |")
-    lines += ["", "### Views at prediction, from the same predictions (vote; pass@2 per task / oracle per task, %)", "",
-              "| arm | seed | " + " | ".join(f"{v or 'all'} views" for v in VIEWS) + " |", "|---|---|" + "---|" * len(VIEWS)]
+    return lines
+
+
+def views_table(results: list[dict]) -> list[str]:
+    lines = ["", "### Views at prediction, from the same predictions (vote; pass@2 per task / oracle per task, %)", "",
+             "| arm | seed | " + " | ".join(f"{v or 'all'} views" for v in VIEWS) + " |", "|---|---|" + "---|" * len(VIEWS)]
     for r in results:
         cells = []
         for v in VIEWS:
             f = r["views"][str(v or "all")]
             cells.append(f"{pct(f['pass2_task'])} / {pct(f['oracle_task'])}" + ("" if v else f" ({f['count']})"))
         lines.append(f"| {r.get('arm')} | {r.get('seed')} | " + " | ".join(cells) + " |")
-    lines += ["", "### Cost of the likelihood re-scoring (re-run on each final checkpoint, 1 thread)", "",
-              "| arm | seed | prediction pass | views | re-scoring pass | views × top-K |", "|---|---|---|---|---|---|"]
+    return lines
+
+
+def rescoring_cost_table(results: list[dict]) -> list[str]:
+    lines = ["", "### Cost of the likelihood re-scoring (re-run on each final checkpoint, 1 thread)", "",
+             "| arm | seed | prediction pass | views | re-scoring pass | views × top-K |", "|---|---|---|---|---|---|"]
     for r in results:
         t = r["timing"]
         lines.append(f"| {r.get('arm')} | {r.get('seed')} | {t['predict_s']:.1f} s | {t['views']} | {t['rescore_s']:.1f} s"
                      f" | {t['rescore_views']} × {t['rescore_top_k']} |")
+    return lines
+
+
+def curves_and_solved(results: list[dict]) -> list[str]:
+    lines = []
     curves = [r for r in results if r.get("curve")]
     if curves:
         lines += ["", "### Learning curves (dev pass@2 per task during training, %)", "",
@@ -301,12 +327,15 @@ def markdown(results: list[dict]) -> str:
     lines += ["", "### Solved dev tasks", ""]
     for r in results:
         lines.append(f"- {r.get('arm')} seed {r.get('seed')}: {', '.join(r['solved_tasks']) or 'none'}")
-    lines += ["", "### Commands (from the repository root)", "", "```"]
+    return lines
+
+
+def commands(results: list[dict]) -> list[str]:
+    lines = ["", "### Commands (from the repository root)", "", "```"]
     for r in results:
         if "command" in r:
             lines.append(r["command"].replace(" --quiet", ""))
-    lines += ["```"]
-    return "\n".join(lines)
+    return lines + ["```"]
 
 
 def write_doc(doc: Path, body: str) -> None:

@@ -103,7 +103,7 @@ def download_dependency_wheels(names: Sequence[str], wheels: Path) -> list[Path]
 def bundle_checkpoint(source: Path, folder: Path, full: bool = False, arch_config: Path | None = None) -> dict[str, Any]:
     """Copy the pretrained checkpoint into `folder`; return its manifest entry.
 
-    Ours are slimmed by default to what fine-tuning reads (pipeline.training.checkpoint.init_from_checkpoint): the dense
+    Ours are slimmed by default to what fine-tuning reads (pipeline.model.loading.init_from_checkpoint): the dense
     weights (EMA folded in) and a 2-row puzzle table [blank row, mean of the trained rows], because every new
     row starts at that mean. The training state (optimizers, ACT carry, RNG, the full puzzle table) can be
     gigabytes. An exported folder (`--stage export`) or the reference's checkpoint folder is slimmed the same way.
@@ -139,7 +139,7 @@ def _bundle_weights_folder(source: Path, folder: Path) -> dict[str, Any]:
     """An exported folder (or the reference's checkpoint folder) as the bundle's slim checkpoint of ours."""
     from dataclasses import asdict
 
-    from pipeline.training.checkpoint import load_weights
+    from pipeline.model.loading import load_weights
 
     weights = load_weights(source)
     step = int(weights.step or 0)
@@ -155,7 +155,7 @@ def _write_slim(folder: Path, weights: dict[str, Any], config: dict[str, Any], s
     """model.pt with the puzzle table cut to [blank row, mean of the trained rows]; returns its config."""
     import torch
 
-    from pipeline.training.checkpoint import PUZZLE_TABLE, mean_rows
+    from pipeline.model.loading import PUZZLE_TABLE, mean_rows
 
     weights, config = dict(weights), json.loads(json.dumps(config))
     if PUZZLE_TABLE in weights:

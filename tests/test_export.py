@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.core.errors import CheckpointError
+from pipeline.model import loading, reference
 from pipeline.training import checkpoint as ckpt
 from pipeline.cli.export import export_weights
 from pipeline.model.trm import TRM, ModelConfig
@@ -63,7 +65,7 @@ def test_export_predicts_exactly_like_its_checkpoint(run):
     assert config["model"] == state["config"]["model"] and config["run_config"] == state["config"]
     from safetensors.torch import load_file
 
-    _assert_same_tensors(load_file(run / "export" / "model.safetensors"), ckpt.load_weights(checkpoint).tensors)
+    _assert_same_tensors(load_file(run / "export" / "model.safetensors"), loading.load_weights(checkpoint).tensors)
 
     assert main(["--stage", "predict", "--out", str(run), "--checkpoint", str(run / "export"), *PREDICT]) == 0
     from_export = _arrays(run / "predictions.npz")
@@ -88,12 +90,12 @@ def test_fine_tuning_from_an_export_is_fine_tuning_from_its_checkpoint(run, new_
     assert mean["trained_puzzle_rows"] == mean["dataset"]["num_variants"]
     export_weights(checkpoint, tmp_path / "all")
     dataset = AugmentedDataset.load(new_puzzles)
-    config = ModelConfig(**{**ckpt.load_weights(checkpoint).model_config.__dict__,
+    config = ModelConfig(**{**loading.load_weights(checkpoint).model_config.__dict__,
                             "num_puzzle_identifiers": dataset.num_puzzle_identifiers})
     models = []
     for source in (checkpoint, tmp_path / "all", tmp_path / "mean", tmp_path / "mean" / "model.safetensors"):
         model = TRM(config)
-        ckpt.init_from_checkpoint(model, source, verbose=False)
+        loading.init_from_checkpoint(model, source, verbose=False)
         models.append(model.eval())
     for model in models[1:]:
         _assert_same_tensors(model.state_dict(), models[0].state_dict())
@@ -134,23 +136,23 @@ def _reference_folder(folder: Path) -> tuple[dict, dict]:
 
 def test_the_references_checkpoint_folder_loads_predicts_and_exports(tmp_path):
     golden, state = _reference_folder(tmp_path / "ref")
-    expected = ckpt.from_reference_state_dict(state)
+    expected = reference.from_reference_state_dict(state)
     for source in (tmp_path / "ref", tmp_path / "ref" / "step_10"):
-        model = ckpt.load_model_for_inference(source)
-        assert asdict(model.config) == asdict(ckpt.config_from_reference(golden))
+        model = loading.load_model_for_inference(source)
+        assert asdict(model.config) == asdict(reference.config_from_reference(golden))
         _assert_same_tensors(model.state_dict(), expected)
     with pytest.warns(UserWarning, match="not this dataset's"):
-        model = ckpt.load_model_for_inference(tmp_path / "ref", num_puzzle_identifiers=5)
+        model = loading.load_model_for_inference(tmp_path / "ref", num_puzzle_identifiers=5)
     table = expected["puzzle_emb.weights"]
     assert torch.allclose(model.puzzle_emb.weights, table[1:].mean(0).expand(5, -1))
 
     written = export_weights(tmp_path / "ref", tmp_path / "exported")
     assert written["dataset"] is None and "reference" in written["puzzle_table"] and written["weights"] == "reference"
-    _assert_same_tensors(ckpt.load_model_for_inference(tmp_path / "exported").state_dict(), expected)
+    _assert_same_tensors(loading.load_model_for_inference(tmp_path / "exported").state_dict(), expected)
     bare = tmp_path / "bare.pt"
     shutil.copy(tmp_path / "ref" / "step_10", bare)
-    with pytest.raises(ckpt.CheckpointError, match="without its model config"):
-        ckpt.load_model_for_inference(bare)
+    with pytest.raises(CheckpointError, match="without its model config"):
+        loading.load_model_for_inference(bare)
 
 
 def _valid_export(run: Path, folder: Path) -> Path:

@@ -15,7 +15,9 @@ import yaml
 from augment.dataset import build_dataset
 from augment.identifiers import BLANK, identifiers_of, parse_identifiers, read_identifiers, write_identifiers
 from badinput import SMALL
-from pipeline.training.checkpoint import PUZZLE_TABLE, latest_checkpoint, load_weights, to_reference_state_dict
+from pipeline.model.loading import PUZZLE_TABLE, load_weights
+from pipeline.model.reference import to_reference_state_dict
+from pipeline.training.checkpoint import latest_checkpoint
 from pipeline.data.tasks import load_tasks
 from pipeline.core.errors import InputFileError
 from pipeline.inference.predictions import Predictions

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import kaggle_driver as kd
-from pipeline.kaggle_driver import finetune as finetune_stage
+from pipeline.kaggle_driver import child_stages
 from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
-from pipeline.kaggle_driver.processes import is_running
+from pipeline.kaggle_driver.child import is_running
 from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
 from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.config import preset
@@ -115,9 +115,9 @@ def test_the_fine_tune_child_runs_on_the_gpus_present(tmp_path, monkeypatch):
         launched.append((cmd, timeout_s, kw))
         return kd.ChildResult(0, False, 1.0)
 
-    monkeypatch.setattr(stages, "run_child", fake_child)
+    monkeypatch.setattr(child_stages, "run_child", fake_child)
     with pytest.raises(RuntimeError, match="fine-tuning failed for good"):  # the fake child wrote no checkpoint
-        finetune_stage.finetune(run)
+        child_stages.finetune(run)
     (cmd, timeout_s, kw), = launched
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in cmd
     assert kw["launcher"] and "mixed_precision=bf16" in cmd
@@ -280,7 +280,7 @@ def test_augment_and_submit_in_the_drivers_process_end_within_their_windows(tmp_
     stopped at the end of its window, and the stage fails with the fallback submission in place."""
     from augment.dataset import AugmentedDataset
     from pipeline.kaggle_driver import budget
-    from pipeline.kaggle_driver.window import WindowExceeded, time_window
+    from pipeline.kaggle_driver.stages import WindowExceeded, time_window
 
     s = _settings(time_budget_s=1000.0, submit_reserve_s=100.0)
     assert budget.augment_window_s(s, now=1000.0) == pytest.approx(budget.AUGMENT_SHARE * 900)

@@ -1,5 +1,6 @@
-"""The house's structure, computed from the source with `ast` (imports inside functions included): every module is
-small, no module imports another in a circle, and no wing imports one above it in docs/ARCHITECTURE.md's table."""
+"""The house's structure, computed from the source with `ast` (imports inside functions included): every module and
+every function is small, no module imports another in a circle, and no wing imports one above it in
+docs/ARCHITECTURE.md's table."""
 from __future__ import annotations
 
 import ast
@@ -7,11 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "augment", "submissions")
-MAX_LINES = 450
-MAX_MODULES_PER_FOLDER = 15  # the issue asks ~12 (a ratchet, not the aim)
+MAX_LINES = 400
+MAX_MODULES_PER_FOLDER = 12
+MAX_FUNCTION_LINES = 60  # def line to last line, docstring included
+FUNCTION_FOLDERS = PACKAGES + ("benchmarks", "kaggle")
 # Known to be over, at most this big: each is a room to split next (the list may only shrink).
-OVER_LINES = {"pipeline.training.checkpoint": 460}
-OVER_MODULES = {"pipeline/kaggle_driver": 16}
+OVER_LINES: dict[str, int] = {}
+OVER_MODULES = {"pipeline/training": 13}
 
 # The wings bottom first, as docs/ARCHITECTURE.md draws them: a module imports only from its own wing or one earlier.
 WINGS = ("pipeline.core", "pipeline.data", "augment", "pipeline.model", "pipeline.config", "pipeline.training",
@@ -70,6 +73,21 @@ def test_every_module_is_small():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
+def _long_functions(path: Path) -> dict[str, int]:
+    return {f"{path}:{node.lineno} {node.name}": n
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES}
+
+
+def test_every_function_is_short():
+    long = {}
+    for folder in FUNCTION_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            long.update(_long_functions(path))
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
 def test_no_folder_is_crowded():
     folders: dict[Path, int] = {}
     for path in _modules().values():
@@ -119,7 +137,8 @@ def test_no_import_circles():
 
 
 def test_the_checks_see_imports_inside_functions(tmp_path: Path):
-    """The checks above cannot pass vacuously: an import inside a function body is found, relative imports too."""
+    """The checks above cannot pass vacuously: an import inside a function body is found, relative imports too; a
+    long function is found."""
     source = tmp_path / "pipeline" / "inference" / "x.py"
     source.parent.mkdir(parents=True)
     source.write_text("def f():\n    from pipeline.cli import stages\n    from ..training import train\n")
@@ -128,3 +147,6 @@ def test_the_checks_see_imports_inside_functions(tmp_path: Path):
     assert found == {"pipeline.cli.stages", "pipeline.training.train"}
     assert _wing("pipeline.cli.stages") > _wing("pipeline.inference.x")
     assert {"pipeline.model.trm", "pipeline.training.train", "pipeline.run"} <= set(_graph())
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\n\ndef g():\n    pass\n")
+    assert list(_long_functions(long).values()) == [MAX_FUNCTION_LINES + 1]  # f is one line over; g is not

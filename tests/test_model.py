@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.training.checkpoint import (
+from pipeline.model.reference import (
     from_reference_state_dict,
     load_reference_state_dict,
     strip_reference_prefix,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training.checkpoint import (
+from pipeline.model.reference import (
     config_from_reference,
     from_reference_state_dict,
     load_reference_state_dict,

@@ -21,7 +21,7 @@ import pipeline.inference.rescore as rescore_module
 from pipeline.training import checkpoint as ckpt
 from pipeline.config import PredictConfig
 from pipeline.kaggle_driver import launch_command, run_child
-from pipeline.kaggle_driver.processes import is_running
+from pipeline.kaggle_driver.child import is_running
 from pipeline.model.trm import TRM
 from pipeline.inference.predict import predict_to_file
 from pipeline.inference.predictions import Predictions

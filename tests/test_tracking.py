@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.tracking import flat_hyperparameters, tracker_names, tracker_values
-from tiny import build_tiny_dataset, tiny_config
+from tiny import build_tiny_dataset, tiny_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +93,18 @@ def test_tensorboard_scalars_match_metrics_jsonl(tiny_data, tmp_path):
     assert "model.hidden_size: 32" in hparams and "log_with: tensorboard" in hparams
 
 
-def test_wandb_offline_writes_its_run_folder(tiny_data, tmp_path, monkeypatch):
+def test_wandb_offline_writes_its_run_folder(tiny_data, tmp_path):
+    """In a process of its own: W&B keeps the settings of its first start for the whole process, so an earlier
+    test's start (without a login, say) must not decide where this offline run writes."""
     pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install '.[test]')")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "my-run"
-    rows = _train_with("wandb", tiny_data, out)
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "pipeline.run", "--stage", "train", "--preset", "demo", "--data", str(tiny_data),
+                           "--out", str(out), "--quiet", *tiny_overrides(max_steps=6, eval_every=3, eval_views=2),
+                           "--set", "log_with=wandb"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows].count("eval") == 2
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb")).read_bytes()  # W&B's own record log, synced by `wandb sync`

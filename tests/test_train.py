@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.model import loading
 from pipeline.training import checkpoint as ckpt
 from pipeline.model.trm import TRM
 from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
@@ -36,6 +37,19 @@ def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.run", "--stage", "train", "--preset", "demo", "--data", str(data),
             "--out", str(out), "--quiet", *extra]
+
+
+def _train_here(args: list[str]) -> None:
+    """The command of `_train_args` in this process on one thread, as its child processes compute (a reference
+    run without a second Python and torch start-up)."""
+    from pipeline.run import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(args[3:]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _final_state(out: Path) -> dict:
@@ -78,7 +92,7 @@ BUCKETS = ["", "4,6"]  # the whole canvas, and canvas buckets (2/3 of the tiny e
 @pytest.mark.parametrize("buckets", BUCKETS)
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path, buckets: str):
     steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
-    whole = _run_cli(_train_args(tiny_data, tmp_path / "whole", *steps))
+    _train_here(_train_args(tiny_data, tmp_path / "whole", *steps))
     out = tmp_path / "killed"
     victim = _run_cli(_train_args(tiny_data, out, *steps))
     deadline = time.time() + 120
@@ -94,7 +108,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_pat
     log = resumed.communicate(timeout=180)[0]
     assert resumed.returncode == 0, log
     assert f"at step {killed_at}" in log
-    assert whole.wait(timeout=180) == 0, whole.communicate()[0]
     _assert_same_state(_final_state(tmp_path / "whole"), _final_state(out), atol=1e-6)
     name = "step_00000035.pt"  # the last one with a carry
     _assert_same_state(ckpt.load_training_state(tmp_path / "whole" / "checkpoints" / name),
@@ -104,13 +117,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_pat
 @pytest.mark.parametrize("buckets", BUCKETS)
 def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str):
     steps = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3, **{"data.canvas_buckets": buckets})
-    one = _run_cli(_train_args(tiny_data, tmp_path / "one", *steps))
     two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                     *_train_args(tiny_data, tmp_path / "two", *steps)[1:]])
     log_two = two.communicate(timeout=240)[0]
     assert two.returncode == 0, log_two
     assert "on 2 process(es)" in log_two
-    assert one.wait(timeout=240) == 0, one.communicate()[0]
+    _train_here(_train_args(tiny_data, tmp_path / "one", *steps))
     a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
     assert b["world"] == 2
     for key in a["model"]:  # dense weights and the puzzle-embedding table
@@ -140,7 +152,7 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
     cfg = tiny_config(max_steps=2, freeze_weights_steps=2)
     cfg.model.seq_len, cfg.model.num_puzzle_identifiers = 36, ds.num_puzzle_identifiers
     model = TRM(cfg.model)
-    ckpt.init_from_checkpoint(model, base, verbose=False)
+    loading.init_from_checkpoint(model, base, verbose=False)
     saved = ckpt.load_training_state(base)
     old_rows = saved["model"]["puzzle_emb.weights"][1:]
     expected = old_rows.mean(0).expand(ds.num_puzzle_identifiers, -1)
@@ -156,7 +168,7 @@ def test_finetune_on_new_puzzles_starts_from_mean_rows(tiny_data: Path, tmp_path
 
 
 def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
-    from pipeline.training.checkpoint import config_from_reference
+    from pipeline.model.reference import config_from_reference
 
     cfg = config_from_reference(json.loads((GOLDEN / "config.json").read_text())["model_config"])
     cfg.num_puzzle_identifiers = 25  # a new dataset with other puzzles than the checkpoint's 10 rows
@@ -164,7 +176,7 @@ def test_reference_checkpoint_initialises_a_finetune(tmp_path: Path):
     path = tmp_path / "ref.pt"
     torch.save({"_orig_mod.model." + k: v for k, v in sd.items()}, path)
     model = TRM(cfg)
-    ckpt.init_from_checkpoint(model, path, verbose=False)
+    loading.init_from_checkpoint(model, path, verbose=False)
     torch.testing.assert_close(model.puzzle_emb.weights, sd["inner.puzzle_emb.weights"][1:].mean(0).expand(25, -1))
     torch.testing.assert_close(model.lm_head.weight, sd["inner.lm_head.weight"])
 
@@ -218,7 +230,7 @@ def test_evaluation_during_training_logs_and_keeps_weights(tiny_data: Path, tmp_
     kept = sorted(p.name for p in (tmp_path / "checkpoints" / "evaluated").iterdir())
     assert kept == ["step_00000004.pt", "step_00000008.pt", "step_00000012.pt"]  # none cleaned up
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 1
-    model = ckpt.load_model_for_inference(tmp_path / "checkpoints" / "evaluated" / "step_00000008.pt")
+    model = loading.load_model_for_inference(tmp_path / "checkpoints" / "evaluated" / "step_00000008.pt")
     assert isinstance(model, TRM)
     # the evaluation uses the EMA weights and gives training back its own: the run equals one without evaluation
     plain = tmp_path / "plain"

@@ -1,4 +1,4 @@
-"""Stage `export`: weights to publish. A checkpoint (or any source pipeline.training.checkpoint.load_weights reads) becomes
+"""Stage `export`: weights to publish. A checkpoint (or any source pipeline.model.loading.load_weights reads) becomes
 a portable folder (pipeline.model.weights: model.safetensors + config.json) that `--init` and `--checkpoint` take, here
 or on another machine, and that the Kaggle bundle builder takes.
 
@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from pipeline.training.checkpoint import PUZZLE_TABLE, Weights, dataset_fingerprint, load_weights, mean_rows
+from pipeline.model.loading import PUZZLE_TABLE, Weights, load_weights, mean_rows
+from pipeline.training.checkpoint import dataset_fingerprint
 from pipeline.core.errors import CheckpointError, RunFolderError
 from pipeline.core.io import TMP_SUFFIX, read_json
 from pipeline.model.weights import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_weights_config, write_weights_folder

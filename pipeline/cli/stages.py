@@ -49,14 +49,14 @@ class Request:
 def stage_augment(cfg: RunConfig, req: Request) -> None:
     from augment.dataset import build_dataset
     from augment.identifiers import read_identifiers
-    from pipeline.data.tasks import load_tasks, select_tasks
+    from pipeline.data.tasks import left_out_by_selection, load_tasks, select_tasks
     from pipeline.data.splits import held_out_ids
 
     d = cfg.data
     rows = read_identifiers(d.identifiers) if d.identifiers else None
     loaded = load_tasks(d.sources, skip_invalid=d.skip_invalid)
     tasks = select_tasks(loaded.tasks, max_side=d.max_side, max_tasks=d.max_tasks)
-    left_out = _left_out_by_selection(loaded.tasks, tasks, d.max_side, d.max_tasks)
+    left_out = left_out_by_selection(loaded.tasks, tasks, d.max_side, d.max_tasks)
     eval_ids = held_out_ids(tasks, d.eval_set, lambda spec: load_tasks(spec, skip_invalid=True).tasks)
     for s in loaded.skipped:
         what = f"task {s.task_id!r} ({s.file})" if s.task_id is not None else f"file {s.file}"
@@ -95,24 +95,6 @@ def _check_free_space(out: Path, dataset: Any) -> None:
         raise DiskFullError(errno.ENOSPC, f"no space left on device for the dataset in {out}: it needs at least "
                             f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free")
 
-
-def _left_out_by_selection(loaded: list, kept: list, max_side: int, max_tasks: int) -> dict[str, list]:
-    """The tasks select_tasks dropped, with why: a size limit (as `too_big`) or the per-source cap (`skipped`),
-    so that every loaded task is accounted for in the manifest."""
-    kept_ids = {t.id for t in kept}
-    too_big, capped = [], []
-    for task in loaded:
-        if task.id in kept_ids:
-            continue
-        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
-        largest = max(max(g.shape) for g in grids)
-        if max_side and largest > max_side:
-            too_big.append({"task_id": task.id, "source": task.source, "largest_side": int(largest),
-                            "reason": f"over data.max_side={max_side}"})
-        else:
-            capped.append({"file": task.source, "task_id": task.id,
-                           "reason": f"over data.max_tasks={max_tasks} tasks per source"})
-    return {"too_big": too_big, "skipped": capped}
 
 
 # ---------------------------------------------------------------------------------------------- plan, train
@@ -157,7 +139,7 @@ def _check_init(cfg: RunConfig, req: Request, dataset: Any) -> None:
     """--init is a checkpoint whose weights fit this model, and not one of those --force train would remove."""
     import dataclasses
 
-    from pipeline.training.checkpoint import check_init_checkpoint
+    from pipeline.model.loading import check_init_checkpoint
 
     init = req.init.resolve()
     if "train" in req.forced and init.is_relative_to((req.out / "checkpoints").resolve()):

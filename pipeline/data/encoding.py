@@ -20,7 +20,8 @@ VOCAB_SIZE = 12
 NUM_COLOURS = 10
 
 # Dihedral transform t as a linear map from a cell (i, j) of the transformed grid to the cell (si, sj) of the
-# original (h, w) grid it comes from:  si = a*i + b*j + c*(h-1),  sj = d*i + e*j + f*(w-1).
+# original (h, w) grid it comes from:  si = a*i + b*j + c*(h-1),  sj = d*i + e*j + f*(w-1)
+# (in _source_pixels: a, b, c = row_row, row_col, row_flip; d, e, f = col_row, col_col, col_flip).
 # Rows follow the id order of augment.transforms (checked against np.rot90/flip there by the tests).
 _DIHEDRAL_SOURCE = np.array(
     [
@@ -116,38 +117,17 @@ def encode_many(
     """
     n = len(starts)
     starts = np.asarray(starts, dtype=np.int64)
-    h = np.asarray(heights, dtype=np.int64)
-    w = np.asarray(widths, dtype=np.int64)
-    t = np.zeros(n, dtype=np.int64) if dihedrals is None else np.asarray(dihedrals, dtype=np.int64)
-    r0, c0 = (np.zeros(n, np.int64),) * 2 if offsets is None else np.asarray(offsets, dtype=np.int64).T
-    swap = _SWAPS_AXES[t]
-    th, tw = np.where(swap, w, h), np.where(swap, h, w)  # transformed shape
-    if n and (r0.min() < 0 or c0.min() < 0 or (r0 + th).max() > canvas or (c0 + tw).max() > canvas):
+    heights = np.asarray(heights, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)
+    dihedrals = np.zeros(n, dtype=np.int64) if dihedrals is None else np.asarray(dihedrals, dtype=np.int64)
+    top, left = (np.zeros(n, np.int64),) * 2 if offsets is None else np.asarray(offsets, dtype=np.int64).T
+    swap = _SWAPS_AXES[dihedrals]
+    drawn_h, drawn_w = np.where(swap, widths, heights), np.where(swap, heights, widths)  # the transformed shape
+    if n and (top.min() < 0 or left.min() < 0 or (top + drawn_h).max() > canvas or (left + drawn_w).max() > canvas):
         raise ValueError(f"some grid does not fit the {canvas}x{canvas} canvas at its offset")
-
-    a, b, c, d, e, f = _DIHEDRAL_SOURCE[t].T
-    row_step = a * w + d  # change of the flat source index per canvas row
-    col_step = b * w + e  # ... per canvas column
-    base = starts + c * (h - 1) * w + f * (w - 1) - row_step * r0 - col_step * c0
-    axis = np.arange(canvas, dtype=np.int64)
-    source = (base[:, None, None] + (row_step[:, None] * axis)[:, :, None]) + (col_step[:, None] * axis)[:, None, :]
-    pix = np.take(pixels, source, mode="clip")  # cells off the grid read some pixel; masked out below
-
-    rel_r = axis[None, :] - r0[:, None]  # (n, canvas): canvas row relative to the grid's top
-    rel_c = axis[None, :] - c0[:, None]
-    row_in = ((rel_r >= 0) & (rel_r < th[:, None]))[:, :, None]
-    col_in = ((rel_c >= 0) & (rel_c < tw[:, None]))[:, None, :]
-    row_eos = (rel_r == th[:, None])[:, :, None]
-    col_eos = (rel_c == tw[:, None])[:, None, :]
-    inside = (row_in & col_in).view(np.uint8)
-    eos = ((row_eos & col_in) | (row_in & col_eos)).view(np.uint8)
-
-    # Per-row token table: entries 0..9 are colour tokens after recolouring, 10 is EOS, 11 the background.
-    table = np.empty((n, 12), dtype=np.int32)
-    lut = np.arange(NUM_COLOURS) if colour_luts is None else np.asarray(colour_luts)
-    table[:, :NUM_COLOURS] = lut + COLOUR_OFFSET
-    table[:, 10] = EOS
-    table[:, 11] = IGNORE_LABEL if labels else PAD
+    pix = _source_pixels(pixels, starts, heights, widths, dihedrals, top, left, canvas)
+    inside, eos = _grid_and_edge(top, left, drawn_h, drawn_w, canvas)
+    table = _token_tables(n, colour_luts, labels)
     # value = pix inside the grid, else 10 on the EOS edge, else 11; uint8 arithmetic is far cheaper than np.where
     value = pix * inside + (np.uint8(11) - eos) * (np.uint8(1) - inside)
     index = (np.arange(n, dtype=np.int64) * 12)[:, None, None] + value
@@ -155,6 +135,45 @@ def encode_many(
         out = np.empty((n, canvas * canvas), dtype=np.int32)
     np.take(table.reshape(-1), index.reshape(n, canvas * canvas), out=out)
     return out
+
+
+def _source_pixels(pixels: np.ndarray, starts: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                   dihedrals: np.ndarray, top: np.ndarray, left: np.ndarray, canvas: int) -> np.ndarray:
+    """uint8 (n, canvas, canvas): each canvas cell's original pixel (cells off the grid read some pixel: masked
+    out by the caller). The flat source index is linear in the cell's canvas row and column (_DIHEDRAL_SOURCE)."""
+    row_row, row_col, row_flip, col_row, col_col, col_flip = _DIHEDRAL_SOURCE[dihedrals].T
+    row_step = row_row * widths + col_row  # change of the flat source index per canvas row
+    col_step = row_col * widths + col_col  # ... per canvas column
+    base = starts + row_flip * (heights - 1) * widths + col_flip * (widths - 1) - row_step * top - col_step * left
+    axis = np.arange(canvas, dtype=np.int64)
+    source = (base[:, None, None] + (row_step[:, None] * axis)[:, :, None]) + (col_step[:, None] * axis)[:, None, :]
+    return np.take(pixels, source, mode="clip")
+
+
+def _grid_and_edge(top: np.ndarray, left: np.ndarray, drawn_h: np.ndarray, drawn_w: np.ndarray, canvas: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, canvas, canvas) masks: the cells of the drawn grid, and those of its EOS edge (the row under it
+    and the column right of it, not the corner)."""
+    axis = np.arange(canvas, dtype=np.int64)
+    rel_row = axis[None, :] - top[:, None]  # (n, canvas): canvas row relative to the grid's top
+    rel_col = axis[None, :] - left[:, None]
+    row_in = ((rel_row >= 0) & (rel_row < drawn_h[:, None]))[:, :, None]
+    col_in = ((rel_col >= 0) & (rel_col < drawn_w[:, None]))[:, None, :]
+    row_eos = (rel_row == drawn_h[:, None])[:, :, None]
+    col_eos = (rel_col == drawn_w[:, None])[:, None, :]
+    inside = (row_in & col_in).view(np.uint8)
+    eos = ((row_eos & col_in) | (row_in & col_eos)).view(np.uint8)
+    return inside, eos
+
+
+def _token_tables(n: int, colour_luts: np.ndarray | None, labels: bool) -> np.ndarray:
+    """int32 (n, 12), one per grid: entries 0..9 are colour tokens after recolouring, 10 is EOS, 11 the background."""
+    table = np.empty((n, 12), dtype=np.int32)
+    lut = np.arange(NUM_COLOURS) if colour_luts is None else np.asarray(colour_luts)
+    table[:, :NUM_COLOURS] = lut + COLOUR_OFFSET
+    table[:, 10] = EOS
+    table[:, 11] = IGNORE_LABEL if labels else PAD
+    return table
 
 
 def crop_sizes(tokens: np.ndarray, canvas: int) -> tuple[np.ndarray, np.ndarray]:

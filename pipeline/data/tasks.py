@@ -305,3 +305,23 @@ def select_tasks(tasks: Sequence[Task], max_side: int = 0, max_tasks: int = 0) -
         per_source[task.source] = per_source.get(task.source, 0) + 1
         kept.append(task)
     return kept
+
+
+def left_out_by_selection(loaded: Sequence[Task], kept: Sequence[Task], max_side: int, max_tasks: int
+                          ) -> dict[str, list]:
+    """The tasks select_tasks dropped, with why: a size limit (as `too_big`) or the per-source cap (`skipped`),
+    so that every loaded task is accounted for in the manifest."""
+    kept_ids = {t.id for t in kept}
+    too_big, capped = [], []
+    for task in loaded:
+        if task.id in kept_ids:
+            continue
+        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
+        largest = max(max(g.shape) for g in grids)
+        if max_side and largest > max_side:
+            too_big.append({"task_id": task.id, "source": task.source, "largest_side": int(largest),
+                            "reason": f"over data.max_side={max_side}"})
+        else:
+            capped.append({"file": task.source, "task_id": task.id,
+                           "reason": f"over data.max_tasks={max_tasks} tasks per source"})
+    return {"too_big": too_big, "skipped": capped}

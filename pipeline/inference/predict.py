@@ -29,7 +29,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -236,25 +236,35 @@ def predict_to_file(
     predictions = join_and_write(part, out_path, rank, world)
     if partial is not None:
         partial.unlink(missing_ok=True)  # the whole share is in the file: no partial file left behind
-    left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0
-    skip = (cfg.time_budget_s > 0 and left <= 0) or stop_requested() is not None
-    if cfg.rescore_views > 0 and not _anyone(skip, world, device):  # every process re-scores, or none does
-        try:
-            predictions.logp, predictions.logp_cells = rescore(
-                model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
-                batch_size=cfg.batch_size, device=device, autocast=accelerator.autocast, time_budget_s=left,
-                progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested, engine=engine,
-            )
-            if rank == 0:
-                predictions.save(out_path)
-        except Exception as e:  # noqa: BLE001 - the candidates (already in the file) matter more than their scores
-            warnings.warn(f"predict: likelihood re-scoring failed ({e!r}); candidates saved without scores")
+    rescore_and_save(model, dataset, predictions, cfg, out_path, start_time, accelerator, engine, progress)
     if stop_requested() is not None:
         message = f"predict: stopped by a signal; {len(predictions)} candidates in {out_path}"
         if rank == 0:
             print(message, flush=True)
         raise Stopped(stop_requested(), message)
     return out_path
+
+
+def rescore_and_save(model: TRM, dataset: AugmentedDataset, predictions: Predictions, cfg: PredictConfig,
+                     out_path: Path, start_time: float, accelerator: Any, engine: RowEngine, progress: bool) -> None:
+    """The second pass: likelihood scores of the top candidates in what is left of the time budget, written into
+    the same file by rank 0. Every process re-scores, or none does (the budget spent or a stop asked on any);
+    a failure costs the scores, never the candidates already written."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    left = cfg.time_budget_s - (time.perf_counter() - start_time) if cfg.time_budget_s > 0 else 0.0
+    skip = (cfg.time_budget_s > 0 and left <= 0) or stop_requested() is not None
+    if cfg.rescore_views <= 0 or _anyone(skip, world, device):
+        return
+    try:
+        predictions.logp, predictions.logp_cells = rescore(
+            model, dataset, predictions, top_k=cfg.rescore_top_k, views=cfg.rescore_views,
+            batch_size=cfg.batch_size, device=device, autocast=accelerator.autocast, time_budget_s=left,
+            progress=progress and rank == 0, rank=rank, world=world, stop=stop_requested, engine=engine,
+        )
+        if rank == 0:
+            predictions.save(out_path)
+    except Exception as e:  # noqa: BLE001 - the candidates (already in the file) matter more than their scores
+        warnings.warn(f"predict: likelihood re-scoring failed ({e!r}); candidates saved without scores")
 
 
 def bucket_shares(dataset: AugmentedDataset, engine: RowEngine) -> str:
@@ -275,7 +285,7 @@ def check_rescore_settings(cfg: PredictConfig) -> None:
 def load_checked_model(checkpoint_path: str | Path, dataset: AugmentedDataset, dataset_dir: str | Path,
                        use_ema: bool) -> TRM:
     """The checkpoint's model, refused when it was trained on another canvas or on fewer puzzle variants."""
-    from pipeline.training.checkpoint import load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
 
     model = load_model_for_inference(checkpoint_path, use_ema=use_ema,
                                      num_puzzle_identifiers=dataset.num_puzzle_identifiers,

@@ -22,11 +22,11 @@ the bundle is looked up or installed), then drives `KaggleRun`, whose stages run
   score      drafts with known answers only: pass@2, and ce_true of the weights prediction used.
 
 The rooms: settings (what this run is: absolute paths, devices checked) · budget (the time plan, the only time
-arithmetic) · fallback (the always-valid submission) · processes + child (a stage in a child process, the whole
-process tree stopped at its timeout or on an interrupt) · retry (the out-of-memory retry loop) · faults (the
-testing hook TRM_FAULTS) · pretrained (the checkpoint to start from) · stages, finetune, prediction (the stage
-bodies, returning StageResult values) · truth (ce_true of a draft with known answers) · state (what the stages
-share) · driver (KaggleRun).
+arithmetic) · fallback (the always-valid submission) · child (a stage in a child process, the whole process tree
+stopped at its timeout or on an interrupt) · faults (the testing hook TRM_FAULTS) · pretrained (the checkpoint to
+start from) · stages (the in-process stages: fallback, augment, submit, score with ce_true, each within its window)
+· child_stages (fine-tuning and prediction, with their out-of-memory retry loop) · state (what the stages share,
+and StageResult) · log (the driver's lines) · driver (KaggleRun).
 """
 from pipeline.kaggle_driver.budget import (READER_JOIN_S, PlanMode, StagePlan, TimePlan, deadline, plan_finetune,
                                            plan_predict, plan_retry, plan_time, plan_window, remaining_s, stage_cost,

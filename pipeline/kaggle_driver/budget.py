@@ -133,8 +133,8 @@ AUGMENT_SHARE = 0.25  # of the time left after the submit reserve: the most augm
 
 
 def augment_window_s(s: KaggleSettings, now: float | None = None) -> float:
-    """Augment's window (it runs in the driver's process, under pipeline.kaggle_driver.window): a share of what
-    is left after the submit reserve, never cutting into prediction's minimum."""
+    """Augment's window (it runs in the driver's process, under stages.time_window): a share of what is left
+    after the submit reserve, never cutting into prediction's minimum."""
     left = remaining_s(s, now) - s.submit_reserve_s
     return max(min(AUGMENT_SHARE * left, left - stage_cost(s) - s.min_predict_s), 1.0)
 

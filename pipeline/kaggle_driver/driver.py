@@ -9,8 +9,7 @@ import traceback
 from typing import Any, Callable
 
 from pipeline.core.io import atomic_write_json
-from pipeline.kaggle_driver import finetune as finetune_stage
-from pipeline.kaggle_driver import prediction, stages
+from pipeline.kaggle_driver import child_stages, stages
 from pipeline.kaggle_driver.budget import PlanMode, TimePlan, deadline, plan_time, remaining_s
 from pipeline.kaggle_driver.fallback import submission_problems
 from pipeline.kaggle_driver.log import log, plural, start_log_file
@@ -95,10 +94,10 @@ class KaggleRun:
         return self._stage("augment", stages.augment)
 
     def finetune(self) -> bool:
-        return self._stage("finetune", finetune_stage.finetune)
+        return self._stage("finetune", child_stages.finetune)
 
     def predict(self) -> bool:
-        return self._stage("predict", prediction.predict)
+        return self._stage("predict", child_stages.predict)
 
     def submit(self) -> bool:
         return self._stage("submit", stages.submit)

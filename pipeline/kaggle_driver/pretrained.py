@@ -49,7 +49,7 @@ def load_arch_config(path: Path) -> dict[str, Any]:
 def checkpoint_model_config(path: str | os.PathLike, arch_config: str | os.PathLike | None = None):
     """(ModelConfig, "ours" | "reference") of a pretrained checkpoint: ours carry their run config; a reference
     state dict needs `arch_config`."""
-    from pipeline.training.checkpoint import REFERENCE_PREFIXES, config_from_reference
+    from pipeline.model.reference import REFERENCE_PREFIXES, config_from_reference
     from pipeline.model.trm import ModelConfig
 
     path = Path(path)
@@ -92,7 +92,8 @@ def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     import torch
 
     from augment.dataset import AugmentedDataset
-    from pipeline.training.checkpoint import dataset_fingerprint, init_from_checkpoint
+    from pipeline.model.loading import init_from_checkpoint
+    from pipeline.training.checkpoint import dataset_fingerprint
     from pipeline.config import to_dict
     from pipeline.core.io import atomic_write_with
     from pipeline.model.trm import TRM

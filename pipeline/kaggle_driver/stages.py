@@ -1,63 +1,64 @@
-"""The in-process stages: the fallback, augment (with the run's configuration), submit and score. The child stages
-(fine-tuning, prediction) have rooms of their own."""
+"""The in-process stages: the fallback, augment (with the run's configuration), submit and score; the child stages
+(fine-tuning, prediction) are pipeline.kaggle_driver.child_stages.
+
+Augment and submit run in the driver's own process, so their window of the time plan is kept by an interval timer
+(`time_window`), not a child's timeout: a pathological input cannot eat the budget of the stages after them.
+
+Scoring (draft runs with known answers only, settings.solutions) gives pass@2, and how likely the weights prediction
+used make the true answers, `ce_true` (per-cell cross-entropy of each test output's answer under its first views,
+the model's last ACT step; mean over views, then over test outputs) and `cell_acc_true`, as evaluation during
+training computes them (pipeline.inference.rescore.truth_scores): pass@2 moves by whole test outputs, ce_true with
+every step of a fine-tune. The run's dataset holds no answers (hidden tasks), so the same tasks are built again with
+them: the same order, seed and augmentations give the same variants (drawn from the demonstrations and test inputs
+only), which is checked, so every answer is scored under the puzzle row the run trained for it."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
-from pipeline.kaggle_driver.budget import (SAVE_SAFETY, PlanMode, StagePlan, augment_window_s, plan_time, stop_grace_s,
-                                           submit_window_s)
-from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
+from pipeline.kaggle_driver.budget import SAVE_SAFETY, PlanMode, augment_window_s, plan_time, stop_grace_s, submit_window_s
 from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
-from pipeline.kaggle_driver.faults import CHILD_MODULE
 from pipeline.kaggle_driver.log import log
 from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained
-from pipeline.kaggle_driver.retry import Attempt
-from pipeline.kaggle_driver.state import RunState, StageResult
-from pipeline.kaggle_driver.window import time_window
+from pipeline.kaggle_driver.state import RunState, StageResult, set_args
 from submissions.write import Answer, count_answers, describe_answers
 
 RUN_MARKER = ".trm_kaggle_run"  # marks a run folder as ours, so a re-run may clear it
+TRUTH_VIEWS = 8  # views per test output when a draft is scored (mini's evaluations use 8)
 
 
-def config_overrides(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Every setting of a run config as `key=value` for --set, so a child process runs exactly this config."""
-    out: list[str] = []
-    for key, value in cfg_dict.items():
-        if isinstance(value, Mapping):
-            out += config_overrides(value, f"{prefix}{key}.")
-        elif isinstance(value, bool):
-            out.append(f"{prefix}{key}={'true' if value else 'false'}")
-        else:
-            out.append(f"{prefix}{key}={value!r}" if isinstance(value, float) else f"{prefix}{key}={value}")
-    return out
+class WindowExceeded(RuntimeError):
+    """A stage run in the driver's process did not end within its window (the stage fails; the fallback stays)."""
 
 
-def set_args(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """config_overrides as `--set key=value` arguments."""
-    return [arg for item in config_overrides(cfg_dict, prefix) for arg in ("--set", item)]
+@contextmanager
+def time_window(seconds: float, name: str) -> Iterator[None]:
+    """Run the body for at most `seconds`: then WindowExceeded is raised in it (SIGALRM, on the main thread, where
+    the notebook runs; elsewhere signals cannot be handled and the body runs unbounded). The body's own `finally`
+    clauses run, so locks and temp files are let go as on any error."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def expire(signum: int, frame: Any) -> None:
+        raise WindowExceeded(f"{name}: no end within its window of {seconds:.0f} s; stopped")
 
-def run_stage_child(st: RunState, stage: str, args: list[str], attempt: StagePlan) -> ChildResult:
-    """`pipeline.run ARGS` (through the testing hook's wrapper when faults are set) in a child, torchrun over the
-    GPUs when there are several, inside `attempt`'s window; its output also goes to RUN/STAGE.log."""
-    processes = st.devices.processes
-    module = CHILD_MODULE if st.settings.faults else "pipeline.run"
-    return run_child(launch_command(processes, args, module), attempt.timeout_s, cwd=st.run_dir, env=st.child_env(),
-                     log_path=st.run_dir / f"{stage}.log", grace_s=attempt.grace_s, join_s=attempt.join_s,
-                     name=stage, launcher=processes > 1)
-
-
-def attempt_record(a: Attempt, setting: str) -> dict[str, Any]:
-    """One attempt of a child stage, for kaggle_status.json."""
-    return {"budget_s": round(a.plan.work_s, 1), setting: a.setting, "returncode": a.result.returncode,
-            "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory, "seconds": round(a.result.seconds, 1)}
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def claim_run_dir(st: RunState) -> None:
@@ -238,11 +239,49 @@ def describe_merged(answers: Mapping[str, list[Answer]]) -> str:
     return f"{inputs} test inputs in {len(answers)} tasks: {describe_answers(record['test_inputs'])} (tasks: {tasks})"
 
 
+def answered_dataset(run_dataset: Path, solutions: Mapping[str, Sequence[Any]]):
+    """The dataset at `run_dataset` rebuilt with the answers of its held-out tasks that `solutions` has (tasks
+    without them keep none and are not scored); an error if the variants came out different."""
+    import numpy as np
+
+    from augment.dataset import AugmentedDataset, build_dataset
+
+    run = AugmentedDataset.load(run_dataset)
+    manifest = json.loads((Path(run_dataset) / "manifest.json").read_text())
+    tasks = []
+    for task in run.eval_tasks():
+        answers = solutions.get(task.id)
+        if answers is not None and len(answers) == len(task.test_inputs):
+            task.test_outputs = [np.asarray(g, np.uint8) for g in answers]
+        tasks.append(task)
+    answered = build_dataset(tasks, {t.id for t in tasks}, num_aug=manifest["num_aug"], seed=manifest["seed"],
+                             canvas=run.canvas, progress=False)
+    for name in ("variant_puzzle", "variant_dihedral", "variant_colours"):
+        if not np.array_equal(getattr(answered, name), getattr(run, name)):
+            raise RuntimeError(f"rebuilding {run_dataset} with the answers gave other variants ({name})")
+    return answered
+
+
+def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS, canvas_buckets: str = "") -> dict[str, float]:
+    """{"ce_true", "cell_acc_true"} of the weights prediction loads from `checkpoint` (EMA when saved), on the canvas
+    buckets prediction ran on (`data.canvas_buckets`; "" = the whole canvas); {} when no answer is known."""
+    import torch
+
+    from pipeline.inference.rescore import merge_truth_scores, truth_scores
+    from pipeline.model.rows import RowEngine
+    from pipeline.model.loading import load_model_for_inference
+
+    model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
+    model.eval()
+    engine = RowEngine.build(canvas_buckets, dataset.canvas, model.config)
+    with torch.no_grad():
+        return merge_truth_scores([truth_scores(model, dataset, views, engine=engine)]) or {}
+
+
 def score(st: RunState) -> StageResult:
     """Editing runs only: score submission.json against known solutions (settings.solutions): pass@2, and ce_true
-    of the weights prediction used (pipeline.kaggle_driver.truth), which moves where pass@2 cannot."""
+    of the weights prediction used (truth_figures), which moves where pass@2 cannot."""
     from pipeline.data.tasks import load_solutions
-    from pipeline.kaggle_driver.truth import answered_dataset, truth_figures
     from submissions.score import format_score, score_submission
 
     s = st.settings

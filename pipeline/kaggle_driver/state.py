@@ -1,12 +1,13 @@
 """What the stages share: the run's settings and devices, its resolved config, the fallback, and each stage's
-record (kaggle_status.json); and what a stage returns: its outcome, as a value."""
+record (kaggle_status.json); the run config as a child's arguments; and what a stage returns: its outcome, as a
+value."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.kaggle_driver.fallback import Submission
 from pipeline.kaggle_driver.settings import ENV, Devices, KaggleSettings
@@ -35,6 +36,24 @@ class StageResult:
     @classmethod
     def skipped(cls, detail: str) -> "StageResult":
         return cls(Outcome.SKIPPED, detail)
+
+
+def config_overrides(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every setting of a run config as `key=value` for --set, so a child process runs exactly this config."""
+    out: list[str] = []
+    for key, value in cfg_dict.items():
+        if isinstance(value, Mapping):
+            out += config_overrides(value, f"{prefix}{key}.")
+        elif isinstance(value, bool):
+            out.append(f"{prefix}{key}={'true' if value else 'false'}")
+        else:
+            out.append(f"{prefix}{key}={value!r}" if isinstance(value, float) else f"{prefix}{key}={value}")
+    return out
+
+
+def set_args(cfg_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """config_overrides as `--set key=value` arguments."""
+    return [arg for item in config_overrides(cfg_dict, prefix) for arg in ("--set", item)]
 
 
 @dataclass

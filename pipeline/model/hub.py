@@ -2,7 +2,7 @@
 
 The spec is resolved with huggingface_hub (installed with Accelerate) into its cache (HF_HUB_CACHE / HF_HOME),
 downloading only SUBFOLDER when one is named; with HF_HUB_OFFLINE=1 only the cache is read. What it resolves to
-is a local path that pipeline.training.checkpoint loads like any other: a checkpoint file, an exported folder, or the
+is a local path that pipeline.model.loading loads like any other: a checkpoint file, an exported folder, or the
 reference's checkpoint folder (all_config.yaml + step_N).
 """
 from __future__ import annotations

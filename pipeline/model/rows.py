@@ -39,7 +39,7 @@ def parse_buckets(text: str, canvas: int) -> tuple[int, ...]:
     if not sides:
         raise ValueError(f"data.canvas_buckets: expected comma-separated square sides such as '12,20,30', "
                          f"got {text!r}")
-    if any(b < 2 or b > canvas for b in sides):
+    if any(side < 2 or side > canvas for side in sides):
         raise ValueError(f"data.canvas_buckets: every side must be 2..data.canvas ({canvas}), got {text!r}")
     if sides != sorted(set(sides)):
         raise ValueError(f"data.canvas_buckets: sides must be strictly ascending, got {text!r}")
@@ -59,7 +59,7 @@ class RowEngine:
     """Rows on the whole canvas or on canvas buckets; see the module docstring."""
 
     def __init__(self, canvas: int, buckets: tuple[int, ...] = (), puzzle_len: int = 0):
-        self.canvas, self.buckets, self.puzzle_len = int(canvas), tuple(int(b) for b in buckets), int(puzzle_len)
+        self.canvas, self.buckets, self.puzzle_len = int(canvas), tuple(int(side) for side in buckets), int(puzzle_len)
         self._positions: dict[tuple[int, str], Tensor] = {}
 
     @classmethod
@@ -84,7 +84,7 @@ class RowEngine:
 
     def bigger(self, side: int) -> int:
         """The next bucket above `side` (the canvas for the canvas)."""
-        return next((b for b in self.buckets if b > side), self.canvas)
+        return next((bucket for bucket in self.buckets if bucket > side), self.canvas)
 
     def held_out_sides(self, dataset, puzzle_index: np.ndarray, test_index: np.ndarray) -> np.ndarray:
         """int64 (n,): the side each held-out test row first runs on (an augment.dataset.AugmentedDataset)."""
@@ -127,25 +127,26 @@ class RowEngine:
             return carry, batch
         slots, cells = self.puzzle_len + side * side, side * side
 
-        def cut(t: Tensor, length: int) -> Tensor:
-            return t[rows, :length] if t.ndim > 1 else t[rows]
+        def cut(tensor: Tensor, length: int) -> Tensor:
+            return tensor[rows, :length] if tensor.ndim > 1 else tensor[rows]
 
-        part = Carry(cut(carry.z_H, slots), cut(carry.z_L, slots), carry.steps[rows], carry.halted[rows],
-                     {k: cut(v, cells) for k, v in carry.current_data.items()})
-        return part, {k: cut(v, cells) for k, v in batch.items() if k in BATCH_KEYS}
+        group = Carry(cut(carry.z_H, slots), cut(carry.z_L, slots), carry.steps[rows], carry.halted[rows],
+                      {key: cut(value, cells) for key, value in carry.current_data.items()})
+        return group, {key: cut(value, cells) for key, value in batch.items() if key in BATCH_KEYS}
 
     @staticmethod
-    def put(carry: Carry, rows: Tensor | None, part: Carry) -> Carry:
-        """`part` written back into `carry`'s rows (in place); with rows None, `part` is the whole new carry."""
+    def put(carry: Carry, rows: Tensor | None, group: Carry) -> Carry:
+        """`group` (the carry of `rows`, from `take`) written back into `carry`'s rows (in place); with rows None,
+        `group` is the whole new carry."""
         if rows is None:
-            return part
-        slots, cells = part.z_H.shape[1], part.current_data["inputs"].shape[1]
+            return group
+        slots, cells = group.z_H.shape[1], group.current_data["inputs"].shape[1]
         with torch.no_grad():
-            carry.z_H[rows, :slots] = part.z_H
-            carry.z_L[rows, :slots] = part.z_L
-            carry.steps[rows] = part.steps
-            carry.halted[rows] = part.halted
-            for key, value in part.current_data.items():
+            carry.z_H[rows, :slots] = group.z_H
+            carry.z_L[rows, :slots] = group.z_L
+            carry.steps[rows] = group.steps
+            carry.halted[rows] = group.halted
+            for key, value in group.current_data.items():
                 if value.ndim > 1:
                     carry.current_data[key][rows, :cells] = value
                 else:

@@ -9,7 +9,7 @@ without running any code from it (safetensors holds tensors only; config.json is
                                "run_config" (the resolved training config, or null)}
 
 This module reads and writes the two files; what the tensors mean, and the other sources of weights (training
-checkpoints, the reference's), are pipeline.training.checkpoint's business.
+checkpoints, the reference's), are pipeline.model.loading's business.
 """
 from __future__ import annotations
 

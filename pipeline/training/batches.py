@@ -87,7 +87,7 @@ class TrainSampler:
         self.sampling = sampling
         self.translation = translation
         self.batch_size = int(batch_size)
-        self.buckets = tuple(int(b) for b in buckets)
+        self.buckets = tuple(int(side) for side in buckets)
         self._groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
         self._epoch = 0
         self._position = 0  # examples of the current epoch already handed out
@@ -142,17 +142,17 @@ class TrainSampler:
 
     def _group_epoch(self, rng: np.random.Generator) -> np.ndarray:
         """Example indices of one "groups" epoch, in stream order, cut into whole batches as the reference does."""
-        ds, batch = self.dataset, self.batch_size
+        dataset, batch = self.dataset, self.batch_size
         order = self._groups[rng.permutation(len(self._groups))]
-        pick = np.minimum((rng.random(len(order)) * ds.puzzle_num_variants[order]).astype(np.int64),
-                          ds.puzzle_num_variants[order] - 1)
-        first, size = ds.variant_examples(ds.puzzle_first_variant[order] + pick)
+        pick = np.minimum((rng.random(len(order)) * dataset.puzzle_num_variants[order]).astype(np.int64),
+                          dataset.puzzle_num_variants[order] - 1)
+        first, size = dataset.variant_examples(dataset.puzzle_first_variant[order] + pick)
         # how many of each variant's examples go in: all of them, unless the batch being filled runs out of rows
         take = np.empty_like(size)
         filled = 0
-        for i, s in enumerate(size.tolist()):
-            take[i] = min(s, batch - filled)
-            filled = (filled + take[i]) % batch
+        for variant, examples in enumerate(size.tolist()):
+            take[variant] = min(examples, batch - filled)
+            filled = (filled + take[variant]) % batch
         # each variant's examples in random order (a random subset when truncated), variants in group order
         segment = np.repeat(np.arange(len(order)), size)
         seg_start = np.repeat(np.cumsum(size) - size, size)
@@ -183,12 +183,12 @@ class TrainSampler:
         """Reference translation: uniforms float32 (N, 2) fixed per example, and bool (N,) marking the one
         example per variant that stays at (0, 0). Drawn once, from the seed alone."""
         if self._fixed is None:
-            ds = self.dataset
+            dataset = self.dataset
             rng = np.random.default_rng([self.seed, _FIXED_STREAM])
-            uniform = rng.random((ds.num_train_examples, 2), dtype=np.float32)
-            first, count = ds.variant_examples(np.arange(ds.num_variants))
-            chosen = first + np.minimum((rng.random(ds.num_variants) * count).astype(np.int64), count - 1)
-            untranslated = np.zeros(ds.num_train_examples, dtype=bool)
+            uniform = rng.random((dataset.num_train_examples, 2), dtype=np.float32)
+            first, count = dataset.variant_examples(np.arange(dataset.num_variants))
+            chosen = first + np.minimum((rng.random(dataset.num_variants) * count).astype(np.int64), count - 1)
+            untranslated = np.zeros(dataset.num_train_examples, dtype=bool)
             untranslated[chosen[count > 0]] = True
             self._fixed = (uniform, untranslated)
         return self._fixed
@@ -198,50 +198,49 @@ class TrainSampler:
         indices, uniforms = [], []
         while n > 0:
             self._load_epoch(self._epoch)
-            m = min(n, len(self._order) - self._position)
-            indices.append(self._order[self._position : self._position + m])
+            count = min(n, len(self._order) - self._position)  # what is left of this epoch, at most
+            indices.append(self._order[self._position : self._position + count])
             if self.translation == "per_draw":
-                uniforms.append(self._uniform[self._position : self._position + m])
-            self._position += m
-            n -= m
+                uniforms.append(self._uniform[self._position : self._position + count])
+            self._position += count
+            n -= count
             self._roll_over()
-        ks = np.concatenate(indices).astype(np.int64) if indices else np.zeros(0, np.int64)
-        u = np.concatenate(uniforms) if uniforms else np.zeros((len(ks), 2), np.float32)
-        return ks, u
+        examples = np.concatenate(indices).astype(np.int64) if indices else np.zeros(0, np.int64)
+        return examples, np.concatenate(uniforms) if uniforms else np.zeros((len(examples), 2), np.float32)
 
     def take_indices(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The next n draws as (example indices int64 (n,), top-left offsets int64 (n, 2) or None for (0, 0))."""
         if n < 0:
             raise ValueError(f"cannot take {n} examples")
-        ks, u = self._next_indices(n)
+        examples, uniforms = self._next_indices(n)
         if self.translation == "none":
-            return ks, None
+            return examples, None
         if self.translation == "reference":
-            fixed_u, untranslated = self._fixed_offsets()
-            u = fixed_u[ks]
-        extent = self.dataset.train_extent(ks)
+            fixed_uniforms, untranslated = self._fixed_offsets()
+            uniforms = fixed_uniforms[examples]
+        extent = self.dataset.train_extent(examples)
         room = translation_room(extent, self._sides_of(extent)[:, None], self.dataset.canvas)  # (n, 2), >= 0
         # float64 so that u * (room + 1) stays below room + 1 even for u just under 1
-        offsets = np.minimum((u.astype(np.float64) * (room + 1)).astype(np.int64), room)
+        offsets = np.minimum((uniforms.astype(np.float64) * (room + 1)).astype(np.int64), room)
         if self.translation == "reference":
-            offsets[untranslated[ks]] = 0
-        return ks, offsets
+            offsets[untranslated[examples]] = 0
+        return examples, offsets
 
     def _sides_of(self, extent: np.ndarray) -> np.ndarray:
         return side_for(extent.max(axis=1), self.buckets, self.dataset.canvas)
 
-    def sides(self, ks: np.ndarray) -> np.ndarray:
-        """int64 (n,): the bucket side each training example ks (n,) is computed on (the canvas without buckets)."""
-        return self._sides_of(self.dataset.train_extent(ks))
+    def sides(self, examples: np.ndarray) -> np.ndarray:
+        """int64 (n,): the bucket side each training example (n,) is computed on (the canvas without buckets)."""
+        return self._sides_of(self.dataset.train_extent(examples))
 
     def take(self, n: int) -> dict[str, np.ndarray]:
         """The next n examples: inputs int32 (n, L), labels int32 (n, L) (-100 = ignore), puzzle_identifiers (n,),
         with buckets in bucket-local layout (pipeline.data.canvas) and their sides int64 (n,)."""
-        ks, offsets = self.take_indices(n)
+        examples, offsets = self.take_indices(n)
         if not self.buckets:
-            return self.dataset.encode_train_examples(ks, offsets)
-        sides = self.sides(ks)
-        return {**self.dataset.encode_train_examples(ks, offsets, sides), "sides": sides}
+            return self.dataset.encode_train_examples(examples, offsets)
+        sides = self.sides(examples)
+        return {**self.dataset.encode_train_examples(examples, offsets, sides), "sides": sides}
 
 
 def iter_test_batches(

@@ -97,10 +97,10 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> N
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p)
-        offset += n
+    for param in params:
+        size = param.numel()
+        param.grad = flat[offset:offset + size].view_as(param)
+        offset += size
 
 
 @collective("an object gather (every process's share of an evaluation)")

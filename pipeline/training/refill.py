@@ -52,8 +52,8 @@ class Refill:
 
     def local_sides(self, index: int) -> np.ndarray:
         """int64 (local_batch,): this process's rows of micro-batch `index`, their bucket sides."""
-        lo = self.rt.rank * self.micro_batches * self.local_batch + index * self.local_batch
-        return self.sides[lo:lo + self.local_batch]
+        first = self.rt.rank * self.micro_batches * self.local_batch + index * self.local_batch
+        return self.sides[first:first + self.local_batch]
 
     def watch(self, index: int, halted_local: torch.Tensor) -> None:
         """Start fetching micro-batch `index`'s global halted mask (a collective: every process calls it)."""
@@ -82,14 +82,14 @@ class Refill:
         local_offsets = None if offsets is None else offsets[local]
         encode = self.sampler.dataset.encode_train_examples
         if self.sampler.buckets:
-            fresh = encode(examples[local], local_offsets, sides[local])
+            encoded = encode(examples[local], local_offsets, sides[local])
         else:
-            fresh = encode(examples[local], local_offsets)
+            encoded = encode(examples[local], local_offsets)
         batch = {
             "inputs": np.zeros((self.local_batch, self.seq_len), np.int32),
             "labels": np.full((self.local_batch, self.seq_len), -100, np.int32),
             "puzzle_identifiers": np.zeros(self.local_batch, np.int32),
         }
         for key in batch:
-            batch[key][halted_rows[local] - first_local] = fresh[key]
+            batch[key][halted_rows[local] - first_local] = encoded[key]
         return {k: to_device(torch.from_numpy(v), self.rt.device) for k, v in batch.items()}

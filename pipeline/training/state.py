@@ -20,6 +20,7 @@ from augment.dataset import AugmentedDataset
 from pipeline.config import RunConfig, to_dict
 from pipeline.core.io import atomic_write_with
 from pipeline.core.tracking import log_row
+from pipeline.model.loading import init_from_checkpoint
 from pipeline.model.rows import RowEngine
 from pipeline.model.trm import TRM, Carry
 from pipeline.training import checkpoint as ckpt
@@ -58,7 +59,7 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
     torch.manual_seed(cfg.seed)
     model = TRM(cfg.model)
     if init_checkpoint is not None:
-        ckpt.init_from_checkpoint(model, init_checkpoint, rt.is_main)
+        init_from_checkpoint(model, init_checkpoint, rt.is_main)
     model.to(rt.device)
     dense = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = build_dense_optimizer(

@@ -41,24 +41,25 @@ def exploration_draws(seed: int, step: int, global_batch: int, halt_max_steps: i
 
 def metrics_to_floats(sums: torch.Tensor, row_steps: int) -> dict[str, float]:
     """Interval sums -> logged values: losses per row-step, the rest averaged over the rows that halted."""
-    s = dict(zip(METRIC_KEYS, sums.tolist()))
-    count, rows = max(s["count"], 1.0), max(row_steps, 1)
+    total = dict(zip(METRIC_KEYS, sums.tolist()))
+    count, rows = max(total["count"], 1.0), max(row_steps, 1)
     return {
-        "loss": (s["lm_loss"] + 0.5 * s["q_halt_loss"]) / rows,
-        "lm_loss": s["lm_loss"] / rows,
-        "q_halt_loss": s["q_halt_loss"] / rows,
-        "accuracy": s["accuracy"] / count,
-        "exact_accuracy": s["exact_accuracy"] / count,
-        "q_halt_accuracy": s["q_halt_accuracy"] / count,
-        "steps": s["steps"] / count,
-        "halted_examples": s["count"],
+        "loss": (total["lm_loss"] + 0.5 * total["q_halt_loss"]) / rows,
+        "lm_loss": total["lm_loss"] / rows,
+        "q_halt_loss": total["q_halt_loss"] / rows,
+        "accuracy": total["accuracy"] / count,
+        "exact_accuracy": total["exact_accuracy"] / count,
+        "q_halt_accuracy": total["q_halt_accuracy"] / count,
+        "steps": total["steps"] / count,
+        "halted_examples": total["count"],
     }
 
 
 def step_flops(model: Any, sides: np.ndarray) -> float:
     """Model FLOPs of the step just run: every global row at its bucket's side, at the depth the step ran."""
-    values, counts = np.unique(sides, return_counts=True)
-    return float(sum(int(c) * flops_at_depth(model.config, model.cycles, int(v) ** 2) for v, c in zip(values, counts)))
+    present, rows = np.unique(sides, return_counts=True)
+    return float(sum(int(count) * flops_at_depth(model.config, model.cycles, int(side) ** 2)
+                     for side, count in zip(present, rows)))
 
 
 def train_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Refill, sums: torch.Tensor,
@@ -93,19 +94,19 @@ def micro_batch_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Ref
     """Forward and backward of micro-batch `index`, one side at a time; its carry is updated in place and the
     puzzle rows' gradients appended to `puzzle_grads`."""
     model, engine = state.model, state.engine
-    fresh = refill(index, state.carries[index].halted)
-    micro = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
-    first_row = rt.rank * (cfg.global_batch_size // rt.world) + index * micro
-    explore = tuple(to_device(d[first_row:first_row + micro], rt.device) for d in draws)
+    refilled = refill(index, state.carries[index].halted)  # fresh examples in the rows that halted
+    micro_rows = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
+    first_row = rt.rank * (cfg.global_batch_size // rt.world) + index * micro_rows
+    explore = tuple(to_device(draw[first_row:first_row + micro_rows], rt.device) for draw in draws)
     groups = engine.groups(refill.local_sides(index))
-    for group, (side, rows) in enumerate(groups):  # one group (all rows) without buckets
+    for group_index, (side, rows) in enumerate(groups):  # one group (all rows) without buckets
         rows = None if rows is None else to_device(torch.from_numpy(rows), rt.device)
-        carry, batch = engine.take(state.carries[index], fresh, rows, side)
+        carry, batch = engine.take(state.carries[index], refilled, rows, side)
         with rt.accelerator.autocast():
             carry, outputs = engine.step(model, carry, batch, side,
-                                         tuple(e if rows is None else e[rows] for e in explore))
+                                         tuple(draw if rows is None else draw[rows] for draw in explore))
             state.carries[index] = engine.put(state.carries[index], rows, carry)
-            if group == len(groups) - 1:
+            if group_index == len(groups) - 1:
                 refill.watch(index, state.carries[index].halted)  # the next refill overlaps this backward pass
             loss, metrics = act_loss(outputs, carry)
         (loss / cfg.global_batch_size).backward()
