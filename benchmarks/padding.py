@@ -79,7 +79,7 @@ def start_on_buckets(root: Path, seed: int) -> dict:
     from augment.dataset import AugmentedDataset
     from pipeline.cli.evaluate import HeldOutEvaluator
     from pipeline.model.rows import RowEngine
-    from pipeline.training.checkpoint import load_model_for_inference
+    from pipeline.model.loading import load_model_for_inference
 
     cache = root / f"whole_s{seed}" / "on_buckets.json"
     if cache.is_file():
