@@ -139,6 +139,8 @@ def preset(name: str) -> RunConfig:
         # is a newer release; its training set also repeats most ARC-AGI-1 tasks, which the paper did not add)
         return _paper(DataConfig(sources="arc-agi-2-paper,concept-arc", eval_set="arc-agi-2-paper/evaluation"))
     if name == "kaggle":
+        # whole canvas, no buckets: from whole-canvas weights a fine-tune onto buckets trailed the same fine-tune on
+        # the whole canvas at equal steps on every seed (docs/QUALITY.md, issue 25, "The `kaggle` preset" table)
         cfg = _paper(DataConfig(sources="", eval_set="", num_aug=1000))
         cfg.lr_warmup_steps = 100
         cfg.checkpoint_every_epochs = 1_000_000  # the time budget decides; a checkpoint is written at the end,
@@ -184,7 +186,8 @@ def preset(name: str) -> RunConfig:
 # augmentations per task (mini: 7 instead of 15; the paper's: 256 instead of 1000, as other teams ran it).
 FAST_RECIPES = {"mini": "mini-fast", "arc1": "arc1-fast", "arc2": "arc2-fast"}
 # The paper's fast recipes also take the paper's canvas buckets: on a canvas with the paper's padding they learned as
-# well as the whole canvas at equal steps (docs/QUALITY.md, 3 seeds), at 0.16 of its FLOPs there.
+# well as the whole canvas at equal steps, at 0.16 of its FLOPs there, and far better at equal FLOPs (docs/QUALITY.md,
+# "Canvas buckets on a canvas with the paper's padding", 3 seeds: ce_true 1.634 both at equal steps, 1.194 vs 1.634).
 FAST_SETTINGS = {
     "mini": ("depth_curriculum=0.6", "data.num_aug=7"),
     "arc1": ("depth_curriculum=0.6", "data.num_aug=256", f"data.canvas_buckets={PAPER_BUCKETS}"),

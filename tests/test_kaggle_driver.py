@@ -126,6 +126,35 @@ def test_the_fine_tune_child_runs_on_the_gpus_present(tmp_path, monkeypatch):
     assert timeout_s == pytest.approx(settings.stage_overhead_s + plan["budget_s"], abs=1)
 
 
+def test_prediction_runs_the_pretrained_weights_on_their_own_canvas_and_fine_tuned_ones_on_the_runs_buckets(
+        tmp_path, monkeypatch, pretrained):
+    """TRM_OVERRIDES gives the run canvas buckets: the fine-tune trains on them and prediction then runs on them;
+    without a fine-tuned checkpoint the whole-canvas pretrained weights predict on the whole canvas (on buckets they
+    would run in a mode they were never trained in)."""
+    settings = kd.settings_from_env(env={"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_KAGGLE_WORKING": str(tmp_path),
+                                         "TRM_NUM_GPUS": "0"})
+    cfg = tiny_config()
+    cfg.data.canvas_buckets = "4,6"
+    run = RunState(settings, settings.devices, cfg=cfg, checkpoint=pretrained)
+    build_tiny_dataset(settings.run_dir / "dataset", num_tasks=3, num_aug=1)
+    run.status["augment"] = {"state": Outcome.OK.value}
+    launched = []
+    monkeypatch.setattr(child_stages, "run_child", lambda cmd, timeout_s, **kw: (launched.append(cmd),
+                                                                                 kd.ChildResult(1, False, 1.0))[1])
+
+    def predicted_on() -> str:
+        with pytest.raises(RuntimeError, match="left no candidates"):  # the fake child predicted nothing
+            child_stages.predict(run)
+        cmd = launched[-1]
+        return next(a.split("=", 1)[1] for a in cmd if a.startswith("data.canvas_buckets="))
+
+    assert predicted_on() == "" and run.status["predict"]["canvas_buckets"] == ""
+    assert run.status["predict"]["checkpoint"].startswith("pretrained")
+    (settings.run_dir / "checkpoints").mkdir()
+    (settings.run_dir / "checkpoints" / "step_00000002.pt").write_bytes(pretrained.read_bytes())
+    assert predicted_on() == "4,6" and run.status["predict"]["checkpoint"] == "fine-tuned"
+
+
 # ------------------------------------------------------------------------------------------ the process tree
 def _tree_alive(tmp_path: Path) -> list[int]:
     """The workers' and their grandchildren's pids still running (zombies count as ended)."""

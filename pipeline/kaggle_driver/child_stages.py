@@ -20,7 +20,7 @@ from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_predict
 from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.faults import CHILD_MODULE
 from pipeline.kaggle_driver.log import log, plural
-from pipeline.kaggle_driver.pretrained import pretrained_for_dataset
+from pipeline.kaggle_driver.pretrained import pretrained_for_dataset, trained_canvas_buckets
 from pipeline.kaggle_driver.state import Outcome, RunState, StageResult, set_args
 
 # ------------------------------------------------------------------------------------- the out-of-memory retry loop
@@ -180,15 +180,18 @@ def collect_partial(run_dir: Path):
     return Predictions.concatenate(parts) if parts else None
 
 
-def _checkpoint(st: RunState) -> tuple[str, Path]:
-    """(which, path): the fine-tuned checkpoint if there is one, else the pretrained one for this dataset."""
+def _checkpoint(st: RunState) -> tuple[str, Path, str]:
+    """(which, path, canvas buckets to predict on): the fine-tuned checkpoint if there is one, on the run's buckets;
+    else the pretrained one for this dataset, on the canvas mode it was trained in (not the run's buckets, which
+    the fine-tune would have taken)."""
     from pipeline.training.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(st.run_dir / "checkpoints")
     if last is not None:
-        return "fine-tuned", last
+        return "fine-tuned", last, st.cfg.data.canvas_buckets
     why = st.status.get("finetune", {}).get("state", "not run")
-    return f"pretrained (fine-tune {why})", pretrained_for_dataset(st.run_dir, st.cfg, st.checkpoint)
+    return (f"pretrained (fine-tune {why})", pretrained_for_dataset(st.run_dir, st.cfg, st.checkpoint),
+            trained_canvas_buckets(st.checkpoint))
 
 
 def predict(st: RunState) -> StageResult:
@@ -199,8 +202,8 @@ def predict(st: RunState) -> StageResult:
     record = st.status["predict"] = {"planned_s": round(plan.window_s, 1), "attempts": []}
     if not plan.run:
         return StageResult.skipped(plan.reason)
-    source, checkpoint = _checkpoint(st)
-    record["checkpoint"], record["checkpoint_path"] = source, str(checkpoint)
+    source, checkpoint, buckets = _checkpoint(st)
+    record["checkpoint"], record["checkpoint_path"], record["canvas_buckets"] = source, str(checkpoint), buckets
     out = st.run_dir / "predictions.npz"
     out.unlink(missing_ok=True)
     collect_partial(st.run_dir)  # nothing stale
@@ -211,7 +214,7 @@ def predict(st: RunState) -> StageResult:
                        save_partial_every_s=s.partial_every_s)
         args = ["--stage", "predict", "--preset", "kaggle", "--checkpoint", str(checkpoint), *st.common_args(),
                 *set_args(asdict(pcfg), "predict."),
-                *set_args({"canvas_buckets": st.cfg.data.canvas_buckets}, "data.")]  # also without a fine-tune
+                *set_args({"canvas_buckets": buckets}, "data.")]
         log(f"predict attempt ({source} checkpoint): {attempt.work_s:.0f} s, batch {batch}, "
             f"child timeout {attempt.timeout_s:.0f} s")
         return run_stage_child(st, "predict", args, attempt)

@@ -85,9 +85,19 @@ def find_pretrained(s: KaggleSettings) -> tuple[Path, Path | None]:
     return Path(checkpoint), (Path(arch) if arch is not None else None)
 
 
+def trained_canvas_buckets(checkpoint: Path) -> str:
+    """The canvas buckets the pretrained weights were trained on ("" = the whole canvas, as every reference
+    checkpoint): weights run on another canvas mode than their own predict worse (docs/QUALITY.md, issue 25)."""
+    from pipeline.model.loading import load_weights
+
+    run_config = load_weights(checkpoint).run_config or {}
+    return str((run_config.get("data") or {}).get("canvas_buckets") or "")
+
+
 def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     """The pretrained checkpoint as one of ours for this run's dataset (the new puzzle rows started as fine-tuning
-    starts them: `new_rows`), so prediction can run when fine-tuning failed or did not fit."""
+    starts them: `new_rows`; on the canvas mode it was trained in), so prediction can run when fine-tuning failed
+    or did not fit."""
     from dataclasses import asdict, replace
 
     import torch
@@ -108,6 +118,7 @@ def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     log(f"predict-only start: {start_new_rows(model, source, cfg.new_rows, dataset, cfg.new_rows_candidates)}")
     config = to_dict(cfg)
     config["model"] = asdict(model_cfg)
+    config["data"]["canvas_buckets"] = trained_canvas_buckets(checkpoint)  # the run's buckets are the fine-tune's
     state = {"step": 0, "config": config, "model": model.state_dict(), "ema": None, "final": True,
              "pretrained": str(checkpoint), "dataset_fingerprint": dataset_fingerprint(run_dir / "dataset")}
     path = run_dir / "pretrained_for_predict.pt"
