@@ -190,8 +190,8 @@ def _checkpoint(st: RunState) -> tuple[str, Path, str]:
     if last is not None:
         return "fine-tuned", last, st.cfg.data.canvas_buckets
     why = st.status.get("finetune", {}).get("state", "not run")
-    return (f"pretrained (fine-tune {why})", pretrained_for_dataset(st.run_dir, st.cfg, st.checkpoint),
-            trained_canvas_buckets(st.checkpoint))
+    buckets = trained_canvas_buckets(st.checkpoint)  # read once: the checkpoint can be large
+    return f"pretrained (fine-tune {why})", pretrained_for_dataset(st.run_dir, st.cfg, st.checkpoint, buckets), buckets
 
 
 def predict(st: RunState) -> StageResult:

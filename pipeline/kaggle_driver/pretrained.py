@@ -94,7 +94,7 @@ def trained_canvas_buckets(checkpoint: Path) -> str:
     return str((run_config.get("data") or {}).get("canvas_buckets") or "")
 
 
-def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
+def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path, canvas_buckets: str | None = None) -> Path:
     """The pretrained checkpoint as one of ours for this run's dataset (the new puzzle rows started as fine-tuning
     starts them: `new_rows`; on the canvas mode it was trained in), so prediction can run when fine-tuning failed
     or did not fit."""
@@ -118,7 +118,8 @@ def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path) -> Path:
     log(f"predict-only start: {start_new_rows(model, source, cfg.new_rows, dataset, cfg.new_rows_candidates)}")
     config = to_dict(cfg)
     config["model"] = asdict(model_cfg)
-    config["data"]["canvas_buckets"] = trained_canvas_buckets(checkpoint)  # the run's buckets are the fine-tune's
+    # the canvas mode the weights were trained in (given when the caller has read it), not the fine-tune's buckets
+    config["data"]["canvas_buckets"] = trained_canvas_buckets(checkpoint) if canvas_buckets is None else canvas_buckets
     state = {"step": 0, "config": config, "model": model.state_dict(), "ema": None, "final": True,
              "pretrained": str(checkpoint), "dataset_fingerprint": dataset_fingerprint(run_dir / "dataset")}
     path = run_dir / "pretrained_for_predict.pt"
