@@ -1,11 +1,11 @@
 """The Kaggle entry: the notebook on CPU against fake /kaggle trees (bundle built by the bundle script) on every
-path the day can take: executed in a kernel, the project wheel really installed, for the happy path and the
-install's failures; its cells run in this process (all but the install cell) for the other paths - the happy path, no bundle, a corrupt bundle,
-fine-tuning out of memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained
-checkpoint), prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the
-scored rerun variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the
-pieces that keep submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans,
-child timeouts, rerun detection)."""
+path the day can take - executed in a kernel with the project wheel really installed for the happy path, no
+bundle and a corrupt bundle; its cells run in this process (all but the install cell) for fine-tuning out of
+memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained checkpoint),
+prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the scored rerun
+variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the pieces that keep
+submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans, child timeouts,
+rerun detection)."""
 from __future__ import annotations
 
 import contextlib
