@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.kaggle_driver import faults
 from pipeline.model import loading
 from pipeline.training import checkpoint as ckpt
 from pipeline.model.trm import TRM
@@ -91,25 +91,24 @@ BUCKETS = ["", "4,6"]  # the whole canvas, and canvas buckets (2/3 of the tiny e
 
 @pytest.mark.parametrize("buckets", BUCKETS)
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path, buckets: str):
-    steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
+    """The victim kills itself with SIGKILL at its 11th forward pass (the TRM_FAULTS hook), so that the kill lands
+    at the same step in every run: in step 11 on the whole canvas, earlier on buckets (a step on two buckets is two
+    forward passes)."""
+    steps = tiny_overrides(max_steps=16, checkpoint_every=4, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
     _train_here(_train_args(tiny_data, tmp_path / "whole", *steps))
     out = tmp_path / "killed"
-    victim = _run_cli(_train_args(tiny_data, out, *steps))
-    deadline = time.time() + 120
-    while ckpt.latest_checkpoint(out / "checkpoints") is None or ckpt.checkpoint_step(
-        ckpt.latest_checkpoint(out / "checkpoints")) < 10:
-        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim = _run_cli([sys.executable, "-m", faults.CHILD_MODULE, *_train_args(tiny_data, out, *steps)[3:]],
+                      {"TRM_FAULTS": "train:kill_after_calls=10"})
+    log = victim.communicate(timeout=180)[0]
+    assert victim.returncode == -signal.SIGKILL and "TRM_FAULTS: SIGKILL at forward pass 11" in log, log
     killed_at = ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints"))
-    assert killed_at < 40, "the run finished before it could be killed"
+    assert killed_at == (8 if not buckets else 4)
     resumed = _run_cli(_train_args(tiny_data, out, "--resume", *steps))
     log = resumed.communicate(timeout=180)[0]
     assert resumed.returncode == 0, log
     assert f"at step {killed_at}" in log
     _assert_same_state(_final_state(tmp_path / "whole"), _final_state(out), atol=1e-6)
-    name = "step_00000035.pt"  # the last one with a carry
+    name = "step_00000012.pt"  # the last one with a carry
     _assert_same_state(ckpt.load_training_state(tmp_path / "whole" / "checkpoints" / name),
                        ckpt.load_training_state(out / "checkpoints" / name), atol=1e-6)
 
