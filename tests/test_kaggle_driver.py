@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import kaggle_driver as kd
+from pipeline.kaggle_driver import child as child_module
 from pipeline.kaggle_driver import child_stages
 from pipeline.kaggle_driver import stages
 from pipeline.kaggle_driver.budget import window_end
@@ -177,10 +178,22 @@ def _wait_for_workers(tmp_path: Path, timeout_s: float = 60.0) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process table is read from /proc")
-def test_a_torchrun_child_at_its_timeout_leaves_no_process_behind(tmp_path):
+def test_a_torchrun_child_at_its_timeout_leaves_no_process_behind(tmp_path, monkeypatch):
     """Rank 0 ignores SIGTERM (and has a grandchild that does too): killed after the grace. Rank 1 saves on
-    SIGTERM and exits: it gets to, since torchrun itself is not signalled (its own shutdown would not wait)."""
-    result = kd.run_child(_stubborn_cmd(tmp_path, "mixed"), 12.0, cwd=tmp_path, grace_s=1.0, join_s=2.0,
+    SIGTERM and exits: it gets to, since torchrun itself is not signalled (its own shutdown would not wait). The
+    timeout falls as soon as both workers run, not after a fixed number of seconds that must cover torchrun's start
+    on a busy machine (the clock's part of a timeout: test_kaggle.py::test_child_timeout_stops_a_hung_stage)."""
+    real_wait, waits = child_module._wait, []
+
+    def timeout_once_the_workers_run(proc, tree, seconds):
+        if waits:  # the grace after SIGTERM
+            return real_wait(proc, tree, seconds)
+        waits.append(seconds)  # the wait for the timeout: over once the workers run
+        _wait_for_workers(tmp_path)
+        return real_wait(proc, tree, 0.0)  # the process tree looked up once more; False: still running
+
+    monkeypatch.setattr(child_module, "_wait", timeout_once_the_workers_run)
+    result = kd.run_child(_stubborn_cmd(tmp_path, "mixed"), 300.0, cwd=tmp_path, grace_s=1.0, join_s=2.0,
                           launcher=True, log_path=tmp_path / "child.log")
     assert result.timed_out and len(list(tmp_path.glob("pid.*"))) == 2, (tmp_path / "child.log").read_text()
     assert _tree_alive(tmp_path) == []
