@@ -495,11 +495,9 @@ def test_faults_hook_parses_and_out_of_memory_is_recognised():
 
 
 def test_child_timeout_stops_a_hung_stage(tmp_path):
-    start = time.perf_counter()
     result = ke.run_child([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 1.0,
                           cwd=tmp_path, log_path=tmp_path / "child.log", grace_s=2)
-    assert result.timed_out and result.returncode != 0
-    assert time.perf_counter() - start < 10
+    assert result.timed_out and result.returncode == -15  # ended by the SIGTERM at its timeout, not by its sleep's end
     assert "up" in (tmp_path / "child.log").read_text()
 
 
