@@ -19,7 +19,7 @@ from badinput import SMALL
 from pipeline.training import checkpoint as ckpt
 from pipeline.core.job import JobError, guarded, launcher_problem
 from pipeline.run import cli
-from tiny import free_port, tiny_overrides
+from tiny import TWO_PROCESS_SETTINGS, free_port, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -61,26 +61,20 @@ def _error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("error:")]
 
 
-def test_two_nodes_without_a_shared_folder_train_like_one_node_with_two_processes(tmp_path: Path):
+def test_two_nodes_without_a_shared_folder_train_like_one_node_with_two_processes(two_process_run: Path, tmp_path: Path):
     """Each node augments its own copy of the run folder with the same settings (no shared filesystem); the ranks
     check that their datasets are the same, train, and rank 0 writes: the same weights, bit for bit, as 1 node x 2
-    processes on one folder."""
-    for folder in ("one", "node0", "node1"):
+    processes on one folder (the session's two_process_run, conftest.py, with the same settings)."""
+    for folder in ("node0", "node1"):
         assert cli(["--stage", "augment", "--preset", "demo", "--out", str(tmp_path / folder), *SMALL]) == 0
-    settings = tiny_overrides(max_steps=4, checkpoint_every=2, eval_every=0)
-    one_node = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                 "--master-port", str(free_port()), "-m", "pipeline.run",
-                                 *_train(tmp_path / "one", *settings)],
-                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    codes, log = _finish(_launch([_train(tmp_path / "node0", *settings), _train(tmp_path / "node1", *settings)]), 300)
+    codes, log = _finish(_launch([_train(tmp_path / node, *TWO_PROCESS_SETTINGS) for node in ("node0", "node1")]), 300)
     assert codes == [0, 0], log[-3000:]
-    assert one_node.wait(timeout=300) == 0, one_node.communicate()[0][-3000:]
     assert not (tmp_path / "node1" / "checkpoints").exists()  # rank 0 alone writes
-    a, b = (ckpt.load_training_state(ckpt.latest_checkpoint(tmp_path / run / "checkpoints")) for run in ("one", "node0"))
-    assert a["world"] == b["world"] == 2 and a["step"] == b["step"] == 4
+    a, b = (ckpt.load_training_state(ckpt.latest_checkpoint(run / "checkpoints")) for run in (two_process_run, tmp_path / "node0"))
+    assert a["world"] == b["world"] == 2 and a["step"] == b["step"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    middle = [ckpt.load_training_state(tmp_path / run / "checkpoints" / "step_00000002.pt") for run in ("one", "node0")]
+    middle = [ckpt.load_training_state(run / "checkpoints" / "step_00000003.pt") for run in (two_process_run, tmp_path / "node0")]
     for key in ("z_H", "halted", "data.puzzle_identifiers"):
         assert torch.equal(middle[0]["carry"][key], middle[1]["carry"][key]), key
 

@@ -196,9 +196,11 @@ def paper_canvas_data(tmp_path_factory) -> Path:
 
 
 # The paper model's shapes (pipeline.model.trm.ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle-embedding
-# positions of 512, the 30x30 canvas) at its recursion's least depth (the same tensors, 1 cycle each, so that a
-# step is seconds on a CPU) and the smallest global batch over 2 processes.
-PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "global_batch_size=2",
+# positions of 512, the 30x30 canvas), which are what a checkpoint holds, at its recursion's least depth (the same
+# tensors, 1 cycle each), the rows on a 12x12 canvas bucket (these tasks fit it; docs/BUCKETS.md) so that a step
+# is a fraction of a second on a CPU, and the smallest global batch over 2 processes.
+PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "data.canvas_buckets=12,30",
+                "--set", "global_batch_size=2",
                 "--set", "max_steps=1000000", "--set", "checkpoint_every=1000000", "--set", "log_every=1",
                 "--set", "eval_every=0", "--set", "eval_every_epochs=0"]
 
