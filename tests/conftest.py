@@ -33,6 +33,12 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 
 
 @pytest.fixture(scope="session")
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """built_once for a module's fixtures: `build_once(name, build)`."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
+
+@pytest.fixture(scope="session")
 def base_run(tmp_path_factory) -> Path:
     """A complete tiny run folder: dataset, 2 checkpoints (steps 2 and 4), predictions, submission, score, report."""
     def build(folder: Path) -> None:

@@ -32,7 +32,7 @@ from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_da
 from pipeline.kaggle_driver.state import config_overrides
 from pipeline.model.loading import init_from_checkpoint
 from pipeline.model.reference import to_reference_state_dict
-from pipeline.training.checkpoint import load_training_state
+from pipeline.training.checkpoint import latest_checkpoint, load_training_state
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data.tasks import load_tasks, select_tasks
 from pipeline.model.trm import TRM, ModelConfig
@@ -75,27 +75,34 @@ def _raw(task) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """A tiny checkpoint trained here on a few ARC-AGI-1 training tasks (6x6 canvas)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    build_tiny_dataset(root / "dataset", num_tasks=4, num_aug=2)
-    return train(tiny_config(max_steps=4), root / "dataset", root / "run", progress=False)
+def kaggle_tree(build_once) -> Path:
+    """Built once per session (conftest.built_once): a tiny checkpoint trained here on a few ARC-AGI-1 training
+    tasks (6x6 canvas), and a fake /kaggle/input: the competition file (3 small evaluation tasks without solutions,
+    one malformed, one too big) and the bundle from kaggle/build_bundle.py (project wheel + checkpoint)."""
+    def build(root: Path) -> None:
+        build_tiny_dataset(root / "dataset", num_tasks=4, num_aug=2)
+        checkpoint = train(tiny_config(max_steps=4), root / "dataset", root / "run", progress=False)
+        evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:3]
+        challenges = {t.id: _raw(t) for t in evals}
+        challenges["bad00000"] = MALFORMED
+        challenges["big00000"] = TOO_BIG
+        comp = root / "input" / "arc-prize-2025"
+        comp.mkdir(parents=True)
+        (comp / "arc-agi_test_challenges.json").write_text(json.dumps(challenges))
+        build_bundle.main(["--checkpoint", str(checkpoint), "--out", str(root / "input" / "trm-arc-bundle"),
+                           "--no-dependency-wheels"])
+
+    return build_once("kaggle", build)
 
 
 @pytest.fixture(scope="module")
-def kaggle_input(tmp_path_factory, pretrained) -> Path:
-    """A fake /kaggle/input: the competition file (3 small evaluation tasks without solutions, one malformed, one
-    too big) and the bundle from kaggle/build_bundle.py (project wheel + checkpoint)."""
-    root = tmp_path_factory.mktemp("kaggle") / "input"
-    evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:3]
-    challenges = {t.id: _raw(t) for t in evals}
-    challenges["bad00000"] = MALFORMED
-    challenges["big00000"] = TOO_BIG
-    comp = root / "arc-prize-2025"
-    comp.mkdir(parents=True)
-    (comp / "arc-agi_test_challenges.json").write_text(json.dumps(challenges))
-    build_bundle.main(["--checkpoint", str(pretrained), "--out", str(root / "trm-arc-bundle"), "--no-dependency-wheels"])
-    return root
+def pretrained(kaggle_tree) -> Path:
+    return latest_checkpoint(kaggle_tree / "run" / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def kaggle_input(kaggle_tree) -> Path:
+    return kaggle_tree / "input"
 
 
 def _notebook_env(tmp_path: Path, kaggle_input: Path, **env: object) -> dict[str, object]:
