@@ -3,6 +3,7 @@ session, each built once however many pytest-xdist workers use it."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """The folder NAME, built by `build(folder)` once per test session: under pytest-xdist the first worker to ask
     builds it (under a file lock) in the session's temporary folder, which every worker shares, and the others wait
-    for it and reuse it. Whoever uses it reads it and copies what it would change."""
+    for it and reuse it (filelock comes with torch). Whoever uses it reads it and copies what it would change; a
+    build that failed is started again from nothing by the next to ask."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # above the workers' own folders
     folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
     with FileLock(str(root / f"shared-{name}.lock")):
         if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
             build(folder)
             done.write_text("")
     return folder
