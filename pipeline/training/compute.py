@@ -1,9 +1,13 @@
 """What a training run computes, in a run's terms: its schedule (steps, checkpoint and evaluation intervals, in the
 reference's epochs), its FLOPs (pipeline.model.flops in the config's terms) and the share of the whole canvas's cost
 that canvas buckets leave, measured on the dataset. `--stage plan` reads the same functions the trainer runs.
+
+A planned fine-tune (`finetune_plan`, the `kaggle` preset's) is a schedule too: `planned_finetune` turns the planned
+number of steps into the settings that depend on it (docs/KAGGLE_BENCHMARK.md: each rule's row).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,3 +117,55 @@ def plan_steps(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
         "seq_len": dataset.canvas * dataset.canvas,
         "num_puzzle_identifiers": dataset.num_puzzle_identifiers,
     }
+
+
+# ---------------------------------------------------------------------------------------------- a planned fine-tune
+# The rules' constants, each chosen by rows of docs/KAGGLE_BENCHMARK.md (81-step fine-tunes of the pretrained
+# `mini-fast` model on 45 unseen tasks, 3 seeds each):
+PLAN_EMA_HORIZON = 1.25  # EMA horizon = 1.25 x the fine-tune's steps (81 steps -> 0.990): rows `ema0.99` (35% of the
+# gap against the preset's 0.999: 28%) and `fast` (47%); from 800 steps on the config's 0.999 stays
+PLAN_WARMUP_SHARE = 1 / 8  # warm-up = an eighth of the fine-tune (81 steps -> 10): row `fast`; the config's 100 is
+# a cap (reached at 800 steps)
+PLAN_VISITS = 17.0  # visits per trained puzzle row the trained variants are sized for: rows `fast+aug1` (~17 visits,
+# 90% of the gap), `fast+aug3` (~8, 68%), `fast` (~4, 47%)
+PLAN_MIN_VARIANTS = 2  # two views at least, so that a test input can get two model candidates (row `num_aug=0`:
+# one variant, one view, no input with two candidates)
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """The settings of a fine-tune that follow from its planned length (saved in its checkpoints)."""
+
+    steps: int  # the planned optimizer steps: the schedule runs over these
+    lr: float
+    ema_rate: float
+    lr_warmup_steps: int
+    train_variants: int  # each puzzle's first K variants are trained (and are prediction's views)
+    visits: float  # expected visits per trained puzzle row: steps x batch / (tasks x K x pairs per variant)
+    steps_bound: int = 0  # the steps the run's steps / FLOPs / epochs bound allows
+    seconds_per_step: float = 0.0  # the probe's estimate (0: no time budget, no probe)
+    steps_by_time: int = 0  # the steps the time left buys at that speed (0: no time budget)
+
+
+def planned_finetune(steps: int, cfg: RunConfig, init_lr: float | None, tasks: int, pairs_per_variant: float,
+                  **probe: Any) -> FinetunePlan:
+    """The plan of a fine-tune of `steps` steps from a checkpoint pretrained with `init_lr` (None: unknown, then
+    cfg.lr), on `tasks` puzzles with training pairs, `pairs_per_variant` of them per variant on average. The
+    config's ema_rate and lr_warmup_steps are caps (the paper model's fine-tune of thousands of steps keeps them);
+    the trained variants are clamped to [2, data.num_aug + 1]. `probe`: the other FinetunePlan fields, recorded."""
+    steps = max(1, int(steps))
+    ema_rate = min(cfg.ema_rate, 1.0 - 1.0 / (PLAN_EMA_HORIZON * steps))
+    warmup = min(cfg.lr_warmup_steps, int(round(steps * PLAN_WARMUP_SHARE)))
+    wanted = steps * cfg.global_batch_size / (max(tasks, 1) * max(pairs_per_variant, 1e-9) * PLAN_VISITS)
+    variants = int(min(max(round(wanted), PLAN_MIN_VARIANTS), cfg.data.num_aug + 1))
+    visits = steps * cfg.global_batch_size / (max(tasks, 1) * max(pairs_per_variant, 1e-9) * variants)
+    return FinetunePlan(steps=steps, lr=cfg.lr if init_lr is None else float(init_lr), ema_rate=ema_rate,
+                        lr_warmup_steps=warmup, train_variants=variants, visits=visits, **probe)
+
+
+def apply_plan(cfg: RunConfig, plan: FinetunePlan) -> None:
+    """The plan's settings into the run's config (what config.json and every checkpoint then record)."""
+    cfg.lr, cfg.ema_rate, cfg.lr_warmup_steps = plan.lr, plan.ema_rate, plan.lr_warmup_steps
+    cfg.train_variants = plan.train_variants
+    views = cfg.predict.max_variants
+    cfg.predict.max_variants = plan.train_variants if views == 0 else min(views, plan.train_variants)
