@@ -226,9 +226,10 @@ def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fi
     assert "PATH: no fine-tuning (time plan: predict only) -> predicted with the pretrained" in printed
 
 
-def test_notebook_300_s_budget_fine_tunes_on_canvas_buckets_then_predicts_every_view(tmp_path, monkeypatch, kaggle_input):
+def test_notebook_300_s_budget_fine_tunes_on_canvas_buckets_then_predicts_every_trained_view(tmp_path, monkeypatch, kaggle_input):
     """Enough time for both stages: fine-tuning gets its share (capped here by max_steps so the test is short),
-    prediction runs every view, and every task that fits gets the model's answer. TRM_OVERRIDES="data.canvas_buckets=
+    planned (the kaggle preset's finetune_plan: 3 steps train each puzzle's first 2 variants), prediction runs
+    every trained view, and every task that fits gets the model's answer. TRM_OVERRIDES="data.canvas_buckets=
     ..." reaches the fine-tune and the prediction children (these 6x6 tasks all need the whole canvas: what buckets
     compute is tested in test_buckets.py and test_cli.py). A 600 s budget splits the same way (its plan, from the
     same settings)."""
@@ -243,7 +244,9 @@ def test_notebook_300_s_budget_fine_tunes_on_canvas_buckets_then_predicts_every_
     _check_answers(stages["submit"])
     run = working / "trm_run"
     predictions = Predictions.load(run / "predictions.npz")
-    assert len(predictions) == 4 * 4  # 4 test inputs x predict.max_variants 4: every view
+    assert len(predictions) == 4 * 2  # 4 test inputs x the 2 trained variants (of predict.max_variants 4)
+    assert json.loads((run / "config.json").read_text())["train_variants"] == 2
+    assert "fine-tune plan: 3 steps (the time left buys" in (run / "finetune.log").read_text()
     _check_complete(working / "submission.json", kaggle_input)
     assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 7 test inputs: " in printed
     assert json.loads((run / "config.json").read_text())["data"]["canvas_buckets"] == "3,4,5"  # the fine-tune's
@@ -290,7 +293,7 @@ def test_notebook_scored_rerun_retries_fine_tuning_at_half_batch_and_submits_par
     working, status, printed = _execute_notebook(
         tmp_path, monkeypatch, kaggle_input, KAGGLE_IS_COMPETITION_RERUN="Batch", TRM_TIME_BUDGET_S=600,
         TRM_DRAFT_TIME_BUDGET_S=1, TRM_MIN_TRAIN_S=40, TRM_MAX_RETRIES=1,
-        TRM_OVERRIDES=OVERRIDES + " max_steps=3 predict.batch_size=4",
+        TRM_OVERRIDES=OVERRIDES + " max_steps=3 predict.batch_size=4 finetune_plan=false",  # every view predicted
         TRM_FAULTS="train:oom_rows_over=4 predict:oom_after_calls=6")
     stages = status["stages"]
     assert status["scored"] and status["time_budget_s"] == 600 and "KAGGLE_IS_COMPETITION_RERUN=Batch" in printed

@@ -199,9 +199,9 @@ def plan_run(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, state: Trai
 
 
 def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Path, steps_total: int, every: int,
-             eval_every: int, on_start: Callable[[], None] | None) -> None:
+             eval_every: int, on_start: Callable[[], None] | None, state: TrainState) -> None:
     """Rank 0, once everything that can refuse the run has passed: `on_start()` (e.g. --force train removing the
-    previous run), then config.json and the run's summary."""
+    previous run), then config.json, the run's summary and a planned fine-tune's plan (also in metrics.jsonl)."""
     if not rt.is_main:
         return
     if on_start is not None:
@@ -213,6 +213,9 @@ def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Pa
     print(f"train: {dataset.num_train_examples} examples, {dataset.num_variants} puzzle variants, {steps_total} steps "
           f"of {cfg.global_batch_size} rows on {rt.world} process(es), device {rt.device}; checkpoint every {every} "
           f"steps{seconds}, evaluation every {eval_every or 'no'} steps")
+    if state.plan is not None:
+        print(f"fine-tune plan: {describe_plan(state.plan)}")
+        log_row(rt.accelerator, out_dir / "metrics.jsonl", {"kind": "plan", "step": state.step, **asdict(state.plan)})
 
 
 def stop_on_signal(rt: Runtime, checks: LoopChecks, message: str, bar: tqdm) -> None:
@@ -258,10 +261,7 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     every = checkpoint_interval(cfg, dataset)
     eval_every = eval_interval(cfg, dataset) if evaluator is not None else 0
     start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
-    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every, on_start)
-    if state.plan is not None and rt.is_main:
-        print(f"fine-tune plan: {describe_plan(state.plan)}")
-        log_row(rt.accelerator, out_dir / "metrics.jsonl", {"kind": "plan", "step": state.step, **asdict(state.plan)})
+    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every, on_start, state)
     refill = Refill(state.sampler, rt, cfg.global_batch_size // rt.world // cfg.grad_accum_steps,
                     cfg.model.seq_len, state.sides)
     interval = Interval(torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device),
