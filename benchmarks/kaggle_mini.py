@@ -298,7 +298,11 @@ def _settings(r: dict) -> str:
     """An arm's run-config overrides, its driver settings (the rows bundle by name) and, time-bounded, its clock."""
     params = [f"{k}={'(rows bundle)' if k == 'bundle' else v}" for k, v in (r.get("params") or {}).items()]
     clock = [f"clock {r['budget_s']:.0f} s"] if r.get("time_bounded") else []
-    return " ".join([*r["settings"], *params, *clock]) or "(kaggle preset)"
+    plan = r.get("plan")
+    planned = [f"(plan: {plan['train_variants']} variants, lr {plan['lr']:g}, EMA {plan['ema_rate']:.4f}, warm-up "
+               f"{plan['lr_warmup_steps']}" + (f", {plan['steps']} steps at {plan['seconds_per_step']:.2f} s probed"
+                                               if plan.get("steps_by_time") else "") + ")"] if plan else []
+    return " ".join([*r["settings"], *params, *clock, *planned]) or "(kaggle preset)"
 
 
 def tables(root: Path) -> str:
