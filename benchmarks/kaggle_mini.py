@@ -299,9 +299,10 @@ def _settings(r: dict) -> str:
     params = [f"{k}={'(rows bundle)' if k == 'bundle' else v}" for k, v in (r.get("params") or {}).items()]
     clock = [f"clock {r['budget_s']:.0f} s"] if r.get("time_bounded") else []
     plan = r.get("plan")
+    clocked = plan and 0 < plan.get("steps_by_time", 0) < plan.get("steps_bound", 0)  # the clock bound the steps
     planned = [f"(plan: {plan['train_variants']} variants, lr {plan['lr']:g}, EMA {plan['ema_rate']:.4f}, warm-up "
-               f"{plan['lr_warmup_steps']}" + (f", {plan['steps']} steps at {plan['seconds_per_step']:.2f} s probed"
-                                               if plan.get("steps_by_time") else "") + ")"] if plan else []
+               f"{plan['lr_warmup_steps']}" + (f", {plan['steps']} steps at {plan['seconds_per_step']:.2f} s a step "
+                                               "probed" if clocked else "") + ")"] if plan else []
     return " ".join([*r["settings"], *params, *clock, *planned]) or "(kaggle preset)"
 
 
