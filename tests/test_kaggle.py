@@ -156,10 +156,10 @@ def _raw_challenges(kaggle_input: Path) -> dict:
 
 
 def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_too_big_tasks_fallbacks(tmp_path, monkeypatch, kaggle_input):
-    """Fine-tuning is stopped by its share of an 80 s budget (max_steps is unlimited in the kaggle preset), then
+    """Fine-tuning is planned from its share of an 80 s budget (max_steps is unlimited in the kaggle preset), then
     prediction, voting and a merged submission: the model's tasks + fallback entries for the malformed and
     the too-big task. Every phase logs planned / used seconds and its outcome. What is asserted is what was done
-    (the stop by the time budget, no child needing the driver's timeout), not how many seconds it took, which a
+    (the steps planned from the time budget, no child needing the driver's timeout), not how many seconds it took, which a
     busy machine stretches."""
     budget = 80.0  # a stage overhead of 20 s (a child's start on a busy machine) and ~8 s of fine-tuning
     working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
@@ -179,7 +179,11 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     assert load_training_state(last)["final"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["step"] == stages["finetune"]["step"]
-    assert "time budget of" in (run / "finetune.log").read_text()  # stopped by time, not by steps
+    # the steps come from the time budget (the plan's probe; max_steps is unlimited), and the run ends at them or,
+    # if the probe was optimistic, at the clock
+    log_text = (run / "finetune.log").read_text()
+    planned = int(re.search(r"fine-tune plan: (\d+) steps \(the time left buys \1 at", log_text).group(1))
+    assert stages["finetune"]["step"] == planned or "time budget of" in log_text
     assert 0 < stages["finetune"]["attempts"][0]["budget_s"] < stages["finetune"]["planned_s"] < budget
     for name in ("finetune", "predict"):  # each child ended by itself inside its window (the driver's timeout
         # that would end it otherwise is tested with a hung child: test_child_timeout_stops_a_hung_stage)
