@@ -120,20 +120,15 @@ def plan_steps(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- a planned fine-tune
-# The rules' constants, each chosen by rows of docs/KAGGLE_BENCHMARK.md (fine-tunes of the pretrained `mini-fast` model
-# on 45 unseen tasks: 81 steps bounded by FLOPs, 3 seeds each; 150-580 steps under a 600 s clock, 1-2 seeds):
-PLAN_EMA_MIN_HORIZON = 100  # EMA horizon (1 / (1 - ema_rate)) at least 100 steps: rows `ema0.99` and `fast` (0.99 at
-# 81 steps: 35% / 47% of the gap against the preset's 0.999: 28%), the clock rows (0.99 at 150-580 steps) and
-# `planned+clock600` (a horizon of 1.25 x 320 steps: ce_true 1.204 against 1.102 for 0.99 at 306 steps)
+# The rules' constants, each chosen by the rows of docs/KAGGLE_BENCHMARK.md named beside it ("What the `kaggle`
+# preset and the time plan take" says how):
+PLAN_EMA_MIN_HORIZON = 100  # EMA horizon 1 / (1 - ema_rate) at least 100 steps: `ema0.99`, `fast`, the clock600
+# rows, `planned+clock600` against `planned+v2+clock600`
 PLAN_EMA_HORIZON_SHARE = 1 / 12.5  # ... and a 12.5th of the fine-tune: the paper's 0.999 at its 12.5k steps
-PLAN_WARMUP_SHARE = 1 / 8  # warm-up = an eighth of the fine-tune (81 steps -> 10): row `fast`; the config's 100 is
-# a cap (reached at 800 steps)
-PLAN_VISITS = 100.0  # visits per trained puzzle row the trained variants are sized for, the fewest that every row
-# agrees with: at 81 steps 2 variants (17 visits) > 4 (8) > 8 (4) (rows `fast+aug1`, `fast+aug3`, `fast`); at
-# 270-580 steps under the clock 2 variants (56-116 visits, ce_true 0.86-0.89) > 8 (24 visits, 0.99), and
-# `planned+clock600` (8 variants at 320 steps, 17 visits: 1.204)
-PLAN_MIN_VARIANTS = 2  # two views at least, so that a test input can get two model candidates (row `num_aug=0`:
-# one variant, one view, no input with two candidates)
+PLAN_WARMUP_SHARE = 1 / 8  # warm-up an eighth of the fine-tune (81 steps -> 10): `fast`; the config's is the cap
+PLAN_VISITS = 100.0  # visits per trained puzzle row that size the trained variants: `fast` / `fast+aug3` /
+# `fast+aug1`, the clock600 rows with 2 and 8 variants, `planned+clock600` against `planned+v2+clock600`
+PLAN_MIN_VARIANTS = 2  # two views, so that a test input can get two model candidates: `num_aug=0`
 
 
 @dataclass(frozen=True)
@@ -152,7 +147,7 @@ class FinetunePlan:
 
 
 def planned_finetune(steps: int, cfg: RunConfig, init_lr: float | None, tasks: int, pairs_per_variant: float,
-                  **probe: Any) -> FinetunePlan:
+                     **probe: Any) -> FinetunePlan:
     """The plan of a fine-tune of `steps` steps from a checkpoint pretrained with `init_lr` (None: unknown, then
     cfg.lr), on `tasks` puzzles with training pairs, `pairs_per_variant` of them per variant on average. The
     config's ema_rate and lr_warmup_steps are caps (the paper model's fine-tune of 12.5k steps keeps them);

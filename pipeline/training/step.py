@@ -30,7 +30,7 @@ __all__ = ["METRIC_KEYS", "NonFiniteLossError", "exploration_draws", "metrics_to
 
 PROBE_STEPS = 3  # timed forward + backward passes of the probe, after one untimed warm-up
 # A whole step costs this many times its forward and backward passes (the updates, the EMA, the sampler's
-# encoding, the metrics): measured on the CPU with the `kaggle_mini` model (docs/KAGGLE_BENCHMARK.md, "planned").
+# encoding, the metrics): the `planned` rows of docs/KAGGLE_BENCHMARK.md (a CPU; not measured on a GPU).
 PROBE_OVERHEAD = 1.15
 
 
