@@ -84,6 +84,18 @@ def write_fallback(st: RunState) -> StageResult:
     return StageResult.ok(f"{len(fallback)} tasks, {n_tests} test inputs -> {s.submission}")
 
 
+# what a planned fine-tune replaces (pipeline.training.compute.apply_plan); its ema_rate and lr_warmup_steps are
+# caps, so the user's smaller values still apply
+PLANNED_KEYS = ("lr", "train_variants")
+
+
+def planned_overrides(overrides: Sequence[str]) -> list[str]:
+    """The user's overrides that a planned fine-tune replaces (they would have no effect), unless the same
+    overrides say whether to plan."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    return [] if "finetune_plan" in keys else [key for key in keys if key in PLANNED_KEYS]
+
+
 def configure(st: RunState) -> str:
     """The run config: the kaggle preset, the pretrained model's architecture (the canvas follows from its
     sequence length), the challenges as both source and held-out set, the devices' precision, then the user's
@@ -99,6 +111,9 @@ def configure(st: RunState) -> str:
     cfg.keep_checkpoints = 1
     cfg.mixed_precision = st.devices.mixed_precision
     apply_overrides(cfg, list(st.settings.overrides))
+    if cfg.finetune_plan and (replaced := planned_overrides(st.settings.overrides)):
+        log(f"WARNING: TRM_OVERRIDES sets {', '.join(replaced)}, which the fine-tune plan replaces (finetune_plan, "
+            f"kaggle/README.md section 5): add finetune_plan=false to set them yourself")
     if cfg.data.canvas ** 2 != cfg.model.seq_len:
         raise ValueError(f"data.canvas {cfg.data.canvas} does not fit the checkpoint's sequence length "
                          f"{cfg.model.seq_len} (canvas {math.isqrt(cfg.model.seq_len)})")
