@@ -159,6 +159,7 @@ def run_arm(root: Path, name: str, seed: int, settings: list[str], ft_fraction: 
                                            status.get("predict", {}).get("checkpoint_path"), result)
     result["ft_flops"] = curve[-1]["flops"] if curve and not no_finetune else 0.0
     result["steps"] = status.get("finetune", {}).get("step", 0)
+    result["plan"] = _plan(run_dir)
     (root / "results").mkdir(exist_ok=True)
     (root / "results" / f"{name}_s{seed}.json").write_text(json.dumps(result, indent=1))
     print(f"{name} seed {seed}: ce_true {result['ce_true']:.4f}, pass@2 {100 * result['pass2']:.1f}% "
@@ -180,6 +181,13 @@ def _truth_curve(run_dir: Path, solutions: dict, used: str | None, result: dict[
                    else truth_figures(path, dataset))  # the weights prediction used: the score stage has them
         curve.append({"step": state["step"], "flops": float(state.get("flops") or 0.0), **figures})
     return curve
+
+
+def _plan(run_dir: Path) -> dict[str, Any] | None:
+    """A planned fine-tune's plan (finetune_plan: the `kaggle` preset's), as its metrics.jsonl logged it first."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return next((r for r in rows if r.get("kind") == "plan"), None)
 
 
 def _new_rows_line(run_dir: Path) -> str | None:
@@ -290,7 +298,12 @@ def _settings(r: dict) -> str:
     """An arm's run-config overrides, its driver settings (the rows bundle by name) and, time-bounded, its clock."""
     params = [f"{k}={'(rows bundle)' if k == 'bundle' else v}" for k, v in (r.get("params") or {}).items()]
     clock = [f"clock {r['budget_s']:.0f} s"] if r.get("time_bounded") else []
-    return " ".join([*r["settings"], *params, *clock]) or "(kaggle preset)"
+    plan = r.get("plan")
+    clocked = plan and 0 < plan.get("steps_by_time", 0) < plan.get("steps_bound", 0)  # the clock bound the steps
+    planned = [f"(plan: {plan['train_variants']} variants, lr {plan['lr']:g}, EMA {plan['ema_rate']:.4f}, warm-up "
+               f"{plan['lr_warmup_steps']}" + (f", {plan['steps']} steps at {plan['seconds_per_step']:.2f} s a step "
+                                               "probed" if clocked else "") + ")"] if plan else []
+    return " ".join([*r["settings"], *params, *clock, *planned]) or "(kaggle preset)"
 
 
 def tables(root: Path) -> str:

@@ -108,6 +108,12 @@ class RunConfig:
     # zeros, or per task the trained row (of new_rows_candidates, and the mean) that fits its demonstrations best
     new_rows: Literal["mean", "zeros", "nearest"] = "mean"
     new_rows_candidates: int = 32
+    # a planned fine-tune (--init; pipeline.training.compute.planned_finetune, docs/KAGGLE_BENCHMARK.md): the number of
+    # steps (min of the steps/FLOPs/epochs bound and, with time_budget_s, what the clock buys at the speed a probe
+    # measured before step 0), and from it lr, ema_rate, lr_warmup_steps, train_variants and predict.max_variants.
+    # When on, these settings come from the plan; set it false to set them yourself.
+    finetune_plan: bool = False
+    train_variants: int = 0  # train on each puzzle's first K variants only (0 = all); prediction uses at most K
     checkpoint_every: int = 0  # steps between checkpoints (0 = derive from checkpoint_every_epochs)
     checkpoint_every_epochs: float = 10_000
     checkpoint_every_s: float = 0.0  # also a checkpoint when this many seconds passed since the last (0 = off)
@@ -147,6 +153,7 @@ def preset(name: str) -> RunConfig:
         cfg.checkpoint_every_s = 900.0  # every 15 minutes (an out-of-memory kill or a crash loses at most that),
         # and on SIGTERM (pipeline.core.signals)
         cfg.eval_every_epochs = 0  # the hidden tasks have no known answers
+        cfg.finetune_plan = True  # lr, EMA, warm-up and trained variants follow the fine-tune's planned length
         return cfg
     if name == "demo":
         # A CPU demo (about 5 minutes of training on 2 cores): the 59 ARC-AGI-1 tasks whose grids are all at most
@@ -272,7 +279,7 @@ LIMITS: dict[str, Range] = {
     "lr": AT_LEAST_0, "lr_warmup_steps": AT_LEAST_0, "lr_min_ratio": FRACTION, "beta1": Range(0, 0.9999),
     "beta2": Range(0, 0.9999), "weight_decay": AT_LEAST_0, "puzzle_emb_lr": AT_LEAST_0,
     "puzzle_emb_weight_decay": AT_LEAST_0, "ema_rate": FRACTION, "grad_accum_steps": AT_LEAST_1,
-    "freeze_weights_steps": AT_LEAST_0, "new_rows_candidates": AT_LEAST_1, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
+    "freeze_weights_steps": AT_LEAST_0, "new_rows_candidates": AT_LEAST_1, "train_variants": AT_LEAST_0, "checkpoint_every": AT_LEAST_0, "checkpoint_every_epochs": AT_LEAST_0,
     "checkpoint_every_s": AT_LEAST_0, "flops_budget": Range(0, MAX_FLOPS), "depth_curriculum": FRACTION,
     "keep_checkpoints": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_every_epochs": AT_LEAST_0,
     "eval_views": AT_LEAST_1, "log_every": AT_LEAST_1, "time_budget_s": AT_LEAST_0,

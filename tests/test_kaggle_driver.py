@@ -340,3 +340,12 @@ def test_augment_and_submit_in_the_drivers_process_end_within_their_windows(tmp_
     monkeypatch.setattr(AugmentedDataset, "load", lambda *a, **k: time.sleep(30))
     with pytest.raises(WindowExceeded, match="submit: no end within its window of 1 s"):
         stages.submit(run)
+
+
+def test_overrides_that_a_planned_fine_tune_replaces_are_named():
+    """TRM_OVERRIDES setting lr or train_variants under the kaggle preset's fine-tune plan would have no effect:
+    the driver names them in a warning, unless the overrides also say finetune_plan (either way)."""
+    assert stages.planned_overrides(["lr=1e-3", "data.num_aug=7", " train_variants=4", "ema_rate=0.99"]) == \
+        ["lr", "train_variants"]
+    assert stages.planned_overrides(["lr=1e-3", "finetune_plan=false"]) == []
+    assert stages.planned_overrides(["global_batch_size=64"]) == []

@@ -57,6 +57,11 @@ def test_an_arms_settings_name_its_driver_settings_and_its_clock():
     nearest = {**_arm("nearest", 0, []), "settings": ["new_rows=nearest"], "params": {"bundle": "/x/bundle_rows/b"}}
     assert km._settings(nearest) == "new_rows=nearest bundle=(rows bundle)"
     assert km._settings(_arm("kaggle", 0, [])) == "(kaggle preset)"
+    plan = {"steps": 81, "lr": 1e-3, "ema_rate": 0.990123, "lr_warmup_steps": 10, "train_variants": 2,
+            "steps_by_time": 0, "seconds_per_step": 0.0}
+    assert km._settings({**_arm("planned", 0, []), "plan": plan}) == "(plan: 2 variants, lr 0.001, EMA 0.9901, warm-up 10)"
+    plan.update(steps_by_time=81, steps_bound=9000, seconds_per_step=1.234)
+    assert km._settings({**_arm("planned", 0, []), "plan": plan}).endswith(", 81 steps at 1.23 s a step probed)")
 
 
 def test_the_new_rows_start_counts_into_the_arms_compute(tmp_path):

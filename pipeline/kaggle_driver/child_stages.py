@@ -20,7 +20,8 @@ from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_predict
 from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.faults import CHILD_MODULE
 from pipeline.kaggle_driver.log import log, plural
-from pipeline.kaggle_driver.pretrained import pretrained_for_dataset, trained_canvas_buckets
+from pipeline.kaggle_driver.pretrained import (capped_views, pretrained_for_dataset, trained_canvas_buckets,
+                                               trained_variants)
 from pipeline.kaggle_driver.state import Outcome, RunState, StageResult, set_args
 
 # ------------------------------------------------------------------------------------- the out-of-memory retry loop
@@ -208,6 +209,8 @@ def predict(st: RunState) -> StageResult:
         return StageResult.skipped(plan.reason)
     source, checkpoint, buckets = _checkpoint(st)
     record["checkpoint"], record["checkpoint_path"], record["canvas_buckets"] = source, str(checkpoint), buckets
+    # a planned fine-tune trained each puzzle's first K variants: the others' rows are untrained, so K views at most
+    views = record["max_variants"] = capped_views(st.cfg.predict.max_variants, trained_variants(checkpoint))
     out = st.run_dir / "predictions.npz"
     out.unlink(missing_ok=True)
     collect_partial(st.run_dir)  # nothing stale
@@ -215,7 +218,7 @@ def predict(st: RunState) -> StageResult:
 
     def launch(batch: int, attempt: StagePlan) -> ChildResult:
         pcfg = replace(st.cfg.predict, time_budget_s=attempt.work_s, batch_size=batch,
-                       save_partial_every_s=s.partial_every_s)
+                       save_partial_every_s=s.partial_every_s, max_variants=views)
         args = ["--stage", "predict", "--preset", "kaggle", "--checkpoint", str(checkpoint), *st.common_args(),
                 *set_args(asdict(pcfg), "predict."),
                 *set_args({"canvas_buckets": buckets}, "data.")]

@@ -94,6 +94,22 @@ def trained_canvas_buckets(checkpoint: Path) -> str:
     return str((run_config.get("data") or {}).get("canvas_buckets") or "")
 
 
+def trained_variants(checkpoint: Path) -> int:
+    """How many variants of each puzzle the checkpoint's fine-tune trained (train_variants, set by a planned
+    fine-tune; 0 = all): prediction and the truth figures use at most that many views, since the other variants'
+    puzzle rows were never trained."""
+    from pipeline.model.loading import load_weights
+
+    return int((load_weights(checkpoint).run_config or {}).get("train_variants") or 0)
+
+
+def capped_views(views: int, trained: int) -> int:
+    """`views` per test input (0 = all) capped at the `trained` variants (0 = all)."""
+    if not trained:
+        return views
+    return trained if views == 0 else min(views, trained)
+
+
 def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path, canvas_buckets: str | None = None) -> Path:
     """The pretrained checkpoint as one of ours for this run's dataset (the new puzzle rows started as fine-tuning
     starts them: `new_rows`; on the canvas mode it was trained in), so prediction can run when fine-tuning failed

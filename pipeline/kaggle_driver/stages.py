@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from pipeline.kaggle_driver.budget import SAVE_SAFETY, PlanMode, augment_window_s, plan_time, stop_grace_s, submit_window_s
 from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
 from pipeline.kaggle_driver.log import log
-from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained
+from pipeline.kaggle_driver.pretrained import capped_views, checkpoint_model_config, find_pretrained, trained_variants
 from pipeline.kaggle_driver.state import RunState, StageResult, set_args
 from submissions.write import Answer, count_answers, describe_answers
 
@@ -84,6 +84,18 @@ def write_fallback(st: RunState) -> StageResult:
     return StageResult.ok(f"{len(fallback)} tasks, {n_tests} test inputs -> {s.submission}")
 
 
+# what a planned fine-tune replaces (pipeline.training.compute.apply_plan); its ema_rate and lr_warmup_steps are
+# caps, so the user's smaller values still apply
+PLANNED_KEYS = ("lr", "train_variants")
+
+
+def planned_overrides(overrides: Sequence[str]) -> list[str]:
+    """The user's overrides that a planned fine-tune replaces (they would have no effect), unless the same
+    overrides say whether to plan."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    return [] if "finetune_plan" in keys else [key for key in keys if key in PLANNED_KEYS]
+
+
 def configure(st: RunState) -> str:
     """The run config: the kaggle preset, the pretrained model's architecture (the canvas follows from its
     sequence length), the challenges as both source and held-out set, the devices' precision, then the user's
@@ -99,6 +111,9 @@ def configure(st: RunState) -> str:
     cfg.keep_checkpoints = 1
     cfg.mixed_precision = st.devices.mixed_precision
     apply_overrides(cfg, list(st.settings.overrides))
+    if cfg.finetune_plan and (replaced := planned_overrides(st.settings.overrides)):
+        log(f"WARNING: TRM_OVERRIDES sets {', '.join(replaced)}, which the fine-tune plan replaces (finetune_plan, "
+            f"kaggle/README.md section 5): add finetune_plan=false to set them yourself")
     if cfg.data.canvas ** 2 != cfg.model.seq_len:
         raise ValueError(f"data.canvas {cfg.data.canvas} does not fit the checkpoint's sequence length "
                          f"{cfg.model.seq_len} (canvas {math.isqrt(cfg.model.seq_len)})")
@@ -264,13 +279,15 @@ def answered_dataset(run_dataset: Path, solutions: Mapping[str, Sequence[Any]]):
 
 def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS, canvas_buckets: str = "") -> dict[str, float]:
     """{"ce_true", "cell_acc_true"} of the weights prediction loads from `checkpoint` (EMA when saved), on the canvas
-    buckets prediction ran on (`data.canvas_buckets`; "" = the whole canvas); {} when no answer is known."""
+    buckets prediction ran on (`data.canvas_buckets`; "" = the whole canvas), over the first `views` views of each
+    test output (at most the variants a planned fine-tune trained: prediction's); {} when no answer is known."""
     import torch
 
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
     from pipeline.model.rows import RowEngine
     from pipeline.model.loading import load_model_for_inference
 
+    views = capped_views(views, trained_variants(checkpoint))
     model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)
     model.eval()
     engine = RowEngine.build(canvas_buckets, dataset.canvas, model.config)

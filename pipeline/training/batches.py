@@ -21,6 +21,10 @@ holds it with its EOS edge (`TrainSampler.sides`), and is translated inside that
 0..side-1-extent (the whole canvas's range only for examples on the canvas itself). The stream, its epochs and its
 resume are the same with or without buckets; only the offsets and the sides differ.
 
+`variants` K > 0 trains on each puzzle's first K variants only (a prefix, as prediction's views are: a fine-tune
+whose steps cannot teach every variant's puzzle row teaches these; pipeline.training.compute.planned_finetune); with 0,
+every variant, and the stream is what it was before the setting existed.
+
 Everything is a function of (seed, epoch, position in the epoch), so a resumed run draws exactly what an
 uninterrupted one would, and every process draws the same stream. The ACT trainer takes as many examples as rows
 halted (pipeline.training.refill.Refill), so a stream position is not a step.
@@ -73,6 +77,7 @@ class TrainSampler:
         translation: str = "per_draw",
         batch_size: int = 1,
         buckets: tuple[int, ...] = (),
+        variants: int = 0,
     ):
         if dataset.num_train_examples == 0:
             raise ValueError("the dataset has no training examples")
@@ -82,12 +87,15 @@ class TrainSampler:
             raise ValueError(f"unknown data.translation {translation!r}; choose one of {', '.join(TRANSLATIONS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if variants < 0:
+            raise ValueError(f"variants must be 0 (all) or positive, got {variants}")
         self.dataset = dataset
         self.seed = int(seed)
         self.sampling = sampling
         self.translation = translation
         self.batch_size = int(batch_size)
         self.buckets = tuple(int(side) for side in buckets)
+        self.variants = int(variants)
         self._groups = np.flatnonzero((dataset.puzzle_num_examples > 0) & (dataset.puzzle_num_variants > 0))
         self._epoch = 0
         self._position = 0  # examples of the current epoch already handed out
@@ -115,7 +123,7 @@ class TrainSampler:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self._epoch, "position": self._position,
                 "sampling": self.sampling, "translation": self.translation, "batch_size": self.batch_size,
-                "buckets": list(self.buckets)}
+                "buckets": list(self.buckets), "variants": self.variants}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "seed" in state and int(state["seed"]) != self.seed:
@@ -123,7 +131,7 @@ class TrainSampler:
         if tuple(state.get("buckets", ())) != self.buckets:  # saved before buckets existed: the whole canvas
             raise ValueError(f"sampler state was saved with canvas buckets {tuple(state.get('buckets', ()))}, this "
                              f"sampler has {self.buckets} (data.canvas_buckets): its carry is laid out for those")
-        for key in ("sampling", "translation", "batch_size"):
+        for key in ("sampling", "translation", "batch_size", "variants"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has "
                                  f"{key}={getattr(self, key)!r}")
@@ -144,8 +152,10 @@ class TrainSampler:
         """Example indices of one "groups" epoch, in stream order, cut into whole batches as the reference does."""
         dataset, batch = self.dataset, self.batch_size
         order = self._groups[rng.permutation(len(self._groups))]
-        pick = np.minimum((rng.random(len(order)) * dataset.puzzle_num_variants[order]).astype(np.int64),
-                          dataset.puzzle_num_variants[order] - 1)
+        available = dataset.puzzle_num_variants[order]
+        if self.variants:
+            available = np.minimum(available, self.variants)
+        pick = np.minimum((rng.random(len(order)) * available).astype(np.int64), available - 1)
         first, size = dataset.variant_examples(dataset.puzzle_first_variant[order] + pick)
         # how many of each variant's examples go in: all of them, unless the batch being filled runs out of rows
         take = np.empty_like(size)
@@ -172,12 +182,25 @@ class TrainSampler:
         rng = np.random.default_rng([self.seed, epoch])
         if self.sampling == "groups":
             self._order = self._group_epoch(rng)
+        elif self.variants:
+            allowed = self._allowed_examples()
+            self._order = allowed[rng.permutation(len(allowed))]
         else:
             self._order = rng.permutation(self.dataset.num_train_examples)
         if self.translation == "per_draw":
             self._uniform = np.random.default_rng([self.seed, epoch, _OFFSET_STREAM]).random(
                 (len(self._order), 2), dtype=np.float32)
         self._cached_epoch = epoch
+
+    def _allowed_examples(self) -> np.ndarray:
+        """Indices of the training examples of every puzzle's first `variants` variants, ascending."""
+        dataset = self.dataset
+        counts = np.minimum(dataset.puzzle_num_variants, self.variants)
+        variants = np.concatenate([np.arange(f, f + c) for f, c in
+                                   zip(dataset.puzzle_first_variant.tolist(), counts.tolist())] or [np.zeros(0, np.int64)])
+        first, size = dataset.variant_examples(variants.astype(np.int64))
+        return np.concatenate([np.arange(f, f + c) for f, c in zip(first.tolist(), size.tolist())]
+                              or [np.zeros(0, np.int64)]).astype(np.int64)
 
     def _fixed_offsets(self) -> tuple[np.ndarray, np.ndarray]:
         """Reference translation: uniforms float32 (N, 2) fixed per example, and bool (N,) marking the one

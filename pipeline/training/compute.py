@@ -1,9 +1,13 @@
 """What a training run computes, in a run's terms: its schedule (steps, checkpoint and evaluation intervals, in the
 reference's epochs), its FLOPs (pipeline.model.flops in the config's terms) and the share of the whole canvas's cost
 that canvas buckets leave, measured on the dataset. `--stage plan` reads the same functions the trainer runs.
+
+A planned fine-tune (`finetune_plan`, the `kaggle` preset's) is a schedule too: `planned_finetune` turns the planned
+number of steps into the settings that depend on it (docs/KAGGLE_BENCHMARK.md: each rule's row).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,3 +117,54 @@ def plan_steps(cfg: RunConfig, dataset: AugmentedDataset) -> dict[str, Any]:
         "seq_len": dataset.canvas * dataset.canvas,
         "num_puzzle_identifiers": dataset.num_puzzle_identifiers,
     }
+
+
+# ---------------------------------------------------------------------------------------------- a planned fine-tune
+# The rules' constants, each chosen by the rows of docs/KAGGLE_BENCHMARK.md named beside it ("What the `kaggle`
+# preset and the time plan take" says how):
+PLAN_EMA_MIN_HORIZON = 100  # EMA horizon 1 / (1 - ema_rate) at least 100 steps: `ema0.99`, `fast`, the clock600
+# rows, `planned+clock600` against `planned+v2+clock600`
+PLAN_EMA_HORIZON_SHARE = 1 / 12.5  # ... and a 12.5th of the fine-tune: the paper's 0.999 at its 12.5k steps
+PLAN_WARMUP_SHARE = 1 / 8  # warm-up an eighth of the fine-tune (81 steps -> 10): `fast`; the config's is the cap
+PLAN_VISITS = 100.0  # visits per trained puzzle row that size the trained variants: `fast` / `fast+aug3` /
+# `fast+aug1`, the clock600 rows with 2 and 8 variants, `planned+clock600` against `planned+v2+clock600`
+PLAN_MIN_VARIANTS = 2  # two views, so that a test input can get two model candidates: `num_aug=0`
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """The settings of a fine-tune that follow from its planned length (saved in its checkpoints)."""
+
+    steps: int  # the planned optimizer steps: the schedule runs over these
+    lr: float
+    ema_rate: float
+    lr_warmup_steps: int
+    train_variants: int  # each puzzle's first K variants are trained (and are prediction's views)
+    visits: float  # expected visits per trained puzzle row: steps x batch / (tasks x K x pairs per variant)
+    steps_bound: int = 0  # the steps the run's steps / FLOPs / epochs bound allows
+    seconds_per_step: float = 0.0  # the probe's estimate (0: no time budget, no probe)
+    steps_by_time: int = 0  # the steps the time left buys at that speed (0: no time budget)
+
+
+def planned_finetune(steps: int, cfg: RunConfig, init_lr: float | None, tasks: int, pairs_per_variant: float,
+                     **probe: Any) -> FinetunePlan:
+    """The plan of a fine-tune of `steps` steps from a checkpoint pretrained with `init_lr` (None: unknown, then
+    cfg.lr), on `tasks` puzzles with training pairs, `pairs_per_variant` of them per variant on average. The
+    config's ema_rate and lr_warmup_steps are caps (the paper model's fine-tune of 12.5k steps keeps them);
+    the trained variants are clamped to [2, data.num_aug + 1]. `probe`: the other FinetunePlan fields, recorded."""
+    steps = max(1, int(steps))
+    ema_rate = min(cfg.ema_rate, 1.0 - 1.0 / max(PLAN_EMA_MIN_HORIZON, PLAN_EMA_HORIZON_SHARE * steps))
+    warmup = min(cfg.lr_warmup_steps, int(round(steps * PLAN_WARMUP_SHARE)))
+    wanted = steps * cfg.global_batch_size / (max(tasks, 1) * max(pairs_per_variant, 1e-9) * PLAN_VISITS)
+    variants = int(min(max(round(wanted), PLAN_MIN_VARIANTS), cfg.data.num_aug + 1))
+    visits = steps * cfg.global_batch_size / (max(tasks, 1) * max(pairs_per_variant, 1e-9) * variants)
+    return FinetunePlan(steps=steps, lr=cfg.lr if init_lr is None else float(init_lr), ema_rate=ema_rate,
+                        lr_warmup_steps=warmup, train_variants=variants, visits=visits, **probe)
+
+
+def apply_plan(cfg: RunConfig, plan: FinetunePlan) -> None:
+    """The plan's settings into the run's config (what config.json and every checkpoint then record)."""
+    cfg.lr, cfg.ema_rate, cfg.lr_warmup_steps = plan.lr, plan.ema_rate, plan.lr_warmup_steps
+    cfg.train_variants = plan.train_variants
+    views = cfg.predict.max_variants
+    cfg.predict.max_variants = plan.train_variants if views == 0 else min(views, plan.train_variants)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from pipeline.model.trm import TRM, Carry
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.batches import TrainSampler
 from pipeline.training.collectives import barrier, gather_carries, gather_rows_to_main
-from pipeline.training.compute import nominal_epoch
+from pipeline.training.compute import FinetunePlan, nominal_epoch
 from pipeline.training.optim import EMA, SignSGD, build_dense_optimizer
 from pipeline.training.runtime import Runtime
 
@@ -53,6 +53,7 @@ class TrainState:
     flops: float = 0.0  # model FLOPs computed by the training steps so far, all processes (the `flops` column)
     wall_s: float = 0.0  # seconds spent in training steps so far, evaluations and checkpoints left out
     engine: RowEngine | None = None  # which rows run on which bucket (built from the config by build_state)
+    plan: FinetunePlan | None = None  # a planned fine-tune's plan (finetune_plan), kept in every checkpoint
 
 
 def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
@@ -71,9 +72,12 @@ def build_state(cfg: RunConfig, dataset: AugmentedDataset, rt: Runtime,
     table = SignSGD(model.puzzle_emb.weights, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay)
     ema = EMA(model, decay=cfg.ema_rate) if cfg.ema else None
     engine = RowEngine.build(cfg.data.canvas_buckets, dataset.canvas, cfg.model)
-    sampler = TrainSampler(dataset, seed=cfg.seed, sampling=cfg.data.sampling, translation=cfg.data.translation,
-                           batch_size=cfg.global_batch_size, buckets=engine.buckets)
-    return TrainState(model, optimizer, table, ema, sampler, carries=None, engine=engine)
+    return TrainState(model, optimizer, table, ema, make_sampler(cfg, dataset, engine), carries=None, engine=engine)
+
+
+def make_sampler(cfg: RunConfig, dataset: AugmentedDataset, engine: RowEngine) -> TrainSampler:
+    return TrainSampler(dataset, seed=cfg.seed, sampling=cfg.data.sampling, translation=cfg.data.translation,
+                        batch_size=cfg.global_batch_size, buckets=engine.buckets, variants=cfg.train_variants)
 
 
 def blank_carries(model: TRM, cfg: RunConfig, micro: int, device: torch.device) -> list[Carry]:
@@ -131,6 +135,7 @@ def save_state(state: TrainState, cfg: RunConfig, rt: Runtime, ckpt_dir: Path, f
                 "dataset_fingerprint": state.dataset_fingerprint,
                 "flops": state.flops,
                 "wall_s": state.wall_s,
+                **({"finetune_plan": asdict(state.plan)} if state.plan is not None else {}),
             },
             keep=cfg.keep_checkpoints,
         )

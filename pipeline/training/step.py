@@ -8,6 +8,7 @@ the puzzle table (up to 1.3M × 512) every step, and the sparse table update nee
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,16 @@ from pipeline.training.loss import METRIC_KEYS, act_loss
 from pipeline.training.optim import lr_at
 from pipeline.training.refill import Refill
 from pipeline.training.runtime import Runtime, to_device
-from pipeline.training.state import TrainState
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.state import TrainState, blank_carries
 
-__all__ = ["METRIC_KEYS", "NonFiniteLossError", "exploration_draws", "metrics_to_floats", "step_flops", "train_step"]
+__all__ = ["METRIC_KEYS", "NonFiniteLossError", "exploration_draws", "metrics_to_floats", "probe_step_seconds",
+           "step_flops", "train_step"]
+
+PROBE_STEPS = 3  # timed forward + backward passes of the probe, after one untimed warm-up
+# A whole step costs this many times its forward and backward passes (the updates, the EMA, the sampler's
+# encoding, the metrics): the `planned` rows of docs/KAGGLE_BENCHMARK.md (a CPU; not measured on a GPU).
+PROBE_OVERHEAD = 1.15
 
 
 class NonFiniteLossError(PipelineError, RuntimeError):
@@ -115,3 +123,39 @@ def micro_batch_step(state: TrainState, cfg: RunConfig, rt: Runtime, refill: Ref
         sums += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=rt.device).detach()
                              for k in METRIC_KEYS])
         bad |= ~torch.isfinite(loss.detach())
+
+
+def probe_step_seconds(state: TrainState, cfg: RunConfig, rt: Runtime, steps: int = PROBE_STEPS) -> float:
+    """Seconds a step of this run will take, measured before step 0 (a planned fine-tune under a time budget):
+    forward and backward passes of real batches at full depth, one untimed, then `steps` timed, times
+    PROBE_OVERHEAD. Nothing the run keeps changes: no update (the gradients are dropped), and the sampler's
+    position, the RNG, the rows' carries and sides are as a fresh start has them. This process's figure."""
+    if state.step != 0:
+        raise ValueError(f"the step-time probe runs before step 0, not at step {state.step}")
+    sampler, rng = state.sampler.state_dict(), ckpt.get_rng_state()
+    micro = cfg.global_batch_size // rt.world // cfg.grad_accum_steps
+    refill = Refill(state.sampler, rt, micro, cfg.model.seq_len, state.sides)
+    state.model.cycles = None
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device)
+    bad = torch.zeros((), dtype=torch.bool, device=rt.device)
+    started = 0.0
+    for probe in range(steps + 1):
+        if probe == 1:
+            _synchronize(rt)
+            started = time.perf_counter()
+        draws = exploration_draws(cfg.seed, probe, cfg.global_batch_size, cfg.model.halt_max_steps)
+        for index in range(len(state.carries)):
+            micro_batch_step(state, cfg, rt, refill, index, draws, sums, bad, [])
+        state.model.zero_grad(set_to_none=True)
+    _synchronize(rt)
+    seconds = (time.perf_counter() - started) / steps * PROBE_OVERHEAD
+    state.sampler.load_state_dict(sampler)
+    ckpt.set_rng_state(rng)
+    state.carries = blank_carries(state.model, cfg, micro, rt.device)
+    state.sides = np.full(cfg.global_batch_size, state.sampler.dataset.canvas, dtype=np.int64)
+    return seconds
+
+
+def _synchronize(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)

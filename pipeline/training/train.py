@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,13 +26,16 @@ from pipeline.core.signals import Stopped, stop_requested, stoppable
 from pipeline.core.tracking import finish_trackers, log_row, start_trackers
 from pipeline.training import checkpoint as ckpt
 from pipeline.training.collectives import all_reduce_sum, all_reduce_sum_async
-from pipeline.training.compute import checkpoint_interval, eval_interval, nominal_epoch, total_steps
+from pipeline.model.loading import load_weights
+from pipeline.training.batches import num_groups
+from pipeline.training.compute import (FinetunePlan, apply_plan, checkpoint_interval, eval_interval, nominal_epoch,
+                                       planned_finetune, total_steps)
 from pipeline.training.loss import METRIC_KEYS
 from pipeline.training.refill import Refill
 from pipeline.training.runtime import Runtime, check_gradient_gate, make_runtime
-from pipeline.training.state import (EVALUATED_DIR, Evaluator, TrainState, blank_carries, build_state, restore_state,
-                                     run_evaluation, save_state)
-from pipeline.training.step import NonFiniteLossError, metrics_to_floats, step_flops, train_step
+from pipeline.training.state import (EVALUATED_DIR, Evaluator, TrainState, blank_carries, build_state, make_sampler,
+                                     restore_state, run_evaluation, save_state)
+from pipeline.training.step import NonFiniteLossError, metrics_to_floats, probe_step_seconds, step_flops, train_step
 
 __all__ = ["EVALUATED_DIR", "Evaluator", "LoopCheck", "LoopChecks", "NonFiniteLossError", "anyone_signalled", "train"]
 
@@ -150,9 +153,13 @@ def prepare(cfg: RunConfig, data_dir: str | Path, out_dir: Path, rt: Runtime, re
     if cfg.global_batch_size % (rt.world * cfg.grad_accum_steps):
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} must divide by processes × grad_accum_steps "
                           f"({rt.world} × {cfg.grad_accum_steps})")
-    state = build_state(cfg, dataset, rt, init_checkpoint)
-    state.dataset_fingerprint = ckpt.dataset_fingerprint(data_dir)
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints") if resume else None
+    saved = ckpt.load_training_state(latest, mmap=True).get("finetune_plan") if latest is not None else None
+    plan = FinetunePlan(**saved) if saved is not None else None
+    if plan is not None:  # a planned fine-tune resumed keeps its plan (the clock left is not the one planned with)
+        apply_plan(cfg, plan)
+    state = build_state(cfg, dataset, rt, init_checkpoint)
+    state.dataset_fingerprint, state.plan = ckpt.dataset_fingerprint(data_dir), plan
     if latest is not None:
         restore_state(state, latest, cfg, rt)
         if rt.is_main:
@@ -166,10 +173,35 @@ def prepare(cfg: RunConfig, data_dir: str | Path, out_dir: Path, rt: Runtime, re
     return dataset, state
 
 
+def plan_run(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, state: TrainState,
+             init_checkpoint: str | Path, t_begin: float) -> FinetunePlan:
+    """A planned fine-tune's plan (finetune_plan), at its fresh start: its steps are the run's bound (steps, FLOPs or
+    epochs) or, with a time budget, fewer if the time left buys fewer at the speed the probe measures (the same
+    plan on every process: their mean figures); the plan's settings go into cfg and the state."""
+    bound = total_steps(cfg, dataset)
+    steps, probe = bound, {"steps_bound": bound}
+    if cfg.time_budget_s > 0:
+        seconds = probe_step_seconds(state, cfg, rt)
+        figures = torch.tensor([seconds, cfg.time_budget_s - (time.perf_counter() - t_begin)], dtype=torch.float64,
+                               device=rt.device)
+        seconds, left = (all_reduce_sum(figures, rt.world) / rt.world).tolist() if rt.world > 1 else figures.tolist()
+        by_time = max(1, int(left / seconds))
+        steps = min(bound, by_time)
+        probe.update(seconds_per_step=seconds, steps_by_time=by_time)
+    pretrained = load_weights(init_checkpoint).run_config or {}
+    plan = planned_finetune(steps, cfg, pretrained.get("lr"), num_groups(dataset),
+                         dataset.num_train_examples / max(dataset.num_variants, 1), **probe)
+    apply_plan(cfg, plan)
+    if state.ema is not None:
+        state.ema.decay = plan.ema_rate
+    state.sampler, state.plan = make_sampler(cfg, dataset, state.engine), plan
+    return plan
+
+
 def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Path, steps_total: int, every: int,
-             eval_every: int, on_start: Callable[[], None] | None) -> None:
+             eval_every: int, on_start: Callable[[], None] | None, state: TrainState) -> None:
     """Rank 0, once everything that can refuse the run has passed: `on_start()` (e.g. --force train removing the
-    previous run), then config.json and the run's summary."""
+    previous run), then config.json, the run's summary and a planned fine-tune's plan (also in metrics.jsonl)."""
     if not rt.is_main:
         return
     if on_start is not None:
@@ -181,6 +213,9 @@ def announce(cfg: RunConfig, rt: Runtime, dataset: AugmentedDataset, out_dir: Pa
     print(f"train: {dataset.num_train_examples} examples, {dataset.num_variants} puzzle variants, {steps_total} steps "
           f"of {cfg.global_batch_size} rows on {rt.world} process(es), device {rt.device}; checkpoint every {every} "
           f"steps{seconds}, evaluation every {eval_every or 'no'} steps")
+    if state.plan is not None:
+        print(f"fine-tune plan: {describe_plan(state.plan)}")
+        log_row(rt.accelerator, out_dir / "metrics.jsonl", {"kind": "plan", "step": state.step, **asdict(state.plan)})
 
 
 def stop_on_signal(rt: Runtime, checks: LoopChecks, message: str, bar: tqdm) -> None:
@@ -191,6 +226,14 @@ def stop_on_signal(rt: Runtime, checks: LoopChecks, message: str, bar: tqdm) -> 
     bar.close()
     finish_trackers(rt.accelerator)
     raise Stopped(stop_requested() or signal.SIGTERM, message)
+
+
+def describe_plan(plan: FinetunePlan) -> str:
+    timed = (f" (the time left buys {plan.steps_by_time} at {plan.seconds_per_step:.3f} s a step, probed; the "
+             f"bound allows {plan.steps_bound})" if plan.steps_by_time else "")
+    return (f"{plan.steps} steps{timed}; lr {plan.lr:g}, ema_rate {plan.ema_rate:.4f}, {plan.lr_warmup_steps} "
+            f"warm-up steps, the first {plan.train_variants} variants of each puzzle trained (~{plan.visits:.0f} "
+            f"visits per puzzle row) and predicted")
 
 
 def report_evaluation(row: dict[str, Any] | None, bar: tqdm) -> None:
@@ -212,10 +255,13 @@ def train(cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, *, resume: 
     t_begin, out_dir = time.perf_counter(), Path(out_dir)
     rt = make_runtime(cfg, out_dir)
     dataset, state = prepare(cfg, data_dir, out_dir, rt, resume, init_checkpoint)
-    steps_total, every = total_steps(cfg, dataset), checkpoint_interval(cfg, dataset)
+    if cfg.finetune_plan and init_checkpoint is not None and state.plan is None and state.step == 0:
+        plan_run(cfg, rt, dataset, state, init_checkpoint, t_begin)
+    steps_total = state.plan.steps if state.plan is not None else total_steps(cfg, dataset)
+    every = checkpoint_interval(cfg, dataset)
     eval_every = eval_interval(cfg, dataset) if evaluator is not None else 0
     start_trackers(rt.accelerator, to_dict(cfg), out_dir, cfg.log_project, state.step)
-    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every, on_start)
+    announce(cfg, rt, dataset, out_dir, steps_total, every, eval_every, on_start, state)
     refill = Refill(state.sampler, rt, cfg.global_batch_size // rt.world // cfg.grad_accum_steps,
                     cfg.model.seq_len, state.sides)
     interval = Interval(torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=rt.device),
