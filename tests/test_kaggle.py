@@ -1,13 +1,16 @@
-"""The Kaggle entry: the notebook executed on CPU against fake /kaggle trees (bundle built by the bundle script,
-project wheel really installed) on every path the day can take - the happy path, no bundle, a corrupt bundle,
-fine-tuning out of memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained
-checkpoint), prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the
-scored rerun variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the
-pieces that keep submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans,
-child timeouts, rerun detection)."""
+"""The Kaggle entry: the notebook on CPU against fake /kaggle trees (bundle built by the bundle script) on every
+path the day can take - executed in a kernel with the project wheel really installed for the happy path; its
+cells run in this process for no bundle and a corrupt bundle (the install cell refusing it), and, all but the
+install cell, for fine-tuning out of memory then retried at half batch, fine-tuning killed for good (prediction from the pretrained checkpoint),
+prediction failing part-way (its partial candidates submitted), budgets of 60, 300 and 600 s, the scored rerun
+variable set and unset - with failures simulated through the TRM_FAULTS testing hook; and the pieces that keep
+submission.json valid and complete whatever happens (fallback from raw JSON, merge, time plans, child timeouts,
+rerun detection)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -25,11 +28,11 @@ from nbclient import NotebookClient
 
 from pipeline import kaggle_driver as ke
 from pipeline.kaggle_driver import child_stages, faults
-from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_dataset
+from pipeline.kaggle_driver.pretrained import capped_views, find_pretrained, pretrained_for_dataset
 from pipeline.kaggle_driver.state import config_overrides
 from pipeline.model.loading import init_from_checkpoint
 from pipeline.model.reference import to_reference_state_dict
-from pipeline.training.checkpoint import load_training_state
+from pipeline.training.checkpoint import latest_checkpoint, load_training_state
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data.tasks import load_tasks, select_tasks
 from pipeline.model.trm import TRM, ModelConfig
@@ -72,27 +75,34 @@ def _raw(task) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """A tiny checkpoint trained here on a few ARC-AGI-1 training tasks (6x6 canvas)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    build_tiny_dataset(root / "dataset", num_tasks=4, num_aug=2)
-    return train(tiny_config(max_steps=4), root / "dataset", root / "run", progress=False)
+def kaggle_tree(build_once) -> Path:
+    """Built once per session (conftest.built_once): a tiny checkpoint trained here on a few ARC-AGI-1 training
+    tasks (6x6 canvas), and a fake /kaggle/input: the competition file (3 small evaluation tasks without solutions,
+    one malformed, one too big) and the bundle from kaggle/build_bundle.py (project wheel + checkpoint)."""
+    def build(root: Path) -> None:
+        build_tiny_dataset(root / "dataset", num_tasks=4, num_aug=2)
+        checkpoint = train(tiny_config(max_steps=4), root / "dataset", root / "run", progress=False)
+        evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:3]
+        challenges = {t.id: _raw(t) for t in evals}
+        challenges["bad00000"] = MALFORMED
+        challenges["big00000"] = TOO_BIG
+        comp = root / "input" / "arc-prize-2025"
+        comp.mkdir(parents=True)
+        (comp / "arc-agi_test_challenges.json").write_text(json.dumps(challenges))
+        build_bundle.main(["--checkpoint", str(checkpoint), "--out", str(root / "input" / "trm-arc-bundle"),
+                           "--no-dependency-wheels"])
+
+    return build_once("kaggle", build)
 
 
 @pytest.fixture(scope="module")
-def kaggle_input(tmp_path_factory, pretrained) -> Path:
-    """A fake /kaggle/input: the competition file (3 small evaluation tasks without solutions, one malformed, one
-    too big) and the bundle from kaggle/build_bundle.py (project wheel + checkpoint)."""
-    root = tmp_path_factory.mktemp("kaggle") / "input"
-    evals = select_tasks(load_tasks("arc-agi-1/evaluation").tasks, max_side=CANVAS)[:3]
-    challenges = {t.id: _raw(t) for t in evals}
-    challenges["bad00000"] = MALFORMED
-    challenges["big00000"] = TOO_BIG
-    comp = root / "arc-prize-2025"
-    comp.mkdir(parents=True)
-    (comp / "arc-agi_test_challenges.json").write_text(json.dumps(challenges))
-    build_bundle.main(["--checkpoint", str(pretrained), "--out", str(root / "trm-arc-bundle"), "--no-dependency-wheels"])
-    return root
+def pretrained(kaggle_tree) -> Path:
+    return latest_checkpoint(kaggle_tree / "run" / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def kaggle_input(kaggle_tree) -> Path:
+    return kaggle_tree / "input"
 
 
 def _notebook_env(tmp_path: Path, kaggle_input: Path, **env: object) -> dict[str, object]:
@@ -130,6 +140,48 @@ def _execute_notebook(tmp_path: Path, monkeypatch, kaggle_input: Path, **env: ob
     return working, status, printed
 
 
+def _run_notebook_cells(tmp_path: Path, monkeypatch, kaggle_input: Path, install_fails: bool = False,
+                        **env: object) -> tuple[Path, dict | None, str]:
+    """What _execute_notebook returns, from the notebook's own code cells executed in this process. The install
+    cell's place takes the already imported package (what its found bundle would give), unless `install_fails`:
+    then the install cell itself runs, for a bundle it must refuse before pip (sys.path and PYTHONPATH, which it
+    would change after pip, are restored afterwards). The kernel, pip and a real install are covered by the test
+    that executes the notebook; these run its time plans and failure paths without paying a kernel's start, an
+    install and a second torch import each."""
+    working = tmp_path / "working"
+    for key, value in _notebook_env(tmp_path, kaggle_input, **env).items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for source in cells:
+            if INSTALL_CELL in source and not install_fails:
+                namespace.update(kaggle_driver=ke, BUNDLE=str(ke.find_bundle(Path(namespace["INPUT"]))))
+            else:
+                exec(compile(source, "notebook cell", "exec"), namespace)
+    if install_fails:
+        assert namespace["kaggle_driver"] is None, "the install cell did not refuse the bundle"
+    status_path = working / "trm_run" / "kaggle_status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else None
+    return working, status, printed.getvalue()
+
+
+INSTALL_CELL = "import pipeline.kaggle_driver as kaggle_driver"  # the one cell _run_notebook_cells leaves out
+
+
+def test_the_notebook_has_one_install_cell_and_the_others_need_no_kernel():
+    """_run_notebook_cells stands for the notebook only while the install cell is the one cell it leaves out."""
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    assert sum(INSTALL_CELL in source for source in cells) == 1
+    assert not any("get_ipython" in source or source.lstrip().startswith(("!", "%")) for source in cells)
+
+
 def _check_complete(submission_path: Path, kaggle_input: Path) -> dict:
     raw = json.loads((kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json").read_text())
     submission = json.loads(submission_path.read_text())
@@ -156,14 +208,18 @@ def _raw_challenges(kaggle_input: Path) -> dict:
 
 
 def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_too_big_tasks_fallbacks(tmp_path, monkeypatch, kaggle_input):
-    """Fine-tuning is planned from its share of an 80 s budget (max_steps is unlimited in the kaggle preset), then
-    prediction, voting and a merged submission: the model's tasks + fallback entries for the malformed and
-    the too-big task. Every phase logs planned / used seconds and its outcome. What is asserted is what was done
-    (the steps planned from the time budget, no child needing the driver's timeout), not how many seconds it took, which a
-    busy machine stretches."""
-    budget = 80.0  # a stage overhead of 20 s (a child's start on a busy machine) and ~8 s of fine-tuning
+    """Fine-tuning is planned from its share of an 80 s budget (max_steps is unlimited in the kaggle preset: the
+    plan's probe turns the time into steps), then prediction of every trained view, voting and a merged
+    submission: the model's tasks + fallback entries for the malformed and the too-big task. Every phase logs
+    planned / used seconds and its outcome. TRM_OVERRIDES="data.canvas_buckets=..." reaches the fine-tune and the
+    prediction children (these 6x6 tasks all need the whole canvas: what buckets compute is tested in
+    test_buckets.py and test_cli.py). What is asserted is what was done (the steps planned from the time budget,
+    no child needing the driver's timeout), not how many seconds it took, which a busy machine stretches."""
+    budget = 80.0  # a stage overhead of 20 s (a child's start on a busy machine); fine-tuning gets its minimum,
+    # 2 s of work (train_fraction 0.2 of the budget is less than a stage's cost + min_train_s)
     working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget,
-                                                 TRM_TRAIN_FRACTION=0.45, TRM_STAGE_OVERHEAD_S=20)
+                                                 TRM_TRAIN_FRACTION=0.2, TRM_STAGE_OVERHEAD_S=20, TRM_MIN_TRAIN_S=2,
+                                                 TRM_OVERRIDES=OVERRIDES + " data.canvas_buckets=3,4,5")
     stages = status["stages"]
     for name in ("fallback", "augment", "finetune", "predict", "submit"):
         assert stages[name]["state"] == "ok", (name, stages[name])
@@ -184,7 +240,7 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     log_text = (run / "finetune.log").read_text()
     planned = int(re.search(r"fine-tune plan: (\d+) steps \(the time left buys \1 at", log_text).group(1))
     assert stages["finetune"]["step"] == planned or "time budget of" in log_text
-    assert 0 < stages["finetune"]["attempts"][0]["budget_s"] < stages["finetune"]["planned_s"] < budget
+    assert stages["finetune"]["attempts"][0]["budget_s"] == 2 and 2 < stages["finetune"]["planned_s"] < budget
     for name in ("finetune", "predict"):  # each child ended by itself inside its window (the driver's timeout
         # that would end it otherwise is tested with a hung child: test_child_timeout_stops_a_hung_stage)
         assert not any(a.get("timed_out") for a in stages[name].get("attempts", [])), name
@@ -198,12 +254,17 @@ def test_notebook_end_to_end_fine_tunes_within_budget_and_gives_malformed_and_to
     assert f"PATH: fine-tuned {stages['finetune']['step']} steps -> predicted with the fine-tuned checkpoint" in printed
     log_file = (working / "trm_kaggle.log").read_text()  # the driver's lines, also in a file
     assert "TIME PLAN: fine-tune about" in log_file and "PATH: fine-tuned" in log_file
+    config = json.loads((run / "config.json").read_text())  # the fine-tune's
+    assert config["data"]["canvas_buckets"] == "3,4,5" and 0 < config["train_variants"]
+    views = capped_views(4, config["train_variants"])  # predict.max_variants 4, at most the trained variants
+    assert len(Predictions.load(run / "predictions.npz")) == 4 * views  # 4 test inputs, every trained view
+    assert "predict: on canvas buckets, test inputs per side: 3:" in (run / "predict.log").read_text()
 
 
 def test_notebook_60_s_with_kaggles_overheads_says_at_the_top_that_only_the_fallback_fits(tmp_path, monkeypatch, kaggle_input):
     """With the real defaults (submit reserve 120 s, stage overhead 90 s) a 60 s budget allows nothing but the
     fallback; the log says so, and why, before anything else runs."""
-    working, status, printed = _execute_notebook(
+    working, status, printed = _run_notebook_cells(
         tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=60, TRM_SUBMIT_RESERVE_S=None,
         TRM_STAGE_OVERHEAD_S=None, TRM_MIN_TRAIN_S=None, TRM_MIN_PREDICT_S=None)
     stages = status["stages"]
@@ -219,7 +280,7 @@ def test_notebook_60_s_with_kaggles_overheads_says_at_the_top_that_only_the_fall
 def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fine_tuning(tmp_path, monkeypatch, kaggle_input):
     """60 s with this machine's overheads: too little to fine-tune as well (min_train_s 45), enough to predict
     with the pretrained checkpoint, which gives the model's answers for the tasks that fit."""
-    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=60,
+    working, status, printed = _run_notebook_cells(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=60,
                                                  TRM_MIN_TRAIN_S=45)
     stages = status["stages"]
     assert stages["plan"]["mode"] == "predict-only" and "TIME PLAN: predict only" in printed
@@ -230,46 +291,24 @@ def test_notebook_60_s_budget_predicts_with_the_pretrained_checkpoint_without_fi
     assert "PATH: no fine-tuning (time plan: predict only) -> predicted with the pretrained" in printed
 
 
-def test_notebook_300_s_budget_fine_tunes_on_canvas_buckets_then_predicts_every_trained_view(tmp_path, monkeypatch, kaggle_input):
-    """Enough time for both stages: fine-tuning gets its share (capped here by max_steps so the test is short),
-    planned (the kaggle preset's finetune_plan: 3 steps train each puzzle's first 2 variants), prediction runs
-    every trained view, and every task that fits gets the model's answer. TRM_OVERRIDES="data.canvas_buckets=
-    ..." reaches the fine-tune and the prediction children (these 6x6 tasks all need the whole canvas: what buckets
-    compute is tested in test_buckets.py and test_cli.py). A 600 s budget splits the same way (its plan, from the
-    same settings)."""
-    overrides = OVERRIDES + " max_steps=3 data.canvas_buckets=3,4,5"
-    working, status, printed = _execute_notebook(tmp_path, monkeypatch, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=300,
-                                                 TRM_MIN_TRAIN_S=45, TRM_OVERRIDES=overrides)
-    stages = status["stages"]
-    plan = stages["plan"]
-    assert plan["mode"] == "finetune+predict" and plan["finetune_s"] == pytest.approx(0.7 * (300 - 1), abs=15)
-    assert all(stages[name]["state"] == "ok" for name in ("augment", "finetune", "predict", "submit"))
-    assert stages["finetune"]["step"] == 3 and stages["predict"]["checkpoint"] == "fine-tuned"
-    _check_answers(stages["submit"])
-    run = working / "trm_run"
-    predictions = Predictions.load(run / "predictions.npz")
-    assert len(predictions) == 4 * 2  # 4 test inputs x the 2 trained variants (of predict.max_variants 4)
-    assert json.loads((run / "config.json").read_text())["train_variants"] == 2
-    assert "fine-tune plan: 3 steps (the time left buys" in (run / "finetune.log").read_text()
-    _check_complete(working / "submission.json", kaggle_input)
-    assert "PATH: fine-tuned 3 steps -> predicted with the fine-tuned checkpoint -> 7 test inputs: " in printed
-    assert json.loads((run / "config.json").read_text())["data"]["canvas_buckets"] == "3,4,5"  # the fine-tune's
-    assert "predict: on canvas buckets, test inputs per side: 3:" in (run / "predict.log").read_text()
-
+def test_budgets_of_300_and_600_s_give_fine_tuning_its_share(tmp_path, kaggle_input):
+    """Enough time for both stages: fine-tuning gets train_fraction (0.7) of what is left after the submit reserve,
+    prediction the rest (the time-stopped fine-tune and the prediction of every view run in the end-to-end test)."""
     for budget in (300, 600):
-        env = _notebook_env(tmp_path, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget, TRM_MIN_TRAIN_S=45,
-                            TRM_OVERRIDES=overrides)
+        env = _notebook_env(tmp_path, kaggle_input, TRM_DRAFT_TIME_BUDGET_S=budget, TRM_MIN_TRAIN_S=45)
         settings = ke.settings_from_env(started_at=1000.0, env={k: str(v) for k, v in env.items() if v is not None})
         planned = ke.plan_time(settings, now=1001.0)
         assert planned.mode == ke.PlanMode.FINETUNE_AND_PREDICT
-        assert planned.finetune_s == pytest.approx(0.7 * (budget - 1), abs=15), budget
+        assert planned.finetune_s == pytest.approx(0.7 * (budget - 1 - 1), abs=1e-6), budget
+        assert planned.predict_s == pytest.approx(budget - 1 - 1 - planned.finetune_s), budget
 
 
 def test_notebook_without_a_bundle_writes_the_fallback_before_anything_else(tmp_path, monkeypatch, kaggle_input):
     bare = tmp_path / "input"
     (bare / "arc-prize-2025").mkdir(parents=True)
     shutil.copy(kaggle_input / "arc-prize-2025" / "arc-agi_test_challenges.json", bare / "arc-prize-2025")
-    working, status, printed = _execute_notebook(tmp_path, monkeypatch, bare, TRM_DRAFT_TIME_BUDGET_S=60)
+    working, status, printed = _run_notebook_cells(tmp_path, monkeypatch, bare, install_fails=True,
+                                                   TRM_DRAFT_TIME_BUDGET_S=60)
     assert status is None  # the project never ran
     assert _check_complete(working / "submission.json", bare) == ke.fallback_from_raw(_raw_challenges(bare))
     assert printed.index("fallback: 5 tasks") < printed.index("install: FAILED - FileNotFoundError: no trm-arc bundle")
@@ -281,7 +320,8 @@ def test_notebook_with_a_corrupt_bundle_keeps_the_fallback(tmp_path, monkeypatch
     shutil.copytree(kaggle_input, broken)
     wheel = next((broken / "trm-arc-bundle" / "wheels").glob("trm_arc-*.whl"))
     wheel.write_bytes(wheel.read_bytes()[: wheel.stat().st_size // 2])  # an upload cut short
-    working, status, printed = _execute_notebook(tmp_path, monkeypatch, broken, TRM_DRAFT_TIME_BUDGET_S=60)
+    working, status, printed = _run_notebook_cells(tmp_path, monkeypatch, broken, install_fails=True,
+                                                   TRM_DRAFT_TIME_BUDGET_S=60)
     assert status is None
     assert _check_complete(working / "submission.json", broken) == ke.fallback_from_raw(_raw_challenges(broken))
     assert f"wheels/{wheel.name} in" in printed and "sha256 differs from manifest.json" in printed
@@ -294,7 +334,7 @@ def test_notebook_scored_rerun_retries_fine_tuning_at_half_batch_and_submits_par
     which would allow only the fallback). Fine-tuning runs out of memory at its micro-batch of 8 rows (simulated)
     and succeeds again at 4 with 2 micro-batches (the global batch of 8 kept); prediction runs out of memory after
     2 batches in every attempt, and the candidates of the best attempt are submitted."""
-    working, status, printed = _execute_notebook(
+    working, status, printed = _run_notebook_cells(
         tmp_path, monkeypatch, kaggle_input, KAGGLE_IS_COMPETITION_RERUN="Batch", TRM_TIME_BUDGET_S=600,
         TRM_DRAFT_TIME_BUDGET_S=1, TRM_MIN_TRAIN_S=40, TRM_MAX_RETRIES=1,
         TRM_OVERRIDES=OVERRIDES + " max_steps=3 predict.batch_size=4 finetune_plan=false",  # every view predicted
@@ -327,7 +367,7 @@ def test_notebook_fine_tuning_killed_for_good_predicts_with_the_pretrained_check
     """A draft run (the variable unset) takes draft_time_budget_s (300 s), not time_budget_s (1 s). Every
     fine-tuning attempt is killed (exit -9, as by the host's OOM killer), the retry at half batch too; prediction
     then uses the pretrained checkpoint, and the model's answers are submitted."""
-    working, status, printed = _execute_notebook(
+    working, status, printed = _run_notebook_cells(
         tmp_path, monkeypatch, kaggle_input, TRM_TIME_BUDGET_S=1, TRM_DRAFT_TIME_BUDGET_S=300, TRM_MIN_TRAIN_S=40,
         TRM_MAX_RETRIES=1, TRM_FAULTS="train:kill_rows_over=0")
     stages = status["stages"]
@@ -463,11 +503,9 @@ def test_faults_hook_parses_and_out_of_memory_is_recognised():
 
 
 def test_child_timeout_stops_a_hung_stage(tmp_path):
-    start = time.perf_counter()
     result = ke.run_child([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 1.0,
                           cwd=tmp_path, log_path=tmp_path / "child.log", grace_s=2)
-    assert result.timed_out and result.returncode != 0
-    assert time.perf_counter() - start < 10
+    assert result.timed_out and result.returncode == -15  # ended by the SIGTERM at its timeout, not by its sleep's end
     assert "up" in (tmp_path / "child.log").read_text()
 
 

@@ -196,9 +196,11 @@ def paper_canvas_data(tmp_path_factory) -> Path:
 
 
 # The paper model's shapes (pipeline.model.trm.ModelConfig.paper_arc: width 512, 8 heads, 2 layers, 16 puzzle-embedding
-# positions of 512, the 30x30 canvas) at its recursion's least depth (the same tensors, 1 cycle each, so that a
-# step is seconds on a CPU) and the smallest global batch over 2 processes.
-PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "global_batch_size=2",
+# positions of 512, the 30x30 canvas), which are what a checkpoint holds, at its recursion's least depth (the same
+# tensors, 1 cycle each), the rows on a 12x12 canvas bucket (these tasks fit it; docs/BUCKETS.md) so that a step
+# is a fraction of a second on a CPU, and the smallest global batch over 2 processes.
+PAPER_SHAPES = ["--set", "model.H_cycles=1", "--set", "model.L_cycles=1", "--set", "data.canvas_buckets=12,30",
+                "--set", "global_batch_size=2",
                 "--set", "max_steps=1000000", "--set", "checkpoint_every=1000000", "--set", "log_every=1",
                 "--set", "eval_every=0", "--set", "eval_every_epochs=0"]
 
@@ -229,7 +231,7 @@ def test_a_stopped_two_process_paper_shape_fine_tune_saves_within_the_drivers_gr
     def interrupt_once_training():
         metrics = run / "metrics.jsonl"
         end = time.monotonic() + 300
-        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < end:
+        while (not metrics.exists() or not metrics.read_text().splitlines()) and time.monotonic() < end:
             time.sleep(0.1)
         workers.extend(int(p) for p in subprocess.run(["pgrep", "-f", str(run)], capture_output=True,
                                                        text=True).stdout.split())
@@ -248,6 +250,8 @@ def test_a_stopped_two_process_paper_shape_fine_tune_saves_within_the_drivers_gr
     assert state["stopped"] and not state["final"] and state["world"] == 2 and state["carry"] is None
     assert state["config"]["model"]["hidden_size"] == 512 and state["model"]["puzzle_emb.weights"].shape == (model.num_puzzle_identifiers, 512)
     assert last.stat().st_size <= ckpt.stop_checkpoint_bytes(model)  # the estimate the grace is derived from holds
+    # no other checkpoint was due, so this stop checkpoint, written whole (atomically) before the SIGKILL that ends
+    # the grace, is the proof that the save fit the grace: what the test asserts, not the seconds it took
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [last.name]
     print(f"SIGTERM to the end of the job: {stopped_s:.1f} s; the derived kill grace: {grace:.1f} s")
-    assert stopped_s < grace, (stopped_s, grace)
     assert len(workers) >= 3 and not any(is_running(pid) for pid in workers)  # torchrun and its 2 workers

@@ -7,16 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.kaggle_driver import faults
 from pipeline.model import loading
 from pipeline.training import checkpoint as ckpt
 from pipeline.model.trm import TRM
-from tiny import build_tiny_dataset, free_port, tiny_config, tiny_overrides
+from tiny import TWO_PROCESS_SETTINGS, build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
@@ -90,49 +90,53 @@ BUCKETS = ["", "4,6"]  # the whole canvas, and canvas buckets (2/3 of the tiny e
 
 
 @pytest.mark.parametrize("buckets", BUCKETS)
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path, buckets: str):
-    steps = tiny_overrides(max_steps=40, checkpoint_every=5, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data: Path, tmp_path: Path, buckets: str, capsys):
+    """The victim kills itself with SIGKILL at its 11th forward pass (the TRM_FAULTS hook), so that the kill lands
+    at the same step in every run: in step 11 on the whole canvas, earlier on buckets (a step on two buckets is two
+    forward passes)."""
+    steps = tiny_overrides(max_steps=16, checkpoint_every=4, keep_checkpoints=0, **{"data.canvas_buckets": buckets})
     _train_here(_train_args(tiny_data, tmp_path / "whole", *steps))
     out = tmp_path / "killed"
-    victim = _run_cli(_train_args(tiny_data, out, *steps))
-    deadline = time.time() + 120
-    while ckpt.latest_checkpoint(out / "checkpoints") is None or ckpt.checkpoint_step(
-        ckpt.latest_checkpoint(out / "checkpoints")) < 10:
-        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim = _run_cli([sys.executable, "-m", faults.CHILD_MODULE, *_train_args(tiny_data, out, *steps)[3:]],
+                      {"TRM_FAULTS": "train:kill_after_calls=10"})
+    log = victim.communicate(timeout=180)[0]
+    assert victim.returncode == -signal.SIGKILL and "TRM_FAULTS: SIGKILL at forward pass 11" in log, log
     killed_at = ckpt.checkpoint_step(ckpt.latest_checkpoint(out / "checkpoints"))
-    assert killed_at < 40, "the run finished before it could be killed"
-    resumed = _run_cli(_train_args(tiny_data, out, "--resume", *steps))
-    log = resumed.communicate(timeout=180)[0]
-    assert resumed.returncode == 0, log
-    assert f"at step {killed_at}" in log
+    assert killed_at == (8 if not buckets else 4)
+    _train_here(_train_args(tiny_data, out, "--resume", *steps))  # a fresh start: what it has is on disk
+    assert f"at step {killed_at}" in capsys.readouterr().out
     _assert_same_state(_final_state(tmp_path / "whole"), _final_state(out), atol=1e-6)
-    name = "step_00000035.pt"  # the last one with a carry
+    name = "step_00000012.pt"  # the last one with a carry
     _assert_same_state(ckpt.load_training_state(tmp_path / "whole" / "checkpoints" / name),
                        ckpt.load_training_state(out / "checkpoints" / name), atol=1e-6)
 
 
 @pytest.mark.parametrize("buckets", BUCKETS)
-def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str):
-    steps = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3, **{"data.canvas_buckets": buckets})
-    two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                    *_train_args(tiny_data, tmp_path / "two", *steps)[1:]])
-    log_two = two.communicate(timeout=240)[0]
-    assert two.returncode == 0, log_two
+def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str, request):
+    """On the whole canvas the 2 processes' run is the session's (conftest.py: two_process_run), which the
+    multi-node test compares 2 nodes with; on canvas buckets one of its own."""
+    steps = [*TWO_PROCESS_SETTINGS, "--set", f"data.canvas_buckets={buckets}"]
+    if buckets:
+        data, two_run = tiny_data, tmp_path / "two"
+        two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), *_train_args(data, two_run, *steps)[1:]])
+        log_two = two.communicate(timeout=240)[0]
+        assert two.returncode == 0, log_two
+    else:
+        two_run = request.getfixturevalue("two_process_run")
+        data, log_two = two_run / "dataset", (two_run / "train.log").read_text()
     assert "on 2 process(es)" in log_two
-    _train_here(_train_args(tiny_data, tmp_path / "one", *steps))
-    a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+    _train_here(_train_args(data, tmp_path / "one", *steps))
+    a, b = _final_state(tmp_path / "one"), _final_state(two_run)
     assert b["world"] == 2
     for key in a["model"]:  # dense weights and the puzzle-embedding table
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-5, rtol=0, msg=key)
-    a3, b3 = (ckpt.load_training_state(tmp_path / run / "checkpoints" / "step_00000003.pt") for run in ("one", "two"))
+    a3, b3 = (ckpt.load_training_state(run / "checkpoints" / "step_00000003.pt") for run in (tmp_path / "one", two_run))
     for key in ("halted", "steps", "data.puzzle_identifiers", "sides"):  # the same rows halted, took the same examples
         torch.testing.assert_close(a3["carry"][key], b3["carry"][key])
     torch.testing.assert_close(a3["carry"]["z_H"], b3["carry"]["z_H"], atol=1e-5, rtol=0)
     # only rank 0 writes: one metrics line per logging step, not two
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (two_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["train", "train", "eval"]  # the final evaluation, sharded over both
     # every process counts the grid tokens of every row: 36 per row on the 6x6 canvas, 16 on the 4x4 bucket
     tokens = [r["grid_tokens_per_row"] for r in rows if r["kind"] == "train"]

@@ -43,6 +43,10 @@ def tiny_overrides(**extra: object) -> list[str]:
     return out
 
 
+# The run conftest's `two_process_run` trains as 1 node x 2 processes, which 1 process and 2 nodes must equal.
+TWO_PROCESS_SETTINGS = tiny_overrides(max_steps=6, checkpoint_every=3, log_every=3)
+
+
 def base_run_args(run: Path) -> list[str]:
     """The command that makes the session's `base_run` (conftest.py): `--stage all` on the demo preset's tiny data
     (badinput.SMALL), 4 steps with checkpoints at steps 2 and 4, 2 views per held-out test input."""

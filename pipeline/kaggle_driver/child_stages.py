@@ -138,8 +138,12 @@ def finetune(st: RunState) -> StageResult:
     def remember(a: Attempt) -> None:
         record["attempts"].append({**attempt_record(a, "grad_accum_steps"), "micro_batch": local // a.setting})
 
+    # the first attempt takes the window just planned: planned again a moment later, a window of exactly
+    # min_train_s (train_fraction's share below a stage's cost + min_train_s) would no longer hold it
+    unused = [plan]
     attempts = run_attempts("finetune", st.cfg.grad_accum_steps, describe,
-                            plan=lambda: plan_retry(s, stage_end, s.min_train_s), launch=launch,
+                            plan=lambda: unused.pop() if unused else plan_retry(s, stage_end, s.min_train_s),
+                            launch=launch,
                             smaller=lambda accum: next_grad_accum(global_batch, processes, accum),
                             max_retries=s.max_retries, after=remember)
     last = latest_checkpoint(ckpt_dir)
