@@ -156,6 +156,27 @@ def test_prediction_runs_the_pretrained_weights_on_their_own_canvas_and_fine_tun
     assert predicted_on() == "4,6" and run.status["predict"]["checkpoint"] == "fine-tuned"
 
 
+def test_the_truth_figures_score_the_weights_on_the_canvas_prediction_ran_them_on(tmp_path, monkeypatch):
+    """The score stage's ce_true is of the weights prediction used, on the canvas mode it ran them in (the
+    pretrained whole-canvas weights on the whole canvas), not the run's buckets."""
+    (tmp_path / "solutions.json").write_text(json.dumps({"t1": [[[1]]]}))
+    settings = kd.settings_from_env(env={"TRM_KAGGLE_INPUT": str(tmp_path), "TRM_KAGGLE_WORKING": str(tmp_path),
+                                         "TRM_NUM_GPUS": "0", "TRM_SOLUTIONS": str(tmp_path / "solutions.json")})
+    settings.submission.write_text(json.dumps({"t1": [{"attempt_1": [[1]], "attempt_2": [[0]]}]}))
+    cfg = tiny_config()
+    cfg.data.canvas_buckets = "4,6"
+    run = RunState(settings, settings.devices, cfg=cfg)
+    (settings.run_dir / "dataset").mkdir(parents=True)
+    run.status["predict"] = {"checkpoint_path": str(tmp_path / "pretrained_for_predict.pt"), "canvas_buckets": ""}
+    seen = []
+    monkeypatch.setattr("pipeline.data.tasks.load_solutions", lambda path: {"t1": [[[1]]]})
+    monkeypatch.setattr(stages, "answered_dataset", lambda *a: None)
+    monkeypatch.setattr(stages, "truth_figures", lambda weights, dataset, canvas_buckets: seen.append(canvas_buckets)
+                        or {"ce_true": 1.0, "cell_acc_true": 0.5})
+    assert "ce_true 1.0000" in stages.score(run).detail
+    assert seen == [""]
+
+
 # ------------------------------------------------------------------------------------------ the process tree
 def _tree_alive(tmp_path: Path) -> list[int]:
     """The workers' and their grandchildren's pids still running (zombies count as ended)."""

@@ -107,17 +107,24 @@ def attempt_record(a: Attempt, setting: str) -> dict[str, Any]:
             "timed_out": a.result.timed_out, "out_of_memory": a.out_of_memory, "seconds": round(a.result.seconds, 1)}
 
 
+def open_stage(st: RunState, stage: str, planner: Callable[[Any], StagePlan]) -> tuple[StagePlan, dict[str, Any]]:
+    """A child stage's window (`planner`, pipeline.kaggle_driver.budget) and its kaggle_status.json record; a plan
+    that does not run says why (no dataset: no record either, or the window is too short)."""
+    if not st.dataset_ready:
+        return StagePlan(False, 0.0, 0.0, 0.0, 0.0, "no dataset"), {}
+    plan = planner(st.settings)
+    record = st.status[stage] = {"planned_s": round(plan.window_s, 1), "attempts": []}
+    return plan, record
+
+
 # ------------------------------------------------------------------------------------------------- fine-tuning
 def finetune(st: RunState) -> StageResult:
     from pipeline.training.checkpoint import checkpoint_step, latest_checkpoint
 
-    if not st.dataset_ready:
-        return StageResult.skipped("no dataset")
-    s = st.settings
-    plan = plan_finetune(s)
-    record = st.status["finetune"] = {"planned_s": round(plan.window_s, 1), "attempts": []}
+    plan, record = open_stage(st, "finetune", plan_finetune)
     if not plan.run:
         return StageResult.skipped(plan.reason)
+    s = st.settings
     stage_end = window_end(plan)
     global_batch, processes = st.cfg.global_batch_size, st.devices.processes
     local = global_batch // processes
@@ -200,13 +207,10 @@ def _checkpoint(st: RunState) -> tuple[str, Path, str]:
 
 
 def predict(st: RunState) -> StageResult:
-    if not st.dataset_ready:
-        return StageResult.skipped("no dataset")
-    s = st.settings
-    plan = plan_predict(s)
-    record = st.status["predict"] = {"planned_s": round(plan.window_s, 1), "attempts": []}
+    plan, record = open_stage(st, "predict", plan_predict)
     if not plan.run:
         return StageResult.skipped(plan.reason)
+    s = st.settings
     source, checkpoint, buckets = _checkpoint(st)
     record["checkpoint"], record["checkpoint_path"], record["canvas_buckets"] = source, str(checkpoint), buckets
     # a planned fine-tune trained each puzzle's first K variants: the others' rows are untrained, so K views at most

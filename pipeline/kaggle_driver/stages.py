@@ -310,10 +310,11 @@ def score(st: RunState) -> StageResult:
                                    "tasks_solved": report.tasks_solved, "test_outputs": report.num_test_outputs}
     detail = (f"pass@2 {100 * report.kaggle_score:.1f}% of {report.num_test_outputs} test outputs "
               f"({report.tasks_solved} of {len(solutions)} tasks solved)")
-    weights = st.status.get("predict", {}).get("checkpoint_path")
+    predicted = st.status.get("predict", {})  # the weights prediction used, on the canvas it ran them on
+    weights = predicted.get("checkpoint_path")
     if weights and (st.run_dir / "dataset").exists():
         record.update(truth_figures(Path(weights), answered_dataset(st.run_dir / "dataset", solutions),
-                                    canvas_buckets=st.cfg.data.canvas_buckets if st.cfg is not None else ""))
+                                    canvas_buckets=predicted.get("canvas_buckets") or ""))
         if "ce_true" in record:
             detail += f", ce_true {record['ce_true']:.4f} (cell accuracy {record['cell_acc_true']:.3f})"
     return StageResult.ok(f"{detail} against {s.solutions}")
