@@ -282,7 +282,7 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny model and dataset: the whole check in seconds")
     p.add_argument("--rows", type=int, default=192, help="rows per device (the paper: 768 over 4 GPUs)")
@@ -295,14 +295,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=9.0, help="skip the sections left after this long")
     p.add_argument("--out", type=Path, help="also write the table here (and the raw figures beside it as .json)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiny:
         args.rows, args.num_aug = min(args.rows, 8), min(args.num_aug, 3)
     return args
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     report: dict = {"steps": args.steps, "skipped": []}

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import gc
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, get_args
@@ -233,8 +234,7 @@ def _take_folder(args: argparse.Namespace, forced: frozenset[str],
 
 
 def _augment_command(args: argparse.Namespace, out: Path) -> str:
-    """The command that makes `out` a run folder with the settings this command gave (what `--stage plan` on a
-    new folder, say, needs first)."""
+    """The command that makes `out` a run folder with this command's settings (what `--stage plan` needs first)."""
     import shlex
 
     preset_name = args.preset or "PRESET"
@@ -253,8 +253,7 @@ def _claim(args: argparse.Namespace, req: Request, cfg: RunConfig, marker: dict 
     """The marker this command works under: a new folder's is written at once (claiming it); a rebuilt folder's
     is written by augment once the new dataset is complete; training on a dataset from elsewhere records it."""
     if marker is None or "augment" in req.forced:
-        pending = runfolder.new_marker(choose_preset(args, marker, req.out, req.forced),
-                                       dataclasses.asdict(cfg.data))
+        pending = runfolder.new_marker(choose_preset(args, marker, req.out, req.forced), dataclasses.asdict(cfg.data))
         if args.stage == "train" and args.data:  # its dataset settings are that dataset's
             pending = runfolder.adopt_dataset(req.out, {**pending, "data": {}}, req.data_dir)
         if marker is None:
@@ -387,5 +386,15 @@ def cli(argv: list[str] | None = None) -> int:
         raise
 
 
+def command(argv: list[str] | None = None) -> int:
+    """cli() for a process that runs one command and ends (`python -m pipeline.run`, `trm-arc`, the driver's children).
+    The imports' ~200k objects (mostly torch's) live as long as the process: frozen, the collector never walks them
+    again, while a stage runs or at exit (about a second of every short command: docs/BENCHMARKS.md)."""
+    gc.freeze()
+    status = cli(argv)
+    gc.freeze()  # and what the stage made: the exit would walk it too
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +12,7 @@ import pytest
 from filelock import FileLock
 
 from pipeline.run import cli
-from tiny import TWO_PROCESS_SETTINGS, base_run_args, free_port
+from tiny import TORCHRUN, TWO_PROCESS_SETTINGS, base_run_args, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +59,7 @@ def two_process_run(tmp_path_factory) -> Path:
     def build(folder: Path) -> None:
         run = folder / "run"
         assert cli(["--stage", "augment", "--preset", "demo", "--out", str(run), *SMALL]) == 0
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+        done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port",
                                str(free_port()), "-m", "pipeline.run", "--stage", "train", "--out", str(run), "--quiet",
                                *TWO_PROCESS_SETTINGS], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                               capture_output=True, text=True, timeout=300)

@@ -140,12 +140,10 @@ def test_a_folder_claimed_while_a_command_starts_is_checked_not_overwritten(tmp_
 def _torchrun(args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
     import os
     import subprocess
-    import sys
 
-    from tiny import free_port
+    from tiny import TORCHRUN, free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "pipeline.run", *args]
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "pipeline.run", *args]
     return subprocess.run(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
 

@@ -3,8 +3,6 @@ with its Markdown table; its kernel classification sorts the kernel names a GPU 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,18 +10,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
 from gpu_check import classify  # noqa: E402
 
 
-def test_tiny_check_runs_end_to_end_and_writes_its_table(tmp_path: Path):
+def test_tiny_check_runs_end_to_end_and_writes_its_table(tmp_path: Path, capsys):
+    """In this process (the script's main), which has torch and its compiler loaded already."""
     out = tmp_path / "gpu_check.md"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--cpu", "--steps", "4",
-                          "--compile", "aot_eager", "--views", "16", "--out", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    status = gpu_check.main(["--tiny", "--cpu", "--steps", "4", "--compile", "aot_eager", "--views", "16",
+                             "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed[-3000:]
     table = out.read_text()
-    assert table in run.stdout
+    assert table in printed
     for check in ("gradient gate (bf16 autocast, 1 step) | pass", "SDPA kernel | flash (CPU)",
                   "eager: full training loop, 4 steps", "compiled blocks (aot_eager): forward+backward alone",
                   "prediction |", "wall time of this check"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import _thread
 import json
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pipeline.kaggle_driver.state import Outcome, RunState
 from pipeline.config import preset
 from pipeline.inference.predictions import Predictions
 from pipeline.training.train import train
-from tiny import CANVAS, build_tiny_dataset, tiny_config
+from tiny import CANVAS, TORCHRUN, build_tiny_dataset, tiny_config
 
 WORKER = Path(__file__).parent / "stubborn_worker.py"
 HOUR = 3600.0
@@ -188,7 +187,7 @@ def _tree_alive(tmp_path: Path) -> list[int]:
 
 def _stubborn_cmd(tmp_path: Path, mode: str) -> list[str]:
     """torchrun with 2 workers running the stubborn worker script."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+    return [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(WORKER),
             str(tmp_path), mode]
 
 

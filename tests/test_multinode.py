@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from badinput import SMALL
 from pipeline.training import checkpoint as ckpt
 from pipeline.core.job import JobError, guarded, launcher_problem
 from pipeline.run import cli
-from tiny import TWO_PROCESS_SETTINGS, free_port, tiny_overrides
+from tiny import TORCHRUN, TWO_PROCESS_SETTINGS, free_port, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -28,7 +27,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 def _launch(nodes: list[list[str]], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """One torchrun per "node" (each in its own session), all on this machine: --nnodes N --node-rank i."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
+    return [subprocess.Popen([*TORCHRUN, "--nnodes", str(len(nodes)),
                               "--node-rank", str(i), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
                               "--master-port", port, "-m", "pipeline.run", *args],
                              cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

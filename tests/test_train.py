@@ -16,7 +16,7 @@ from pipeline.kaggle_driver import faults
 from pipeline.model import loading
 from pipeline.training import checkpoint as ckpt
 from pipeline.model.trm import TRM
-from tiny import TWO_PROCESS_SETTINGS, build_tiny_dataset, free_port, tiny_config, tiny_overrides
+from tiny import TORCHRUN, TWO_PROCESS_SETTINGS, build_tiny_dataset, free_port, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"  # vendored from shared/golden
@@ -118,7 +118,7 @@ def test_two_processes_equal_one(tiny_data: Path, tmp_path: Path, buckets: str, 
     steps = [*TWO_PROCESS_SETTINGS, "--set", f"data.canvas_buckets={buckets}"]
     if buckets:
         data, two_run = tiny_data, tmp_path / "two"
-        two = _run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+        two = _run_cli([*TORCHRUN, "--nproc-per-node", "2", "--master-port",
                         str(free_port()), *_train_args(data, two_run, *steps)[1:]])
         log_two = two.communicate(timeout=240)[0]
         assert two.returncode == 0, log_two

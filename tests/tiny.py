@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 from augment.dataset import build_dataset
@@ -54,6 +55,10 @@ def base_run_args(run: Path) -> list[str]:
 
     return ["--stage", "all", "--preset", "demo", "--out", str(run), *SMALL,
             *tiny_overrides(max_steps=4, checkpoint_every=2), "--set", "predict.max_variants=2"]
+
+
+# How the tests start torchrun: torch's launcher through tests/torchrun.py (its imports frozen for the collector).
+TORCHRUN = [sys.executable, str(Path(__file__).with_name("torchrun.py"))]
 
 
 def free_port() -> int:

@@ -65,7 +65,7 @@ def install_faults(faults: Mapping[str, int]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    from pipeline.run import cli
+    from pipeline.run import command
 
     argv = list(argv)
     stage = argv[argv.index("--stage") + 1] if "--stage" in argv[:-1] else ""
@@ -73,7 +73,7 @@ def main(argv: Sequence[str]) -> int:
     if faults:
         install_faults(faults)
     sys.argv = ["pipeline.run", *argv]
-    return cli()
+    return command()
 
 
 if __name__ == "__main__":
