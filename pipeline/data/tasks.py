@@ -92,16 +92,25 @@ class _Collector:
             self.fail(TaskError(file, task_id, None,  # str() shows the id by repr, which escapes the surrogate
                                 "task id is not valid Unicode text (a lone surrogate or undecodable file name)"))
             return
-        if task_id in self._origin:
-            earlier = self._origin[task_id]
-            self.fail(TaskError(file, task_id, None, f"duplicate task id (already loaded from {earlier})"))
+        if self.is_duplicate(task_id, file):
             return
         try:
             task = task_from_json(obj, task_id, file, source, solutions, solutions_file)
         except TaskError as e:
             self.fail(e)
             return
-        self._origin[task_id] = source if source in BUILTIN_SETS else str(file)
+        self.keep(task, source if source in BUILTIN_SETS else str(file))
+
+    def is_duplicate(self, task_id: str, file: Path | str) -> bool:
+        """Whether a task `task_id` was loaded already (which fails, through fail())."""
+        if task_id not in self._origin:
+            return False
+        earlier = self._origin[task_id]
+        self.fail(TaskError(file, task_id, None, f"duplicate task id (already loaded from {earlier})"))
+        return True
+
+    def keep(self, task: Task, origin: str) -> None:
+        self._origin[task.id] = origin
         self.tasks.append(task)
 
 
@@ -124,11 +133,49 @@ def _read_vendored(path: Path) -> Any:
         raise TaskError(path, None, None, f"cannot read the vendored task file ({e}); reinstall the project") from None
 
 
-def _load_builtin(name: str, out: _Collector, cache: dict[str, Any]) -> None:
+# The built-in sets this process has read, validated, with read-only grids: a set never changes while a process
+# runs, and a command or a notebook may load one several times (augment, then score's solutions).
+_BUILTIN_TASKS: dict[str, tuple[Path, tuple[Task, ...]]] = {}  # name -> (its file, its tasks)
+
+
+def _add_builtin(name: str, out: _Collector, cache: dict[str, Any]) -> None:
+    """The tasks of built-in set `name`, each a new Task over the shared read-only grids (a caller may change
+    its Task, not the grids)."""
+    if name not in _BUILTIN_TASKS:
+        strict = _Collector(skip_invalid=False)
+        try:
+            _load_builtin(name, strict, cache)
+        except TaskError:  # a damaged installation: its problems as the loader would name them, task by task
+            _load_builtin(name, out, cache)
+            return
+        for task in strict.tasks:
+            for grid in _grids(task):
+                grid.flags.writeable = False
+        _BUILTIN_TASKS[name] = (_builtin_file(name), tuple(strict.tasks))
+    file, tasks = _BUILTIN_TASKS[name]
+    for task in tasks:
+        if not out.is_duplicate(task.id, file):
+            out.keep(Task(task.id, list(task.train), list(task.test_inputs),
+                          None if task.test_outputs is None else list(task.test_outputs), task.source), name)
+
+
+def _grids(task: Task) -> list[np.ndarray]:
+    """Every grid of `task`: its pairs', its test inputs' and its test outputs' when known."""
+    return [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
+
+
+def _builtin_file(name: str) -> Path:
+    """The file built-in set `name` is read from (a vendored set's challenges file)."""
     if name in _VENDORED_SETS:
         stem = _VENDORED_DIR / _VENDORED_SETS[name]
-        challenges_path = stem.with_name(stem.name + "_challenges.json.gz")
-        solutions_path = stem.with_name(stem.name + "_solutions.json.gz")
+        return stem.with_name(stem.name + "_challenges.json.gz")
+    return _builtin_path(name.split("/")[0])
+
+
+def _load_builtin(name: str, out: _Collector, cache: dict[str, Any]) -> None:
+    if name in _VENDORED_SETS:
+        challenges_path = _builtin_file(name)
+        solutions_path = challenges_path.with_name(challenges_path.name.replace("_challenges", "_solutions"))
         challenges, solutions = _read_vendored(challenges_path), _read_vendored(solutions_path)
         for task_id, obj in challenges.items():
             out.add(obj, task_id, challenges_path, name, solutions.get(task_id), solutions_path)
@@ -247,7 +294,7 @@ def load_tasks(spec: str, skip_invalid: bool = False) -> LoadResult:
     for part in _split_spec(spec):
         try:
             if part in BUILTIN_SETS:
-                _load_builtin(part, out, cache)
+                _add_builtin(part, out, cache)
                 continue
             path = Path(part)
             if path.is_dir():
@@ -297,8 +344,7 @@ def select_tasks(tasks: Sequence[Task], max_side: int = 0, max_tasks: int = 0) -
     kept: list[Task] = []
     per_source: dict[str, int] = {}
     for task in tasks:
-        grids = [g for pair in task.train for g in pair] + list(task.test_inputs) + list(task.test_outputs or [])
-        if max_side and any(max(g.shape) > max_side for g in grids):
+        if max_side and any(max(g.shape) > max_side for g in _grids(task)):
             continue
         if max_tasks and per_source.get(task.source, 0) >= max_tasks:
             continue
