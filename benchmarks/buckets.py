@@ -99,7 +99,7 @@ def main() -> None:
     data = {name: dataset_for(name) for name in ("arc1", "arc2")}
     extent2 = {n: ds.train_extent(np.arange(ds.num_train_examples)) for n, ds in data.items()}
     extent = {n: e.max(axis=1) for n, e in extent2.items()}
-    print(f"training examples: " + ", ".join(f"{n} {len(e):,}" for n, e in extent.items()))
+    print("training examples: " + ", ".join(f"{n} {len(e):,}" for n, e in extent.items()))
 
     print(f"\n### Best list per number of shapes (grid tokens per example incl. {P} puzzle tokens; "
           f"full canvas {canvas * canvas + P})\n")

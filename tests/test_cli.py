@@ -137,7 +137,7 @@ def test_a_folder_claimed_while_a_command_starts_is_checked_not_overwritten(tmp_
     assert json.loads((out / runfolder.MARKER).read_text()) == claimed
 
 
-def _torchrun(args: list[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
+def _torchrun(args: list[str], cwd: Path):
     import os
     import subprocess
 

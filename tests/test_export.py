@@ -20,7 +20,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.cli.export import export_weights
 from pipeline.model.trm import TRM, ModelConfig
 from pipeline.run import cli, main
-from tiny import build_tiny_dataset, tiny_config, tiny_overrides
+from tiny import build_tiny_dataset, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trm_parity"

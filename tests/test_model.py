@@ -405,7 +405,7 @@ def test_reference_checkpoint_with_another_puzzle_table_size():
 
 
 def test_grid_convolution_starts_as_the_plain_model_and_leaves_puzzle_positions_alone():
-    from pipeline.model.flops import flops_at_depth, model_flops_per_row_step
+    from pipeline.model.flops import model_flops_per_row_step
 
     torch.manual_seed(0)
     plain = TRM(tiny_config())

@@ -1,7 +1,6 @@
 """The plan: the paper presets' step counts match the reference's formula, and planning never trains."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
