@@ -240,3 +240,17 @@ def test_the_installed_trm_arc_command_is_the_module_form(monkeypatch):
     assert done.returncode == 2 and done.stderr.strip().startswith("error: --out /nonexistent/run: not a run folder")
     monkeypatch.setattr(sys, "argv", [command])
     assert build_parser().prog == "trm-arc"  # its help names the command it was started as
+
+
+def test_a_commands_process_freezes_its_objects_for_the_garbage_collector(capsys):
+    """pipeline.run.command (what `python -m pipeline.run`, `trm-arc` and the driver's children run) is cli() with
+    the objects made so far frozen: the collector walks them neither during the stage nor at exit."""
+    import gc
+
+    from pipeline.run import command
+
+    before = gc.get_freeze_count()
+    made_before = [[] for _ in range(1000)]  # noqa: F841 - 1000 lists the collector tracks
+    assert command(["--stage", "export", "--out", "/nonexistent/run"]) == 2  # cli's status, as the shell gets it
+    assert "not a run folder" in capsys.readouterr().err
+    assert gc.get_freeze_count() >= before + 1000
