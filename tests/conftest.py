@@ -97,9 +97,9 @@ def pytest_collection_finish(session) -> None:
 # heaviest first by a per-test CPU profile of the suite. Under `--dist loadfile` (pyproject.toml) each file runs
 # on one worker (its module fixtures built once) and a worker takes the next file when it is almost done with
 # one: these go first, so that the light files fill in around them and no worker is left with a long one at the end.
-HEAVY_FILES_FIRST = ("test_multinode.py", "test_kaggle.py", "test_stop_signals.py", "test_train.py", "test_cli.py",
-                     "test_bad_inputs.py", "test_kaggle_driver.py", "test_gpu_check.py", "test_plan.py",
-                     "test_tracking.py")
+HEAVY_FILES_FIRST = ("test_multinode.py", "test_kaggle.py", "test_train.py", "test_stop_signals.py", "test_cli.py",
+                     "test_kaggle_driver.py", "test_plan.py", "test_bad_inputs.py", "test_tracking.py",
+                     "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
