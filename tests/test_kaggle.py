@@ -28,11 +28,12 @@ from nbclient import NotebookClient
 
 from pipeline import kaggle_driver as ke
 from pipeline.kaggle_driver import child_stages, faults
-from pipeline.kaggle_driver.pretrained import capped_views, find_pretrained, pretrained_for_dataset
+from pipeline.kaggle_driver.pretrained import find_pretrained, pretrained_for_dataset
 from pipeline.kaggle_driver.state import config_overrides
 from pipeline.model.loading import init_from_checkpoint
 from pipeline.model.reference import to_reference_state_dict
 from pipeline.training.checkpoint import latest_checkpoint, load_training_state
+from pipeline.training.compute import capped_views
 from pipeline.config import apply_overrides, preset, to_dict
 from pipeline.data.tasks import load_tasks, select_tasks
 from pipeline.model.trm import TRM, ModelConfig

@@ -20,8 +20,7 @@ from pipeline.kaggle_driver.budget import StagePlan, plan_finetune, plan_predict
 from pipeline.kaggle_driver.child import ChildResult, launch_command, run_child
 from pipeline.kaggle_driver.faults import CHILD_MODULE
 from pipeline.kaggle_driver.log import log, plural
-from pipeline.kaggle_driver.pretrained import (capped_views, pretrained_for_dataset, trained_canvas_buckets,
-                                               trained_variants)
+from pipeline.kaggle_driver.pretrained import pretrained_for_dataset, trained_canvas_buckets, trained_variants
 from pipeline.kaggle_driver.state import Outcome, RunState, StageResult, set_args
 
 # ------------------------------------------------------------------------------------- the out-of-memory retry loop
@@ -207,6 +206,8 @@ def _checkpoint(st: RunState) -> tuple[str, Path, str]:
 
 
 def predict(st: RunState) -> StageResult:
+    from pipeline.training.compute import capped_views
+
     plan, record = open_stage(st, "predict", plan_predict)
     if not plan.run:
         return StageResult.skipped(plan.reason)

@@ -85,29 +85,24 @@ def find_pretrained(s: KaggleSettings) -> tuple[Path, Path | None]:
     return Path(checkpoint), (Path(arch) if arch is not None else None)
 
 
+def _run_config(checkpoint: Path) -> dict[str, Any]:
+    """The run config the weights were trained with ({} for the reference's checkpoints)."""
+    from pipeline.model.loading import load_weights
+
+    return load_weights(checkpoint).run_config or {}
+
+
 def trained_canvas_buckets(checkpoint: Path) -> str:
     """The canvas buckets the pretrained weights were trained on ("" = the whole canvas, as every reference
     checkpoint): weights run on another canvas mode than their own predict worse (docs/QUALITY.md, issue 25)."""
-    from pipeline.model.loading import load_weights
-
-    run_config = load_weights(checkpoint).run_config or {}
-    return str((run_config.get("data") or {}).get("canvas_buckets") or "")
+    return str((_run_config(checkpoint).get("data") or {}).get("canvas_buckets") or "")
 
 
 def trained_variants(checkpoint: Path) -> int:
     """How many variants of each puzzle the checkpoint's fine-tune trained (train_variants, set by a planned
-    fine-tune; 0 = all): prediction and the truth figures use at most that many views, since the other variants'
-    puzzle rows were never trained."""
-    from pipeline.model.loading import load_weights
-
-    return int((load_weights(checkpoint).run_config or {}).get("train_variants") or 0)
-
-
-def capped_views(views: int, trained: int) -> int:
-    """`views` per test input (0 = all) capped at the `trained` variants (0 = all)."""
-    if not trained:
-        return views
-    return trained if views == 0 else min(views, trained)
+    fine-tune; 0 = all): prediction and the truth figures use at most that many views
+    (pipeline.training.compute.capped_views)."""
+    return int(_run_config(checkpoint).get("train_variants") or 0)
 
 
 def pretrained_for_dataset(run_dir: Path, cfg: Any, checkpoint: Path, canvas_buckets: str | None = None) -> Path:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from pipeline.kaggle_driver.budget import SAVE_SAFETY, PlanMode, augment_window_s, plan_time, stop_grace_s, submit_window_s
 from pipeline.kaggle_driver.fallback import fallback_from_raw, merge_submission, read_raw_challenges, write_validated
 from pipeline.kaggle_driver.log import log
-from pipeline.kaggle_driver.pretrained import capped_views, checkpoint_model_config, find_pretrained, trained_variants
+from pipeline.kaggle_driver.pretrained import checkpoint_model_config, find_pretrained, trained_variants
 from pipeline.kaggle_driver.state import RunState, StageResult, set_args
 from submissions.write import Answer, count_answers, describe_answers
 
@@ -286,6 +286,7 @@ def truth_figures(checkpoint: Path, dataset: Any, views: int = TRUTH_VIEWS, canv
     from pipeline.inference.rescore import merge_truth_scores, truth_scores
     from pipeline.model.rows import RowEngine
     from pipeline.model.loading import load_model_for_inference
+    from pipeline.training.compute import capped_views
 
     views = capped_views(views, trained_variants(checkpoint))
     model = load_model_for_inference(checkpoint, use_ema=True, num_puzzle_identifiers=dataset.num_puzzle_identifiers)

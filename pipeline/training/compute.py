@@ -166,5 +166,12 @@ def apply_plan(cfg: RunConfig, plan: FinetunePlan) -> None:
     """The plan's settings into the run's config (what config.json and every checkpoint then record)."""
     cfg.lr, cfg.ema_rate, cfg.lr_warmup_steps = plan.lr, plan.ema_rate, plan.lr_warmup_steps
     cfg.train_variants = plan.train_variants
-    views = cfg.predict.max_variants
-    cfg.predict.max_variants = plan.train_variants if views == 0 else min(views, plan.train_variants)
+    cfg.predict.max_variants = capped_views(cfg.predict.max_variants, plan.train_variants)
+
+
+def capped_views(views: int, trained: int) -> int:
+    """`views` per test input (0 = all) capped at the `trained` variants (train_variants; 0 = all): the other
+    variants' puzzle rows were never trained."""
+    if not trained:
+        return views
+    return trained if views == 0 else min(views, trained)
